@@ -1,1 +1,12 @@
-pub fn x(){}
+//! Everything the Chatify gateway and persister must agree on: the wire types clients and
+//! services exchange, the NATS subject and stream names, configuration and tracing setup.
+//!
+//! NATS subjects are built only here (see [`subjects`]); call sites never format subject strings.
+
+pub mod config;
+pub mod id;
+pub mod subjects;
+pub mod telemetry;
+pub mod wire;
+
+pub use config::Settings;

@@ -1,0 +1,454 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `CHATIFY_` environment
+//! variables (a `.env` file in the working directory is loaded into the environment first).
+//!
+//! Nested keys are joined by `__` in variable names: `gateway.port` is `CHATIFY_GATEWAY__PORT`.
+//! The file is `chatify.toml` in the working directory if it exists, or the file named by
+//! `CHATIFY_CONFIG` (which must then exist).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_FILE_VAR: &str = "CHATIFY_CONFIG";
+/// The configuration file read when [`CONFIG_FILE_VAR`] is not set, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "chatify.toml";
+const ENV_PREFIX: &str = "CHATIFY";
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read the .env file: {0}")]
+    DotEnv(#[from] dotenvy::Error),
+    #[error("invalid configuration: {0}")]
+    Source(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Every setting of both binaries; each reads the sections it needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    pub stream: StreamSettings,
+    pub harperdb: HarperDbSettings,
+    pub gateway: GatewaySettings,
+    pub persister: PersisterSettings,
+    pub limits: Limits,
+    pub cors: CorsSettings,
+    pub auth: AuthSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NatsSettings {
+    /// Server URL(s), comma separated.
+    pub url: String,
+    /// How long a request to another service (history) may take before `unavailable`.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+impl NatsSettings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// The JetStream stream that holds messages between the gateways and the persisters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StreamSettings {
+    /// Window in which a repeated `Nats-Msg-Id` (a retried `clientId`) is stored only once.
+    pub duplicate_window_secs: u64,
+    /// How long a message stays in the stream after it was stored (it must outlive the
+    /// duplicate window, since a retry's ack reads the first message back).
+    pub max_age_secs: u64,
+    /// Largest message the stream accepts, in bytes.
+    pub max_message_bytes: i32,
+    /// Stream replicas (1 on a single server, 3 on a cluster).
+    pub replicas: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            duplicate_window_secs: 120,
+            max_age_secs: 24 * 3600,
+            max_message_bytes: 64 * 1024,
+            replicas: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HarperDbSettings {
+    /// Operations API base URL.
+    pub url: String,
+    pub username: String,
+    pub password: SecretString,
+    pub database: String,
+    pub table: String,
+    /// Timeout of one operations API request.
+    pub timeout_ms: u64,
+}
+
+impl Default for HarperDbSettings {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:9925".into(),
+            username: "chatify".into(),
+            password: SecretString::from(""),
+            database: "chatify".into(),
+            table: "messages".into(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GatewaySettings {
+    pub host: String,
+    /// 0 picks a free port (tests).
+    pub port: u16,
+    /// Instance name for logs.
+    pub name: String,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    /// Outgoing packets queued per socket before emits to it fail (a slow client).
+    pub max_buffer_size: usize,
+    /// How often the gateway tells the others it is alive.
+    pub heartbeat_interval_ms: u64,
+    /// After how long without a heartbeat a gateway's members are dropped from every room.
+    pub gateway_timeout_ms: u64,
+    /// How long shutdown may take before the process exits anyway.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 4001,
+            name: "gateway".into(),
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            max_buffer_size: 128,
+            heartbeat_interval_ms: 2000,
+            gateway_timeout_ms: 7000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PersisterSettings {
+    pub host: String,
+    /// Port of the small HTTP server for /healthz, /readyz and /metrics; 0 picks a free one.
+    pub port: u16,
+    /// Most messages written to HarperDB in one request.
+    pub batch_size: usize,
+    /// How long a batch waits to fill once it has its first message.
+    pub batch_wait_ms: u64,
+    /// First delay before a failed write is retried; doubles up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// How long shutdown may take before the process exits anyway.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for PersisterSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 4100,
+            batch_size: 500,
+            batch_wait_ms: 20,
+            retry_initial_ms: 100,
+            retry_max_ms: 5000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Client input limits of the contract.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Message text bytes after trimming.
+    pub message_max_bytes: usize,
+    pub username_max_chars: usize,
+    pub room_max_chars: usize,
+    pub rooms_per_socket: usize,
+    /// Sustained `send_message` rate per socket, and the burst allowed above it.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// Engine.IO payload limit (polling bodies, WebSocket messages and frames).
+    pub max_payload_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            message_max_bytes: 4096,
+            username_max_chars: 64,
+            room_max_chars: 128,
+            rooms_per_socket: 50,
+            messages_per_second: 20,
+            message_burst: 40,
+            max_payload_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CorsSettings {
+    /// Origins browsers may connect from (polling and WebSocket); comma separated in the
+    /// environment. `*` allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for CorsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: vec!["http://localhost:3000".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// HS256 secret; when set, every connection needs `auth: { token }`.
+    pub jwt_secret: Option<SecretString>,
+    /// Required `aud` claim, if set.
+    pub jwt_audience: Option<String>,
+}
+
+impl AuthSettings {
+    /// The secret, unless unset or empty.
+    pub fn secret(&self) -> Option<&str> {
+        self.jwt_secret
+            .as_ref()
+            .map(|s| s.expose_secret())
+            .filter(|s| !s.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `chatify_gateway=debug,info`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads `.env`, then the layers from the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let file = match env.get(CONFIG_FILE_VAR) {
+            Some(path) => Some((PathBuf::from(path), true)),
+            None => Some((PathBuf::from(DEFAULT_CONFIG_FILE), false)),
+        };
+        Self::load_from(file.as_ref().map(|(p, req)| (p.as_path(), *req)), env)
+    }
+
+    /// Builds settings from defaults, an optional file (`(path, required)`) and the given
+    /// environment, without touching the process environment.
+    pub fn load_from(
+        file: Option<(&Path, bool)>,
+        env: HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some((path, required)) = file {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(required),
+            );
+        }
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CHATIFY_") && k != CONFIG_FILE_VAR)
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("cors.allowed_origins")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
+        let l = &self.limits;
+        if l.message_max_bytes == 0 || l.username_max_chars == 0 || l.room_max_chars == 0 {
+            return invalid("limits.message_max_bytes, username_max_chars and room_max_chars must be at least 1");
+        }
+        if l.rooms_per_socket == 0 || l.messages_per_second == 0 || l.message_burst == 0 {
+            return invalid("limits.rooms_per_socket, messages_per_second and message_burst must be at least 1");
+        }
+        if l.max_payload_bytes < 1024 {
+            return invalid("limits.max_payload_bytes must be at least 1024");
+        }
+        if self.persister.batch_size == 0 {
+            return invalid("persister.batch_size must be at least 1");
+        }
+        if self.stream.max_age_secs < self.stream.duplicate_window_secs {
+            return invalid("stream.max_age_secs must be at least stream.duplicate_window_secs");
+        }
+        if self.gateway.gateway_timeout_ms <= self.gateway.heartbeat_interval_ms {
+            return invalid("gateway.gateway_timeout_ms must be longer than gateway.heartbeat_interval_ms");
+        }
+        if self.cors.allowed_origins.iter().any(|o| o.trim().is_empty()) {
+            return invalid("cors.allowed_origins has an empty entry");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() -> Result<(), ConfigError> {
+        let s = Settings::load_from(None, HashMap::new())?;
+        assert_eq!(s.limits.message_max_bytes, 4096);
+        assert_eq!(s.limits.username_max_chars, 64);
+        assert_eq!(s.limits.room_max_chars, 128);
+        assert_eq!(s.limits.rooms_per_socket, 50);
+        assert_eq!((s.limits.messages_per_second, s.limits.message_burst), (20, 40));
+        assert_eq!(s.limits.max_payload_bytes, 65536);
+        assert_eq!(s.cors.allowed_origins, vec!["http://localhost:3000"]);
+        assert_eq!(s.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(s.auth.secret(), None);
+        Ok(())
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_environment_overrides_file() -> Result<(), Box<dyn std::error::Error>> {
+        let mut file = tempfile::NamedTempFile::with_suffix(".toml")?;
+        writeln!(
+            file,
+            "[gateway]\nport = 5001\nname = \"from-file\"\n[limits]\nrooms_per_socket = 7\n[nats]\nurl = \"nats://file:1\""
+        )?;
+        let s = Settings::load_from(
+            Some((file.path(), true)),
+            env(&[
+                ("CHATIFY_GATEWAY__PORT", "6001"),
+                ("CHATIFY_NATS__URL", "nats://env:2"),
+                ("CHATIFY_CORS__ALLOWED_ORIGINS", "http://a.test,http://b.test"),
+                ("CHATIFY_HARPERDB__PASSWORD", "12345"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )?;
+        assert_eq!(s.gateway.port, 6001, "env beats file");
+        assert_eq!(s.gateway.name, "from-file", "file beats default");
+        assert_eq!(s.limits.rooms_per_socket, 7);
+        assert_eq!(s.limits.message_burst, 40, "default kept");
+        assert_eq!(s.nats.url, "nats://env:2");
+        assert_eq!(s.cors.allowed_origins, vec!["http://a.test", "http://b.test"]);
+        assert_eq!(s.harperdb.password.expose_secret(), "12345", "digits stay text");
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_optional_file_is_fine_and_a_missing_required_one_is_an_error() {
+        let missing = Path::new("/nonexistent/chatify.toml");
+        assert!(Settings::load_from(Some((missing, false)), HashMap::new()).is_ok());
+        assert!(Settings::load_from(Some((missing, true)), HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let err = Settings::load_from(None, env(&[("CHATIFY_GATEWAY__PORT", "not-a-port")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("port"), "{err}");
+        let err = Settings::load_from(None, env(&[("CHATIFY_LIMITS__ROOMS_PER_SOCKET", "0")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("rooms_per_socket"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_jwt_secret_means_no_auth() -> Result<(), ConfigError> {
+        let s = Settings::load_from(None, env(&[("CHATIFY_AUTH__JWT_SECRET", "")]))?;
+        assert_eq!(s.auth.secret(), None);
+        let s = Settings::load_from(None, env(&[("CHATIFY_AUTH__JWT_SECRET", "k")]))?;
+        assert_eq!(s.auth.secret(), Some("k"));
+        Ok(())
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() -> Result<(), ConfigError> {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("CHATIFY_HARPERDB__PASSWORD", "hunter2-password"),
+                ("CHATIFY_AUTH__JWT_SECRET", "jwt-secret-value"),
+            ]),
+        )?;
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2-password"), "{debug}");
+        assert!(!debug.contains("jwt-secret-value"), "{debug}");
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! NATS subject, stream, bucket and service names: the only place they are spelled.
+//!
+//! A room name is any Unicode text, so it never goes into a subject as it is: `a.b` would be two
+//! tokens and `*` or `>` would be wildcards. [`RoomToken`] encodes the room's UTF-8 bytes as
+//! unpadded base64url, whose alphabet (`A-Z a-z 0-9 - _`) holds no separator, wildcard or white
+//! space, and which is one-to-one, so distinct rooms always get distinct single tokens. The same
+//! token is the room part of history storage keys, which is why it must never contain `|`.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// The JetStream stream that stores every accepted chat message until the persister has it.
+pub const MESSAGES_STREAM: &str = "CHATIFY_MESSAGES";
+/// Subjects captured by [`MESSAGES_STREAM`]: `chatify.store.<room token>`.
+pub const MESSAGES_STREAM_SUBJECTS: &str = "chatify.store.*";
+/// Durable consumer through which persisters share the stream.
+pub const PERSISTER_CONSUMER: &str = "chatify-persister";
+/// KV bucket holding, per room and gateway, the members that gateway has in the room.
+pub const PRESENCE_BUCKET: &str = "chatify_presence";
+/// KV bucket holding one key per live gateway, expired by the bucket's max age.
+pub const GATEWAYS_BUCKET: &str = "chatify_gateways";
+/// Name of the NATS service that answers history queries.
+pub const HISTORY_SERVICE: &str = "chatify-history";
+/// Endpoint subject of the history service.
+pub const HISTORY_SUBJECT: &str = "chatify.history.query";
+
+/// A room name encoded as one safe NATS subject token.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RoomToken(String);
+
+impl RoomToken {
+    pub fn new(room: &str) -> Self {
+        Self(URL_SAFE_NO_PAD.encode(room.as_bytes()))
+    }
+
+    /// The room name back from a token, or `None` when the token was not made by [`RoomToken::new`].
+    pub fn decode(token: &str) -> Option<String> {
+        let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
+        String::from_utf8(bytes).ok()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Subject a gateway publishes a message to for storage; captured by [`MESSAGES_STREAM`].
+    pub fn store_subject(&self) -> String {
+        format!("chatify.store.{}", self.0)
+    }
+
+    /// Core NATS subject on which every gateway with members in the room receives stored messages.
+    pub fn message_subject(&self) -> String {
+        format!("chatify.room.{}.msg", self.0)
+    }
+
+    /// Core NATS subject for typing indicators (never stored).
+    pub fn typing_subject(&self) -> String {
+        format!("chatify.room.{}.typing", self.0)
+    }
+
+    /// Core NATS subject for membership changes.
+    pub fn presence_subject(&self) -> String {
+        format!("chatify.room.{}.presence", self.0)
+    }
+
+    /// The one subscription a gateway needs per room it has members in.
+    pub fn room_wildcard(&self) -> String {
+        format!("chatify.room.{}.*", self.0)
+    }
+
+    /// Key in [`PRESENCE_BUCKET`] for one gateway's members of this room.
+    pub fn presence_key(&self, gateway_id: &GatewayId) -> String {
+        format!("{}.{}", self.0, gateway_id.0)
+    }
+
+    /// Key filter in [`PRESENCE_BUCKET`] matching every gateway's entry for this room.
+    pub fn presence_key_filter(&self) -> String {
+        format!("{}.*", self.0)
+    }
+}
+
+impl fmt::Display for RoomToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RoomToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RoomToken({})", self.0)
+    }
+}
+
+/// What kind of event a room subject carries, read back from a received subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomEventKind {
+    Message,
+    Typing,
+    Presence,
+}
+
+/// Splits a subject received on [`RoomToken::room_wildcard`] into its kind.
+pub fn room_event_kind(subject: &str) -> Option<RoomEventKind> {
+    let rest = subject.strip_prefix("chatify.room.")?;
+    let (_token, kind) = rest.rsplit_once('.')?;
+    match kind {
+        "msg" => Some(RoomEventKind::Message),
+        "typing" => Some(RoomEventKind::Typing),
+        "presence" => Some(RoomEventKind::Presence),
+        _ => None,
+    }
+}
+
+/// A gateway process's identity on the bus: unique per process start.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct GatewayId(String);
+
+impl GatewayId {
+    /// A fresh id: a random UUID without hyphens, valid as a KV key part and subject token.
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Parses an id received from another gateway; `None` unless it is a safe token.
+    pub fn parse(s: &str) -> Option<Self> {
+        (!s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .then(|| Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Key of this gateway in [`GATEWAYS_BUCKET`].
+    pub fn liveness_key(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GatewayId({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn is_safe_token(token: &str) -> bool {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
+    #[test]
+    fn tricky_room_names_are_distinct_single_tokens() {
+        let rooms = ["a.b", "a.*", "a.>", "a b", "*", ">", "a", "a_b", "日本語", "|", "a|b", "$JS"];
+        let tokens: Vec<RoomToken> = rooms.iter().map(|r| RoomToken::new(r)).collect();
+        for (room, token) in rooms.iter().zip(&tokens) {
+            assert!(is_safe_token(token.as_str()), "{room:?} -> {token}");
+            assert_eq!(RoomToken::decode(token.as_str()).as_deref(), Some(*room));
+        }
+        let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+        assert_eq!(distinct.len(), rooms.len());
+    }
+
+    #[test]
+    fn subjects_have_fixed_shapes() {
+        let t = RoomToken::new("a.b");
+        assert_eq!(t.as_str(), "YS5i");
+        assert_eq!(t.store_subject(), "chatify.store.YS5i");
+        assert_eq!(t.message_subject(), "chatify.room.YS5i.msg");
+        assert_eq!(t.typing_subject(), "chatify.room.YS5i.typing");
+        assert_eq!(t.presence_subject(), "chatify.room.YS5i.presence");
+        assert_eq!(t.room_wildcard(), "chatify.room.YS5i.*");
+        assert_eq!(room_event_kind(&t.message_subject()), Some(RoomEventKind::Message));
+        assert_eq!(room_event_kind(&t.typing_subject()), Some(RoomEventKind::Typing));
+        assert_eq!(room_event_kind(&t.presence_subject()), Some(RoomEventKind::Presence));
+        assert_eq!(room_event_kind("chatify.room.YS5i.other"), None);
+        assert_eq!(room_event_kind("elsewhere.YS5i.msg"), None);
+    }
+
+    #[test]
+    fn gateway_ids_are_safe_and_checked() {
+        let id = GatewayId::random();
+        assert_eq!(GatewayId::parse(id.as_str()), Some(id.clone()));
+        assert_eq!(GatewayId::parse("a.b"), None);
+        assert_eq!(GatewayId::parse(""), None);
+        assert_eq!(GatewayId::parse("*"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn distinct_rooms_give_distinct_safe_subjects(a in "\\PC{1,128}", b in "\\PC{1,128}") {
+            let (ta, tb) = (RoomToken::new(&a), RoomToken::new(&b));
+            prop_assert!(is_safe_token(ta.as_str()));
+            prop_assert!(!ta.message_subject().contains(['*', '>', ' ', '\t', '\n', '\r']));
+            prop_assert_eq!(ta.message_subject().split('.').count(), 4);
+            prop_assert_eq!(ta.store_subject().split('.').count(), 3);
+            prop_assert!(!ta.as_str().contains('|'));
+            prop_assert_eq!(a == b, ta == tb);
+            prop_assert_eq!(a == b, ta.message_subject() == tb.message_subject());
+            prop_assert_eq!(RoomToken::decode(ta.as_str()), Some(a));
+        }
+
+        #[test]
+        fn any_unicode_including_controls_stays_one_token(room in any::<String>()) {
+            let t = RoomToken::new(&room);
+            prop_assert!(t.as_str().is_empty() == room.is_empty());
+            prop_assert!(t.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Tracing setup: human-readable lines by default, JSON with `log.format = "json"`.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+use crate::config::{LogFormat, LogSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {filter:?}: {source}")]
+    Filter {
+        filter: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("a tracing subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
+pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.level.clone());
+    let env_filter = EnvFilter::try_new(&filter).map_err(|source| TelemetryError::Filter {
+        filter: filter.clone(),
+        source,
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_span_events(FmtSpan::NONE)
+        .with_target(true);
+    let result = match settings.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|_| TelemetryError::AlreadyInstalled)
+}

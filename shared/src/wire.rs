@@ -1,0 +1,210 @@
+//! Wire types: what clients see (see `../shared/contract.md`) and what services put on NATS.
+//!
+//! Field names follow the contract (`createdTime`, `isTyping`, `hasMore`), hence camelCase.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::subjects::GatewayId;
+
+/// Sender name of server notices, as in the original server.
+pub const CHAT_BOT: &str = "ChatBot";
+/// How many stored messages `join_room` returns without `since`.
+pub const JOIN_HISTORY_LEN: u32 = 100;
+/// The most stored messages `join_room` with `since` returns.
+pub const SINCE_HISTORY_MAX: u32 = 1000;
+/// `get_history` page size bounds and default.
+pub const PAGE_LIMIT_MAX: u32 = 100;
+pub const PAGE_LIMIT_DEFAULT: u32 = 50;
+
+/// A stored chat message, as delivered in `receive_message`, stored in JetStream and HarperDB,
+/// and returned by history queries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatMessage {
+    pub id: Uuid,
+    pub room: String,
+    pub username: String,
+    pub message: String,
+    pub created_time: i64,
+}
+
+/// A `ChatBot` notice: a `receive_message` without an id, never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Notice {
+    pub room: String,
+    pub username: String,
+    pub message: String,
+    pub created_time: i64,
+}
+
+impl Notice {
+    pub fn new(room: &str, message: String) -> Self {
+        Self {
+            room: room.to_owned(),
+            username: CHAT_BOT.to_owned(),
+            message,
+            created_time: crate::id::now_millis(),
+        }
+    }
+}
+
+/// One entry of `chatroom_users`: a socket id and the name it joined with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    pub username: String,
+}
+
+/// `typing` as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Typing {
+    pub room: String,
+    pub username: String,
+    pub is_typing: bool,
+}
+
+/// `typing` on the bus: also names the sending socket, which must not get it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypingEvent {
+    pub socket_id: String,
+    #[serde(flatten)]
+    pub typing: Typing,
+}
+
+/// What changed in a room's membership on one gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PresenceChange {
+    Joined { socket_id: String, username: String },
+    Left { socket_id: String, username: String },
+}
+
+/// A membership change on one gateway, published on the room's presence subject.
+///
+/// It carries that gateway's whole member list of the room and the presence-bucket revision
+/// at which that list was written, so receivers keep the newest list per gateway whatever order
+/// events and bucket reads arrive in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceEvent {
+    pub gateway: GatewayId,
+    pub revision: u64,
+    pub change: PresenceChange,
+    pub members: Vec<Member>,
+}
+
+/// A history query to the persisters' service. Returns messages with `after < id < before`,
+/// the newest `limit` of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryQuery {
+    pub room: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Uuid>,
+    pub limit: u32,
+}
+
+/// A history answer: messages oldest first, and whether older ones matched beyond `limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryPage {
+    pub messages: Vec<ChatMessage>,
+    pub has_more: bool,
+}
+
+/// Error codes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidPayload,
+    TooLarge,
+    RateLimited,
+    NotInRoom,
+    TooManyRooms,
+    Unauthorized,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidPayload => "invalid_payload",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::NotInRoom => "not_in_room",
+            Self::TooManyRooms => "too_many_rooms",
+            Self::Unauthorized => "unauthorized",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    /// Whether the client caused it (not logged as a server error).
+    pub fn is_client_error(self) -> bool {
+        !matches!(self, Self::Unavailable)
+    }
+}
+
+/// `{ code, message }`: the `error` of a failed ack, and the payload of the `error` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chat_message_uses_contract_field_names() {
+        let id = Uuid::now_v7();
+        let m = ChatMessage {
+            id,
+            room: "r".into(),
+            username: "u".into(),
+            message: "hi".into(),
+            created_time: 5,
+        };
+        assert_eq!(
+            serde_json::to_value(&m).unwrap_or_default(),
+            json!({"id": id.to_string(), "room": "r", "username": "u", "message": "hi", "createdTime": 5})
+        );
+    }
+
+    #[test]
+    fn error_codes_serialize_as_contract_codes() {
+        for code in [
+            ErrorCode::InvalidPayload,
+            ErrorCode::TooLarge,
+            ErrorCode::RateLimited,
+            ErrorCode::NotInRoom,
+            ErrorCode::TooManyRooms,
+            ErrorCode::Unauthorized,
+            ErrorCode::Unavailable,
+        ] {
+            assert_eq!(serde_json::to_value(code).ok(), Some(json!(code.as_str())));
+        }
+    }
+
+    #[test]
+    fn typing_event_flattens_the_client_view() {
+        let e = TypingEvent {
+            socket_id: "s".into(),
+            typing: Typing {
+                room: "r".into(),
+                username: "u".into(),
+                is_typing: true,
+            },
+        };
+        let v = serde_json::to_value(&e).unwrap_or_default();
+        assert_eq!(v, json!({"socketId": "s", "room": "r", "username": "u", "isTyping": true}));
+        assert_eq!(serde_json::from_value::<TypingEvent>(v).ok(), Some(e));
+    }
+}
