@@ -3,9 +3,11 @@
 //!
 //! NATS subjects are built only here (see [`subjects`]); call sites never format subject strings.
 
+pub mod bus;
 pub mod config;
 pub mod id;
 pub mod subjects;
+pub mod shutdown;
 pub mod telemetry;
 pub mod wire;
 

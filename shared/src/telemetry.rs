@@ -33,3 +33,20 @@ pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)
 }
+
+/// The process's Prometheus recorder, installed on first use; `/metrics` renders it.
+///
+/// Installed once per process, so several applications in one test process share it.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first; then ours just stays empty.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

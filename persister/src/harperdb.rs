@@ -1,0 +1,305 @@
+//! HarperDB over its HTTP operations API.
+//!
+//! Table design (see `../shared/notes/harperdb-and-nats.md`): HarperDB 4.7 silently drops a
+//! `<` condition when a room filter and a time condition are combined, so the table has one
+//! index only, the primary key `pk = "<room token>|<message id>"`. Room tokens hold no `|` and
+//! message ids are UUIDv7 text, so keys sort by room, then time; every history query is one
+//! `between` on `pk`, sorted by it, with a limit. Indexing nothing else also keeps writes fast.
+
+use std::time::Duration;
+
+use chatify_shared::config::HarperDbSettings;
+use chatify_shared::subjects::RoomToken;
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Why an operation failed; [`HarperError::is_transient`] tells whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum HarperError {
+    #[error("HarperDB is unreachable: {0}")]
+    Unreachable(reqwest::Error),
+    #[error("HarperDB refused the configured credentials")]
+    Unauthorized,
+    #[error("HarperDB rejected the request ({status}): {message}")]
+    Rejected { status: StatusCode, message: String },
+    #[error("HarperDB failed ({status}): {message}")]
+    Server { status: StatusCode, message: String },
+    #[error("unexpected answer from HarperDB: {0}")]
+    Decode(String),
+}
+
+impl HarperError {
+    /// Network trouble, server errors and refused credentials can pass; a 4xx rejection of the
+    /// request itself will not.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Rejected { .. } | Self::Decode(_))
+    }
+}
+
+/// A client for one table.
+#[derive(Clone)]
+pub struct HarperDb {
+    /// Keep-alive connection pool to the operations API.
+    http: reqwest::Client,
+    url: String,
+    username: String,
+    password: SecretString,
+    database: String,
+    table: String,
+}
+
+/// The stored shape of a message.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    pk: String,
+    id: Uuid,
+    room: String,
+    username: String,
+    message: String,
+    #[serde(rename = "createdTime")]
+    created_time: i64,
+}
+
+impl Record {
+    fn from_message(m: &ChatMessage) -> Self {
+        Self {
+            pk: storage_key(&RoomToken::new(&m.room), &m.id.to_string()),
+            id: m.id,
+            room: m.room.clone(),
+            username: m.username.clone(),
+            message: m.message.clone(),
+            created_time: m.created_time,
+        }
+    }
+
+    fn into_message(self) -> ChatMessage {
+        ChatMessage {
+            id: self.id,
+            room: self.room,
+            username: self.username,
+            message: self.message,
+            created_time: self.created_time,
+        }
+    }
+}
+
+/// `<room token>|<suffix>`: the primary key, or a bound of a room's key range.
+fn storage_key(room: &RoomToken, suffix: &str) -> String {
+    format!("{room}|{suffix}")
+}
+
+/// The first character after every UUID character in byte order: the upper end of a room's keys.
+const KEY_RANGE_END: &str = "~";
+
+impl HarperDb {
+    pub fn new(settings: &HarperDbSettings) -> Result<Self, HarperError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| HarperError::Unreachable(e.without_url()))?;
+        Ok(Self {
+            http,
+            url: settings.url.trim_end_matches('/').to_owned(),
+            username: settings.username.clone(),
+            password: settings.password.clone(),
+            database: settings.database.clone(),
+            table: settings.table.clone(),
+        })
+    }
+
+    async fn operation(&self, body: &Value) -> Result<Value, HarperError> {
+        let response = self
+            .http
+            .post(&self.url)
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| HarperError::Unreachable(e.without_url()))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| HarperError::Unreachable(e.without_url()))?;
+        if status.is_success() {
+            return serde_json::from_str(&text).map_err(|e| HarperError::Decode(e.to_string()));
+        }
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| text.chars().take(300).collect());
+        Err(match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => HarperError::Unauthorized,
+            s if s.is_client_error() => HarperError::Rejected { status, message },
+            _ => HarperError::Server { status, message },
+        })
+    }
+
+    /// Creates the database and the table if missing. Safe to run from several persisters.
+    pub async fn ensure_schema(&self) -> Result<(), HarperError> {
+        let described = self
+            .operation(&json!({"operation": "describe_table", "database": self.database, "table": self.table}))
+            .await;
+        match described {
+            Ok(_) => return Ok(()),
+            Err(HarperError::Rejected { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match self
+            .operation(&json!({"operation": "create_database", "database": self.database}))
+            .await
+        {
+            Ok(_) => {}
+            Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {}
+            Err(e) => return Err(e),
+        }
+        let created = self
+            .operation(&json!({
+                "operation": "create_table",
+                "database": self.database,
+                "table": self.table,
+                "primary_key": "pk",
+                "attributes": [
+                    {"name": "pk", "type": "String"},
+                    {"name": "id", "type": "String"},
+                    {"name": "room", "type": "String"},
+                    {"name": "username", "type": "String"},
+                    {"name": "message", "type": "String"},
+                    {"name": "createdTime", "type": "Float"},
+                ],
+            }))
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {}
+            Err(e) => return Err(e),
+        }
+        // Table creation settles asynchronously in HarperDB; wait until it is usable.
+        for _ in 0..50 {
+            match self
+                .operation(&json!({"operation": "describe_table", "database": self.database, "table": self.table}))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(HarperError::Rejected { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(HarperError::Decode(format!(
+            "table {}.{} did not appear after creation",
+            self.database, self.table
+        )))
+    }
+
+    /// Inserts messages in one request; a message whose key exists is skipped, so storing the
+    /// same message twice leaves one record. All-or-nothing: one bad record rejects the batch.
+    pub async fn insert(&self, messages: &[ChatMessage]) -> Result<(), HarperError> {
+        let records: Vec<Record> = messages.iter().map(Record::from_message).collect();
+        let answer = self
+            .operation(&json!({
+                "operation": "insert",
+                "database": self.database,
+                "table": self.table,
+                "records": records,
+            }))
+            .await?;
+        #[derive(Deserialize)]
+        struct InsertAnswer {
+            #[serde(default)]
+            inserted_hashes: Vec<Value>,
+            #[serde(default)]
+            skipped_hashes: Vec<Value>,
+        }
+        let answer: InsertAnswer =
+            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
+        let confirmed = answer.inserted_hashes.len() + answer.skipped_hashes.len();
+        if confirmed != records.len() {
+            return Err(HarperError::Decode(format!(
+                "insert confirmed {confirmed} of {} records",
+                records.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The newest `query.limit` messages of the room with `after < id < before`, oldest first.
+    pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, HarperError> {
+        let room = RoomToken::new(&query.room);
+        let lower = storage_key(&room, &query.after.map(|a| a.to_string()).unwrap_or_default());
+        let upper = match query.before {
+            Some(b) => storage_key(&room, &b.to_string()),
+            None => storage_key(&room, KEY_RANGE_END),
+        };
+        let wanted = query.limit as usize + 1;
+        // `between` is inclusive: ask for the bounds too and drop them below.
+        let answer = self
+            .operation(&json!({
+                "operation": "search_by_conditions",
+                "database": self.database,
+                "table": self.table,
+                "operator": "and",
+                "limit": wanted + 2,
+                "sort": {"attribute": "pk", "descending": true},
+                "get_attributes": ["pk", "id", "room", "username", "message", "createdTime"],
+                "conditions": [{"search_attribute": "pk", "search_type": "between", "search_value": [lower, upper]}],
+            }))
+            .await?;
+        let records: Vec<Record> =
+            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
+        let mut newest_first: Vec<ChatMessage> = records
+            .into_iter()
+            .filter(|r| r.pk != lower && r.pk != upper)
+            .take(wanted)
+            .map(Record::into_message)
+            .collect();
+        let has_more = newest_first.len() > query.limit as usize;
+        newest_first.truncate(query.limit as usize);
+        newest_first.reverse();
+        Ok(HistoryPage {
+            messages: newest_first,
+            has_more,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_by_room_then_time_and_never_cross_rooms() {
+        let a = RoomToken::new("a");
+        let ab = RoomToken::new("a.b");
+        let (id1, id2) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+        assert!(storage_key(&a, &id1) < storage_key(&a, &id2));
+        for room in [&a, &ab] {
+            let (lo, hi) = (storage_key(room, ""), storage_key(room, KEY_RANGE_END));
+            assert!(lo < storage_key(room, &id1) && storage_key(room, &id1) < hi);
+        }
+        let other = storage_key(&ab, &id1);
+        assert!(!(storage_key(&a, "") < other && other < storage_key(&a, KEY_RANGE_END)));
+    }
+
+    #[test]
+    fn only_request_rejections_are_permanent() {
+        let rejected = HarperError::Rejected {
+            status: StatusCode::BAD_REQUEST,
+            message: "bad".into(),
+        };
+        assert!(!rejected.is_transient());
+        assert!(HarperError::Unauthorized.is_transient());
+        assert!(
+            HarperError::Server {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: "x".into()
+            }
+            .is_transient()
+        );
+    }
+}

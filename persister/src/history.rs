@@ -1,0 +1,98 @@
+//! The history service: answers [`HistoryQuery`] requests on the NATS service API, so every
+//! running persister shares the load (the service API subscribes in a queue group).
+
+use std::sync::Arc;
+
+use async_nats::service::{self, ServiceExt};
+use bytes::Bytes;
+use chatify_shared::subjects::{HISTORY_SERVICE, HISTORY_SUBJECT};
+use chatify_shared::wire::{HistoryQuery, SINCE_HISTORY_MAX};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::harperdb::{HarperDb, HarperError};
+
+/// Requests answered at once by one persister; more wait in the subscription.
+const CONCURRENT_QUERIES: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryServiceError {
+    #[error("could not register the {HISTORY_SERVICE} service: {0}")]
+    Register(String),
+}
+
+/// Serves history queries until `shutdown`; queries in flight are finished first.
+pub async fn serve(
+    client: async_nats::Client,
+    db: HarperDb,
+    shutdown: CancellationToken,
+) -> Result<(), HistoryServiceError> {
+    let service = client
+        .service_builder()
+        .description("Chatify message history")
+        .start(HISTORY_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| HistoryServiceError::Register(e.to_string()))?;
+    let endpoint = service
+        .endpoint_builder()
+        .name("query")
+        .add(HISTORY_SUBJECT)
+        .await
+        .map_err(|e| HistoryServiceError::Register(e.to_string()))?;
+    let db = Arc::new(db);
+    endpoint
+        .take_until(shutdown.cancelled())
+        .for_each_concurrent(CONCURRENT_QUERIES, |request| {
+            let db = db.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let answer = answer(&db, &request.message.payload).await;
+                let outcome = if answer.is_ok() { "ok" } else { "error" };
+                metrics::histogram!("chatify_persister_history_seconds", "outcome" => outcome)
+                    .record(started.elapsed().as_secs_f64());
+                if let Err(e) = request.respond(answer).await {
+                    tracing::warn!(error = %e, "could not send a history answer");
+                }
+            }
+        })
+        .await;
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "could not stop the history service cleanly");
+    }
+    Ok(())
+}
+
+/// Decodes, checks and runs one query. Errors are service errors with HTTP-like codes:
+/// 400 for a bad query, 503 when HarperDB can't answer.
+async fn answer(db: &HarperDb, payload: &[u8]) -> Result<Bytes, service::error::Error> {
+    let query: HistoryQuery = serde_json::from_slice(payload).map_err(|e| service::error::Error {
+        status: format!("invalid history query: {e}"),
+        code: 400,
+    })?;
+    if query.limit == 0 || query.limit > SINCE_HISTORY_MAX || query.room.is_empty() {
+        return Err(service::error::Error {
+            status: "invalid history query: limit must be 1..=1000 and room non-empty".into(),
+            code: 400,
+        });
+    }
+    match db.history(&query).await {
+        Ok(page) => serde_json::to_vec(&page)
+            .map(Bytes::from)
+            .map_err(|e| service::error::Error {
+                status: format!("could not encode the answer: {e}"),
+                code: 500,
+            }),
+        Err(e) => {
+            tracing::warn!(error = %e, room_len = query.room.len(), "history query failed");
+            Err(service::error::Error {
+                status: match e {
+                    HarperError::Unreachable(_) | HarperError::Server { .. } | HarperError::Unauthorized => {
+                        "message history is unavailable".into()
+                    }
+                    other => format!("history query failed: {other}"),
+                },
+                code: 503,
+            })
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Building and running the persister: `Application::build` connects and binds everything from
+//! configuration (port 0 picks a free port, which tests use); `run_until_stopped` runs the
+//! writer, the history service and the HTTP server until the shutdown signal, then drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use chatify_shared::Settings;
+use chatify_shared::bus::{self, BusError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::harperdb::{HarperDb, HarperError};
+use crate::history::{self, HistoryServiceError};
+use crate::http::{self, HttpState};
+use crate::writer::{Writer, WriterError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("invalid HarperDB settings: {0}")]
+    HarperDb(#[from] HarperError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    #[error(transparent)]
+    History(#[from] HistoryServiceError),
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+pub struct Application {
+    settings: Settings,
+    listener: TcpListener,
+    nats: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+    db: HarperDb,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let addr = format!("{}:{}", settings.persister.host, settings.persister.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let nats = bus::connect(&settings.nats, "chatify-persister").await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let stream = bus::ensure_messages_stream(&js, &settings.stream).await?;
+        let db = HarperDb::new(&settings.harperdb)?;
+        Ok(Self {
+            settings,
+            listener,
+            nats,
+            stream,
+            db,
+        })
+    }
+
+    /// The bound HTTP address (with the real port when configured with 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown_signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let shutdown = CancellationToken::new();
+        let ready = Arc::new(AtomicBool::new(false));
+        let metrics = chatify_shared::telemetry::metrics_handle();
+        tracing::info!(addr = ?self.listener.local_addr().ok(), "persister HTTP listening");
+
+        let writer = Writer::new(self.stream, self.db.clone(), self.settings.persister.clone(), ready.clone());
+        let mut writer_task = tokio::spawn(writer.run(shutdown.child_token()));
+        let mut history_task = tokio::spawn(history::serve(self.nats.clone(), self.db, shutdown.child_token()));
+        let http_shutdown = shutdown.child_token();
+        let router = http::router(HttpState {
+            nats: self.nats.clone(),
+            writer_ready: ready,
+            metrics,
+        });
+        let mut http_task = tokio::spawn(async move {
+            axum::serve(self.listener, router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await
+        });
+
+        // Run until the signal, or until a part stops by itself (an error).
+        let early = tokio::select! {
+            () = shutdown_signal => None,
+            r = &mut writer_task => Some(r.map(|r| r.map_err(RunError::from))),
+            r = &mut history_task => Some(r.map(|r| r.map_err(RunError::from))),
+            r = &mut http_task => Some(r.map(|r| r.map_err(RunError::Http))),
+        };
+        shutdown.cancel();
+        let deadline = Duration::from_millis(self.settings.persister.shutdown_timeout_ms);
+        let finish = async {
+            let mut result = Ok(());
+            if early.is_none() || !writer_task.is_finished() {
+                result = result.and(join(&mut writer_task).await.map_err(RunError::from));
+            }
+            if !history_task.is_finished() {
+                result = result.and(join(&mut history_task).await.map_err(RunError::from));
+            }
+            if !http_task.is_finished() {
+                result = result.and(join(&mut http_task).await.map_err(RunError::Http));
+            }
+            if let Err(e) = self.nats.drain().await {
+                tracing::warn!(error = %e, "NATS drain failed");
+            }
+            result
+        };
+        let finished = match tokio::time::timeout(deadline, finish).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(?deadline, "shutdown took too long; exiting anyway");
+                Ok(())
+            }
+        };
+        match early {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(join_error)) => {
+                tracing::error!(error = %join_error, "a persister task panicked");
+                finished
+            }
+            _ => finished,
+        }
+    }
+}
+
+async fn join<T, E>(task: &mut tokio::task::JoinHandle<Result<T, E>>) -> Result<(), E> {
+    match task.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(join_error) => {
+            tracing::error!(error = %join_error, "a persister task panicked");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The durable JetStream consumer that moves messages into HarperDB.
+//!
+//! It collects up to `batch_size` messages (waiting at most `batch_wait_ms` once the first
+//! arrived), writes them in one insert, and acks them only after HarperDB confirmed the write.
+//! A failed write is retried with exponential back-off while the messages' ack deadline is kept
+//! extended, so nothing is redelivered behind the writer's back. Several persisters may share
+//! the consumer; inserts are idempotent, so a redelivery never creates a second record.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use chatify_shared::config::PersisterSettings;
+use chatify_shared::subjects::{MESSAGES_STREAM, PERSISTER_CONSUMER};
+use chatify_shared::wire::ChatMessage;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::harperdb::{HarperDb, HarperError};
+
+/// How long JetStream waits for an ack before redelivering; kept extended while retrying.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("could not create the durable consumer {PERSISTER_CONSUMER}: {0}")]
+    Consumer(#[from] jetstream::stream::ConsumerError),
+    #[error("could not read from the durable consumer: {0}")]
+    Messages(#[from] jetstream::consumer::StreamError),
+}
+
+/// The consumer's configuration: explicit acks, so each message is acked after its write.
+pub fn consumer_config() -> pull::Config {
+    pull::Config {
+        durable_name: Some(PERSISTER_CONSUMER.to_owned()),
+        description: Some("Chatify persisters: messages into HarperDB".to_owned()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+/// Runs the write loop until `shutdown`, finishing (and acking) the batch in hand first.
+pub struct Writer {
+    /// Where messages come from.
+    stream: jetstream::stream::Stream,
+    /// Where they go.
+    db: HarperDb,
+    settings: PersisterSettings,
+    /// Set once the table exists and the consumer is bound; `/readyz` reads it.
+    ready: Arc<AtomicBool>,
+}
+
+impl Writer {
+    pub fn new(
+        stream: jetstream::stream::Stream,
+        db: HarperDb,
+        settings: PersisterSettings,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            stream,
+            db,
+            settings,
+            ready,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WriterError> {
+        if !self.until_ok(&shutdown, "creating the HarperDB table", || self.db.ensure_schema()).await {
+            return Ok(());
+        }
+        let consumer = self
+            .stream
+            .get_or_create_consumer(PERSISTER_CONSUMER, consumer_config())
+            .await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.settings.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await?;
+        self.ready.store(true, Ordering::Relaxed);
+        tracing::info!(stream = MESSAGES_STREAM, consumer = PERSISTER_CONSUMER, "writing messages to HarperDB");
+
+        let batch_wait = Duration::from_millis(self.settings.batch_wait_ms);
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = messages.next() => next,
+            };
+            let mut batch = match first {
+                Some(Ok(m)) => vec![m],
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer read failed; continuing");
+                    continue;
+                }
+                None => break,
+            };
+            let deadline = tokio::time::Instant::now() + batch_wait;
+            while batch.len() < self.settings.batch_size {
+                match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(Some(Ok(m))) => batch.push(m),
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "consumer read failed mid-batch");
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.write_batch(batch, &shutdown).await;
+        }
+        self.ready.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Decodes, writes and acks one batch. Returns when every message is acked, terminated as
+    /// undecodable, or left unacked because shutdown came during a retry (then JetStream
+    /// redelivers it to a persister after the ack wait).
+    async fn write_batch(&self, batch: Vec<jetstream::Message>, shutdown: &CancellationToken) {
+        let mut decoded = Vec::with_capacity(batch.len());
+        let mut ackable = Vec::with_capacity(batch.len());
+        for m in batch {
+            match serde_json::from_slice::<ChatMessage>(&m.payload) {
+                Ok(chat) => {
+                    decoded.push(chat);
+                    ackable.push(m);
+                }
+                Err(e) => {
+                    // Gateways only publish valid messages; whatever this is, retrying won't fix it.
+                    tracing::error!(subject = %m.subject, error = %e, "undecodable message terminated");
+                    metrics::counter!("chatify_persister_poison_messages_total").increment(1);
+                    if let Err(e) = m.ack_with(AckKind::Term).await {
+                        tracing::warn!(error = %e, "could not terminate an undecodable message");
+                    }
+                }
+            }
+        }
+        if decoded.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let written = self
+            .until_ok(shutdown, "writing a batch to HarperDB", || async {
+                if started.elapsed() > ACK_WAIT / 3 {
+                    self.keep_alive(&ackable).await;
+                }
+                self.db.insert(&decoded).await
+            })
+            .await;
+        if !written {
+            return;
+        }
+        metrics::histogram!("chatify_persister_write_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("chatify_persister_batch_size").record(decoded.len() as f64);
+        metrics::counter!("chatify_persister_messages_stored_total").increment(decoded.len() as u64);
+        for m in &ackable {
+            if let Err(e) = m.ack().await {
+                // The write is done; a lost ack means a redelivery, which the insert skips.
+                tracing::warn!(error = %e, "ack failed after a successful write");
+            }
+        }
+    }
+
+    /// Tells JetStream the messages are still being worked on, if a retry has taken a while.
+    async fn keep_alive(&self, messages: &[jetstream::Message]) {
+        for m in messages {
+            if let Err(e) = m.ack_with(AckKind::Progress).await {
+                tracing::debug!(error = %e, "progress ack failed");
+            }
+        }
+    }
+
+    /// Runs `op` until it succeeds (true) or shutdown (false), backing off between attempts.
+    /// A permanent rejection is retried as well, but logged as an error each time.
+    async fn until_ok<F, Fut>(&self, shutdown: &CancellationToken, what: &str, mut op: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), HarperError>>,
+    {
+        let mut delay = Duration::from_millis(self.settings.retry_initial_ms);
+        let max = Duration::from_millis(self.settings.retry_max_ms);
+        loop {
+            match op().await {
+                Ok(()) => return true,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} was rejected; retrying");
+                }
+            }
+            metrics::counter!("chatify_persister_write_retries_total").increment(1);
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(max);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Connecting to NATS and declaring the JetStream objects both services rely on.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::{NatsSettings, StreamSettings};
+use crate::subjects::{MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("could not connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("could not create or update the JetStream stream {MESSAGES_STREAM}: {0}")]
+    Stream(#[from] jetstream::context::CreateStreamError),
+    #[error("could not open the JetStream stream {MESSAGES_STREAM}: {0}")]
+    OpenStream(#[from] jetstream::context::GetStreamError),
+}
+
+/// Connects with a client name that shows in the NATS monitor, reconnecting forever after a loss.
+pub async fn connect(settings: &NatsSettings, name: &str) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(settings.request_timeout()))
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!("NATS connection lost"),
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                other => tracing::info!(event = %other, "NATS event"),
+            }
+        })
+        .connect(settings.url.as_str())
+        .await
+        .map_err(|source| BusError::Connect {
+            url: settings.url.clone(),
+            source,
+        })
+}
+
+/// The stream every accepted message is stored in until the persisters have written it.
+///
+/// Limits retention (not work-queue): a retried `clientId` is answered by reading the first
+/// message back, so messages must stay readable for at least the duplicate window.
+pub fn messages_stream_config(settings: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: MESSAGES_STREAM.to_owned(),
+        subjects: vec![MESSAGES_STREAM_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(settings.max_age_secs),
+        duplicate_window: Duration::from_secs(settings.duplicate_window_secs),
+        max_message_size: settings.max_message_bytes,
+        num_replicas: settings.replicas,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the messages stream, or brings an existing one to the configured settings.
+pub async fn ensure_messages_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Stream, BusError> {
+    js.create_or_update_stream(messages_stream_config(settings))
+        .await?;
+    Ok(js.get_stream(MESSAGES_STREAM).await?)
+}
