@@ -1,1 +1,15 @@
-fn main(){}
+use anyhow::Context;
+use chatify_gateway::startup::Application;
+use chatify_shared::{Settings, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load().context("while loading configuration")?;
+    telemetry::init(&settings.log).context("while setting up logging")?;
+    let app = Application::build(settings)
+        .await
+        .context("while starting the gateway")?;
+    app.run_until_stopped(chatify_shared::shutdown::signal())
+        .await
+        .context("while running the gateway")
+}

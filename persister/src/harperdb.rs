@@ -231,7 +231,10 @@ impl HarperDb {
     /// The newest `query.limit` messages of the room with `after < id < before`, oldest first.
     pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, HarperError> {
         let room = RoomToken::new(&query.room);
-        let lower = storage_key(&room, &query.after.map(|a| a.to_string()).unwrap_or_default());
+        let lower = storage_key(
+            &room,
+            &query.after.map(|a| a.to_string()).unwrap_or_default(),
+        );
         let upper = match query.before {
             Some(b) => storage_key(&room, &b.to_string()),
             None => storage_key(&room, KEY_RANGE_END),

@@ -65,10 +65,11 @@ pub async fn serve(
 /// Decodes, checks and runs one query. Errors are service errors with HTTP-like codes:
 /// 400 for a bad query, 503 when HarperDB can't answer.
 async fn answer(db: &HarperDb, payload: &[u8]) -> Result<Bytes, service::error::Error> {
-    let query: HistoryQuery = serde_json::from_slice(payload).map_err(|e| service::error::Error {
-        status: format!("invalid history query: {e}"),
-        code: 400,
-    })?;
+    let query: HistoryQuery =
+        serde_json::from_slice(payload).map_err(|e| service::error::Error {
+            status: format!("invalid history query: {e}"),
+            code: 400,
+        })?;
     if query.limit == 0 || query.limit > SINCE_HISTORY_MAX || query.room.is_empty() {
         return Err(service::error::Error {
             status: "invalid history query: limit must be 1..=1000 and room non-empty".into(),
@@ -86,9 +87,9 @@ async fn answer(db: &HarperDb, payload: &[u8]) -> Result<Bytes, service::error::
             tracing::warn!(error = %e, room_len = query.room.len(), "history query failed");
             Err(service::error::Error {
                 status: match e {
-                    HarperError::Unreachable(_) | HarperError::Server { .. } | HarperError::Unauthorized => {
-                        "message history is unavailable".into()
-                    }
+                    HarperError::Unreachable(_)
+                    | HarperError::Server { .. }
+                    | HarperError::Unauthorized => "message history is unavailable".into(),
                     other => format!("history query failed: {other}"),
                 },
                 code: 503,

@@ -31,7 +31,10 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     match (nats_up, state.writer_ready.load(Ordering::Relaxed)) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "NATS is not connected\n"),
-        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "the HarperDB table is not ready\n"),
+        (true, false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the HarperDB table is not ready\n",
+        ),
     }
 }
 

@@ -81,9 +81,18 @@ impl Application {
         let metrics = chatify_shared::telemetry::metrics_handle();
         tracing::info!(addr = ?self.listener.local_addr().ok(), "persister HTTP listening");
 
-        let writer = Writer::new(self.stream, self.db.clone(), self.settings.persister.clone(), ready.clone());
+        let writer = Writer::new(
+            self.stream,
+            self.db.clone(),
+            self.settings.persister.clone(),
+            ready.clone(),
+        );
         let mut writer_task = tokio::spawn(writer.run(shutdown.child_token()));
-        let mut history_task = tokio::spawn(history::serve(self.nats.clone(), self.db, shutdown.child_token()));
+        let mut history_task = tokio::spawn(history::serve(
+            self.nats.clone(),
+            self.db,
+            shutdown.child_token(),
+        ));
         let http_shutdown = shutdown.child_token();
         let router = http::router(HttpState {
             nats: self.nats.clone(),

@@ -69,7 +69,12 @@ impl Writer {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WriterError> {
-        if !self.until_ok(&shutdown, "creating the HarperDB table", || self.db.ensure_schema()).await {
+        if !self
+            .until_ok(&shutdown, "creating the HarperDB table", || {
+                self.db.ensure_schema()
+            })
+            .await
+        {
             return Ok(());
         }
         let consumer = self
@@ -83,7 +88,11 @@ impl Writer {
             .messages()
             .await?;
         self.ready.store(true, Ordering::Relaxed);
-        tracing::info!(stream = MESSAGES_STREAM, consumer = PERSISTER_CONSUMER, "writing messages to HarperDB");
+        tracing::info!(
+            stream = MESSAGES_STREAM,
+            consumer = PERSISTER_CONSUMER,
+            "writing messages to HarperDB"
+        );
 
         let batch_wait = Duration::from_millis(self.settings.batch_wait_ms);
         loop {
@@ -153,9 +162,11 @@ impl Writer {
         if !written {
             return;
         }
-        metrics::histogram!("chatify_persister_write_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("chatify_persister_write_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::histogram!("chatify_persister_batch_size").record(decoded.len() as f64);
-        metrics::counter!("chatify_persister_messages_stored_total").increment(decoded.len() as u64);
+        metrics::counter!("chatify_persister_messages_stored_total")
+            .increment(decoded.len() as u64);
         for m in &ackable {
             if let Err(e) = m.ack().await {
                 // The write is done; a lost ack means a redelivery, which the insert skips.

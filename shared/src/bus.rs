@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 
 use crate::config::{NatsSettings, StreamSettings};
-use crate::subjects::{MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS};
+use crate::subjects::{
+    MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS, PRESENCE_STREAM, PRESENCE_STREAM_SUBJECTS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -14,9 +16,9 @@ pub enum BusError {
         url: String,
         source: async_nats::ConnectError,
     },
-    #[error("could not create or update the JetStream stream {MESSAGES_STREAM}: {0}")]
+    #[error("could not create or update a JetStream stream: {0}")]
     Stream(#[from] jetstream::context::CreateStreamError),
-    #[error("could not open the JetStream stream {MESSAGES_STREAM}: {0}")]
+    #[error("could not open a JetStream stream: {0}")]
     OpenStream(#[from] jetstream::context::GetStreamError),
 }
 
@@ -70,4 +72,29 @@ pub async fn ensure_messages_stream(
     js.create_or_update_stream(messages_stream_config(settings))
         .await?;
     Ok(js.get_stream(MESSAGES_STREAM).await?)
+}
+
+/// The stream of per-room, per-gateway member lists: one record per subject, kept in memory
+/// (presence is rebuilt by live gateways, it need not survive a NATS restart).
+pub fn presence_stream_config(replicas: usize) -> stream::Config {
+    stream::Config {
+        name: PRESENCE_STREAM.to_owned(),
+        subjects: vec![PRESENCE_STREAM_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::Memory,
+        max_messages_per_subject: 1,
+        num_replicas: replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the presence stream, or brings an existing one to the expected settings.
+pub async fn ensure_presence_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<stream::Stream, BusError> {
+    js.create_or_update_stream(presence_stream_config(replicas))
+        .await?;
+    Ok(js.get_stream(PRESENCE_STREAM).await?)
 }

@@ -329,10 +329,14 @@ impl Settings {
         let invalid = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
         let l = &self.limits;
         if l.message_max_bytes == 0 || l.username_max_chars == 0 || l.room_max_chars == 0 {
-            return invalid("limits.message_max_bytes, username_max_chars and room_max_chars must be at least 1");
+            return invalid(
+                "limits.message_max_bytes, username_max_chars and room_max_chars must be at least 1",
+            );
         }
         if l.rooms_per_socket == 0 || l.messages_per_second == 0 || l.message_burst == 0 {
-            return invalid("limits.rooms_per_socket, messages_per_second and message_burst must be at least 1");
+            return invalid(
+                "limits.rooms_per_socket, messages_per_second and message_burst must be at least 1",
+            );
         }
         if l.max_payload_bytes < 1024 {
             return invalid("limits.max_payload_bytes must be at least 1024");
@@ -344,9 +348,16 @@ impl Settings {
             return invalid("stream.max_age_secs must be at least stream.duplicate_window_secs");
         }
         if self.gateway.gateway_timeout_ms <= self.gateway.heartbeat_interval_ms {
-            return invalid("gateway.gateway_timeout_ms must be longer than gateway.heartbeat_interval_ms");
+            return invalid(
+                "gateway.gateway_timeout_ms must be longer than gateway.heartbeat_interval_ms",
+            );
         }
-        if self.cors.allowed_origins.iter().any(|o| o.trim().is_empty()) {
+        if self
+            .cors
+            .allowed_origins
+            .iter()
+            .any(|o| o.trim().is_empty())
+        {
             return invalid("cors.allowed_origins has an empty entry");
         }
         Ok(())
@@ -372,7 +383,10 @@ mod tests {
         assert_eq!(s.limits.username_max_chars, 64);
         assert_eq!(s.limits.room_max_chars, 128);
         assert_eq!(s.limits.rooms_per_socket, 50);
-        assert_eq!((s.limits.messages_per_second, s.limits.message_burst), (20, 40));
+        assert_eq!(
+            (s.limits.messages_per_second, s.limits.message_burst),
+            (20, 40)
+        );
         assert_eq!(s.limits.max_payload_bytes, 65536);
         assert_eq!(s.cors.allowed_origins, vec!["http://localhost:3000"]);
         assert_eq!(s.nats.url, "nats://127.0.0.1:4222");
@@ -381,7 +395,8 @@ mod tests {
     }
 
     #[test]
-    fn file_overrides_defaults_and_environment_overrides_file() -> Result<(), Box<dyn std::error::Error>> {
+    fn file_overrides_defaults_and_environment_overrides_file()
+    -> Result<(), Box<dyn std::error::Error>> {
         let mut file = tempfile::NamedTempFile::with_suffix(".toml")?;
         writeln!(
             file,
@@ -392,7 +407,10 @@ mod tests {
             env(&[
                 ("CHATIFY_GATEWAY__PORT", "6001"),
                 ("CHATIFY_NATS__URL", "nats://env:2"),
-                ("CHATIFY_CORS__ALLOWED_ORIGINS", "http://a.test,http://b.test"),
+                (
+                    "CHATIFY_CORS__ALLOWED_ORIGINS",
+                    "http://a.test,http://b.test",
+                ),
                 ("CHATIFY_HARPERDB__PASSWORD", "12345"),
                 ("OTHER_VAR", "ignored"),
             ]),
@@ -402,8 +420,15 @@ mod tests {
         assert_eq!(s.limits.rooms_per_socket, 7);
         assert_eq!(s.limits.message_burst, 40, "default kept");
         assert_eq!(s.nats.url, "nats://env:2");
-        assert_eq!(s.cors.allowed_origins, vec!["http://a.test", "http://b.test"]);
-        assert_eq!(s.harperdb.password.expose_secret(), "12345", "digits stay text");
+        assert_eq!(
+            s.cors.allowed_origins,
+            vec!["http://a.test", "http://b.test"]
+        );
+        assert_eq!(
+            s.harperdb.password.expose_secret(),
+            "12345",
+            "digits stay text"
+        );
         Ok(())
     }
 

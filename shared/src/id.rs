@@ -36,7 +36,9 @@ mod tests {
 
     #[test]
     fn ids_made_in_a_row_sort_as_text_in_creation_order() {
-        let ids: Vec<String> = (0..10_000).map(|_| new_message_id().0.to_string()).collect();
+        let ids: Vec<String> = (0..10_000)
+            .map(|_| new_message_id().0.to_string())
+            .collect();
         for pair in ids.windows(2) {
             assert!(pair[0] < pair[1], "{} !< {}", pair[0], pair[1]);
         }
@@ -48,7 +50,10 @@ mod tests {
         let (id, created) = new_message_id();
         let after = now_millis();
         assert_eq!(Some(created), created_time_of(&id));
-        assert!(before <= created && created <= after, "{before} <= {created} <= {after}");
+        assert!(
+            before <= created && created <= after,
+            "{before} <= {created} <= {after}"
+        );
     }
 
     #[test]

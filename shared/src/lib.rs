@@ -6,8 +6,8 @@
 pub mod bus;
 pub mod config;
 pub mod id;
-pub mod subjects;
 pub mod shutdown;
+pub mod subjects;
 pub mod telemetry;
 pub mod wire;
 

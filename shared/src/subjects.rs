@@ -17,10 +17,11 @@ pub const MESSAGES_STREAM: &str = "CHATIFY_MESSAGES";
 pub const MESSAGES_STREAM_SUBJECTS: &str = "chatify.store.*";
 /// Durable consumer through which persisters share the stream.
 pub const PERSISTER_CONSUMER: &str = "chatify-persister";
-/// KV bucket holding, per room and gateway, the members that gateway has in the room.
-pub const PRESENCE_BUCKET: &str = "chatify_presence";
-/// KV bucket holding one key per live gateway, expired by the bucket's max age.
-pub const GATEWAYS_BUCKET: &str = "chatify_gateways";
+/// The JetStream stream holding, per room and gateway, the members that gateway has in the
+/// room: the last record per subject `chatify.presence.<room token>.<gateway id>`.
+pub const PRESENCE_STREAM: &str = "CHATIFY_PRESENCE";
+/// Subjects captured by [`PRESENCE_STREAM`].
+pub const PRESENCE_STREAM_SUBJECTS: &str = "chatify.presence.*.*";
 /// Name of the NATS service that answers history queries.
 pub const HISTORY_SERVICE: &str = "chatify-history";
 /// Endpoint subject of the history service.
@@ -70,15 +71,22 @@ impl RoomToken {
         format!("chatify.room.{}.*", self.0)
     }
 
-    /// Key in [`PRESENCE_BUCKET`] for one gateway's members of this room.
-    pub fn presence_key(&self, gateway_id: &GatewayId) -> String {
-        format!("{}.{}", self.0, gateway_id.0)
+    /// Subject in [`PRESENCE_STREAM`] of one gateway's member list for this room.
+    pub fn presence_record_subject(&self, gateway_id: &GatewayId) -> String {
+        format!("chatify.presence.{}.{}", self.0, gateway_id.0)
     }
 
-    /// Key filter in [`PRESENCE_BUCKET`] matching every gateway's entry for this room.
-    pub fn presence_key_filter(&self) -> String {
-        format!("{}.*", self.0)
+    /// Filter matching every gateway's member list for this room in [`PRESENCE_STREAM`].
+    pub fn presence_record_filter(&self) -> String {
+        format!("chatify.presence.{}.*", self.0)
     }
+}
+
+/// The gateway a [`RoomToken::presence_record_subject`] belongs to.
+pub fn presence_record_gateway(subject: &str) -> Option<GatewayId> {
+    let rest = subject.strip_prefix("chatify.presence.")?;
+    let (_token, gateway) = rest.split_once('.')?;
+    GatewayId::parse(gateway)
 }
 
 impl fmt::Display for RoomToken {
@@ -133,11 +141,6 @@ impl GatewayId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// Key of this gateway in [`GATEWAYS_BUCKET`].
-    pub fn liveness_key(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Display for GatewayId {
@@ -166,7 +169,20 @@ mod tests {
 
     #[test]
     fn tricky_room_names_are_distinct_single_tokens() {
-        let rooms = ["a.b", "a.*", "a.>", "a b", "*", ">", "a", "a_b", "日本語", "|", "a|b", "$JS"];
+        let rooms = [
+            "a.b",
+            "a.*",
+            "a.>",
+            "a b",
+            "*",
+            ">",
+            "a",
+            "a_b",
+            "日本語",
+            "|",
+            "a|b",
+            "$JS",
+        ];
         let tokens: Vec<RoomToken> = rooms.iter().map(|r| RoomToken::new(r)).collect();
         for (room, token) in rooms.iter().zip(&tokens) {
             assert!(is_safe_token(token.as_str()), "{room:?} -> {token}");
@@ -185,11 +201,30 @@ mod tests {
         assert_eq!(t.typing_subject(), "chatify.room.YS5i.typing");
         assert_eq!(t.presence_subject(), "chatify.room.YS5i.presence");
         assert_eq!(t.room_wildcard(), "chatify.room.YS5i.*");
-        assert_eq!(room_event_kind(&t.message_subject()), Some(RoomEventKind::Message));
-        assert_eq!(room_event_kind(&t.typing_subject()), Some(RoomEventKind::Typing));
-        assert_eq!(room_event_kind(&t.presence_subject()), Some(RoomEventKind::Presence));
+        assert_eq!(
+            room_event_kind(&t.message_subject()),
+            Some(RoomEventKind::Message)
+        );
+        assert_eq!(
+            room_event_kind(&t.typing_subject()),
+            Some(RoomEventKind::Typing)
+        );
+        assert_eq!(
+            room_event_kind(&t.presence_subject()),
+            Some(RoomEventKind::Presence)
+        );
         assert_eq!(room_event_kind("chatify.room.YS5i.other"), None);
         assert_eq!(room_event_kind("elsewhere.YS5i.msg"), None);
+        let gw = GatewayId::random();
+        assert_eq!(
+            t.presence_record_subject(&gw),
+            format!("chatify.presence.YS5i.{gw}")
+        );
+        assert_eq!(t.presence_record_filter(), "chatify.presence.YS5i.*");
+        assert_eq!(
+            presence_record_gateway(&t.presence_record_subject(&gw)),
+            Some(gw)
+        );
     }
 
     #[test]

@@ -204,7 +204,10 @@ mod tests {
             },
         };
         let v = serde_json::to_value(&e).unwrap_or_default();
-        assert_eq!(v, json!({"socketId": "s", "room": "r", "username": "u", "isTyping": true}));
+        assert_eq!(
+            v,
+            json!({"socketId": "s", "room": "r", "username": "u", "isTyping": true})
+        );
         assert_eq!(serde_json::from_value::<TypingEvent>(v).ok(), Some(e));
     }
 }

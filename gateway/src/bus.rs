@@ -1,0 +1,161 @@
+//! The gateway's use of NATS for messages and history: store a message in JetStream and, once
+//! stored, fan it out on the room's core subject; ask the persisters for history.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::Stream};
+use bytes::Bytes;
+use chatify_shared::subjects::{HISTORY_SUBJECT, RoomToken};
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, TypingEvent};
+use sha2::{Digest, Sha256};
+
+use crate::error::ChatError;
+
+/// What storing a message came to.
+#[derive(Debug)]
+pub enum Stored {
+    /// Stored now and delivered to the room.
+    New,
+    /// The same retry key was stored before: this is the first message, not delivered again.
+    Duplicate(ChatMessage),
+}
+
+/// NATS handles for messages and history.
+#[derive(Clone)]
+pub struct Bus {
+    pub nats: async_nats::Client,
+    js: jetstream::Context,
+    /// The messages stream, to read a first message back when a retry is a duplicate.
+    messages: Stream,
+    request_timeout: Duration,
+}
+
+/// The `Nats-Msg-Id` of a retryable message: one user's `clientId` in one room. Hashed so any
+/// client text makes a fixed-size header value.
+pub fn dedup_key(user_scope: &str, room: &str, client_id: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [user_scope, room, client_id] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Bus {
+    pub fn new(nats: async_nats::Client, messages: Stream, request_timeout: Duration) -> Self {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(request_timeout)
+            .build(nats.clone());
+        Self {
+            nats,
+            js,
+            messages,
+            request_timeout,
+        }
+    }
+
+    /// Stores `message` in JetStream (deduplicated by `dedup`) and, when it is new, publishes it
+    /// to every gateway with members in the room. Returns only after JetStream confirmed.
+    pub async fn publish_message(
+        &self,
+        message: &ChatMessage,
+        dedup: Option<String>,
+    ) -> Result<Stored, ChatError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(error = %e, "could not store a message");
+            ChatError::unavailable("the message could not be stored; try again")
+        };
+        let token = RoomToken::new(&message.room);
+        let payload = Bytes::from(serde_json::to_vec(message).map_err(|e| unavailable(&e))?);
+        let mut headers = HeaderMap::new();
+        if let Some(key) = dedup {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(token.store_subject(), headers, payload.clone())
+            .await
+            .map_err(|e| unavailable(&e))?
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if ack.duplicate {
+            let first = self
+                .messages
+                .get_raw_message(ack.sequence)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let first: ChatMessage =
+                serde_json::from_slice(&first.payload).map_err(|e| unavailable(&e))?;
+            return Ok(Stored::Duplicate(first));
+        }
+        // Stored: from here on the message is safe. A failed fan-out only delays delivery (the
+        // persister stores it and clients recover it with `since`), so it is logged, not failed.
+        if let Err(e) = self.nats.publish(token.message_subject(), payload).await {
+            tracing::warn!(error = %e, message_id = %message.id, "stored message could not be fanned out");
+        }
+        Ok(Stored::New)
+    }
+
+    pub async fn publish_typing(&self, event: &TypingEvent) -> Result<(), ChatError> {
+        let token = RoomToken::new(&event.typing.room);
+        let payload =
+            serde_json::to_vec(event).map_err(|e| ChatError::unavailable(e.to_string()))?;
+        self.nats
+            .publish(token.typing_subject(), payload.into())
+            .await
+            .map_err(|_| ChatError::unavailable("typing could not be sent; try again"))
+    }
+
+    /// Asks a persister for history; `unavailable` when none answers in time.
+    pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, ChatError> {
+        let payload =
+            serde_json::to_vec(query).map_err(|e| ChatError::unavailable(e.to_string()))?;
+        let request = async_nats::Request::new()
+            .payload(payload.into())
+            .timeout(Some(self.request_timeout));
+        let answer = self
+            .nats
+            .send_request(HISTORY_SUBJECT, request)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "history request failed");
+                ChatError::unavailable("message history is unavailable; try again")
+            })?;
+        if let Some(headers) = &answer.headers
+            && let Some(code) = headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+        {
+            let status = headers
+                .get(async_nats::service::NATS_SERVICE_ERROR)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default();
+            return Err(if code.as_str() == "400" {
+                ChatError::invalid(status)
+            } else {
+                tracing::warn!(%status, "history service error");
+                ChatError::unavailable("message history is unavailable; try again")
+            });
+        }
+        serde_json::from_slice(&answer.payload).map_err(|e| {
+            tracing::warn!(error = %e, "undecodable history answer");
+            ChatError::unavailable("message history is unavailable; try again")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dedup_key;
+
+    #[test]
+    fn dedup_keys_separate_users_rooms_and_ids() {
+        let k = dedup_key("anon:ann", "room", "c1");
+        assert_eq!(k.len(), 64);
+        assert_eq!(k, dedup_key("anon:ann", "room", "c1"));
+        assert_ne!(k, dedup_key("anon:bob", "room", "c1"));
+        assert_ne!(k, dedup_key("anon:ann", "room2", "c1"));
+        assert_ne!(k, dedup_key("anon:ann", "room", "c2"));
+        // Field boundaries count: ("ab", "c") is not ("a", "bc").
+        assert_ne!(dedup_key("ab", "c", "x"), dedup_key("a", "bc", "x"));
+    }
+}

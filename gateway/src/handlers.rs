@@ -1,0 +1,316 @@
+//! Socket.IO handlers: one named handler per client event.
+//!
+//! Each handler waits for its turn (see [`crate::session`]), checks the payload, does the work
+//! and answers through [`crate::error::reply`]. A bad event is answered with an error and never
+//! closes the connection.
+
+use std::sync::Arc;
+
+use chatify_shared::id::new_message_id;
+use chatify_shared::wire::{
+    ChatMessage, ErrorCode, HistoryQuery, JOIN_HISTORY_LEN, Member, Notice, SINCE_HISTORY_MAX,
+    Typing, TypingEvent,
+};
+use serde::Serialize;
+use serde_json::Value;
+use socketioxide::extract::{AckSender, SocketRef, State, TryData};
+use socketioxide::socket::DisconnectReason;
+use uuid::Uuid;
+
+use crate::auth::{AuthError, Identity};
+use crate::bus::{Stored, dedup_key};
+use crate::error::{ChatError, Empty, reply};
+use crate::payload;
+use crate::session::{Ordered, Session};
+use crate::state::App;
+
+/// Connect middleware: authenticates (when auth is on), then sets the socket up. Runs before
+/// the client learns it is connected, so no event can arrive before its handler exists.
+pub async fn accept(
+    s: SocketRef,
+    State(app): State<App>,
+    TryData(auth): TryData<Value>,
+) -> Result<(), AuthError> {
+    let identity = match &app.auth {
+        Some(authenticator) => match authenticator.verify(auth.as_ref().ok(), &app.limits) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                metrics::counter!("chatify_gateway_auth_refusals_total").increment(1);
+                tracing::debug!(socket_id = %s.id, reason = %e, "connection refused");
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    s.extensions
+        .insert(Arc::new(Session::new(identity, &app.limits)));
+    s.on("join_room", join_room);
+    s.on("send_message", send_message);
+    s.on("leave_room", leave_room);
+    s.on("get_history", get_history);
+    s.on("typing", typing);
+    s.on_disconnect(on_disconnect);
+    Ok(())
+}
+
+pub async fn on_connect(s: SocketRef) {
+    metrics::counter!("chatify_gateway_connections_total").increment(1);
+    metrics::gauge!("chatify_gateway_connected_sockets").increment(1);
+    tracing::debug!(socket_id = %s.id, "connected");
+}
+
+/// Runs one event in its turn: decode, check auth expiry, `work`, answer.
+async fn run<T, F, Fut>(s: SocketRef, ack: AckSender, event: Ordered, name: &'static str, work: F)
+where
+    T: Serialize,
+    F: FnOnce(Arc<Session>, Value) -> Fut,
+    Fut: Future<Output = Result<T, ChatError>>,
+{
+    let Ordered {
+        payload,
+        wants_ack,
+        session,
+        ticket,
+    } = event;
+    let (Some(session), Some(ticket)) = (session, ticket) else {
+        let e = ChatError::unavailable("the connection is not set up yet; try again");
+        return reply::<Empty>(&s, ack, wants_ack, name, Err(e));
+    };
+    let _turn = ticket.turn().await;
+    if !s.connected() {
+        return;
+    }
+    metrics::counter!("chatify_gateway_events_total", "event" => name).increment(1);
+    let result = match payload {
+        Err(e) => Err(ChatError::invalid(format!(
+            "{name} payload could not be decoded: {e}"
+        ))),
+        Ok(_) if session.identity.as_ref().is_some_and(Identity::expired) => Err(ChatError::new(
+            ErrorCode::Unauthorized,
+            "your auth token has expired; reconnect with a new one",
+        )),
+        Ok(v) => work(session, v).await,
+    };
+    reply(&s, ack, wants_ack, name, result);
+}
+
+#[derive(Serialize)]
+struct Joined {
+    room: String,
+    users: Vec<Member>,
+    history: Vec<ChatMessage>,
+}
+
+async fn join_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+    let socket = s.clone();
+    run(s, ack, event, "join_room", |session, v| async move {
+        let request = payload::join(&v, &app.limits)?;
+        let username = match &session.identity {
+            Some(identity) => identity.name.clone(),
+            None => request
+                .username
+                .ok_or_else(|| ChatError::invalid("username is required"))?,
+        };
+        let room = request.room;
+        let already_in = session.username_in(&room).is_some();
+        if !already_in && session.room_count() >= app.limits.rooms_per_socket {
+            return Err(ChatError::new(
+                ErrorCode::TooManyRooms,
+                format!(
+                    "a connection may be in at most {} rooms",
+                    app.limits.rooms_per_socket
+                ),
+            ));
+        }
+        let users = if already_in {
+            app.rooms.users(&room).await
+        } else {
+            let users = app.rooms.join(&room, &socket, &username).await?;
+            session.add_room(&room, &username);
+            users
+        };
+        let query = HistoryQuery {
+            room: room.clone(),
+            before: None,
+            after: request.since,
+            limit: if request.since.is_some() {
+                SINCE_HISTORY_MAX
+            } else {
+                JOIN_HISTORY_LEN
+            },
+        };
+        let history = match app.bus.history(&query).await {
+            Ok(page) => page.messages,
+            Err(e) => {
+                // Without history a (re)joining client would silently miss messages: undo.
+                if !already_in {
+                    session.remove_room(&room);
+                    app.rooms.leave(&room, &socket).await;
+                }
+                return Err(e);
+            }
+        };
+        if !already_in {
+            let welcome = Notice::new(&room, format!("Welcome {username}"));
+            emit(&socket, "receive_message", &welcome);
+        }
+        emit(&socket, "last_100_messages", &history);
+        tracing::debug!(socket_id = %socket.id, room = %room, "joined");
+        Ok(Joined {
+            room,
+            users,
+            history,
+        })
+    })
+    .await;
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Sent {
+    id: Uuid,
+    created_time: i64,
+}
+
+async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+    let socket_id = s.id;
+    run(s, ack, event, "send_message", |session, v| async move {
+        let request = payload::send(&v, &app.limits)?;
+        let username = session
+            .username_in(&request.room)
+            .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+        if !session.allow_send() {
+            return Err(ChatError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many messages: at most {} a second, with bursts of {}",
+                    app.limits.messages_per_second, app.limits.message_burst
+                ),
+            ));
+        }
+        let (id, created_time) = new_message_id();
+        let dedup = request.client_id.as_deref().map(|client_id| {
+            let scope = match &session.identity {
+                Some(identity) => format!("user:{}", identity.user_id),
+                None => format!("anon:{username}"),
+            };
+            dedup_key(&scope, &request.room, client_id)
+        });
+        let message = ChatMessage {
+            id,
+            room: request.room,
+            username,
+            message: request.message,
+            created_time,
+        };
+        let started = std::time::Instant::now();
+        let stored = app.bus.publish_message(&message, dedup).await?;
+        metrics::histogram!("chatify_gateway_publish_seconds").record(started.elapsed().as_secs_f64());
+        Ok(match stored {
+            Stored::New => {
+                tracing::debug!(%socket_id, message_id = %id, room = %message.room, "message stored");
+                Sent { id, created_time }
+            }
+            Stored::Duplicate(first) => {
+                metrics::counter!("chatify_gateway_duplicate_sends_total").increment(1);
+                Sent {
+                    id: first.id,
+                    created_time: first.created_time,
+                }
+            }
+        })
+    })
+    .await;
+}
+
+async fn leave_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+    let socket = s.clone();
+    run(s, ack, event, "leave_room", |session, v| async move {
+        let room = payload::leave(&v, &app.limits)?;
+        session
+            .remove_room(&room)
+            .ok_or_else(|| ChatError::not_in_room(&room))?;
+        app.rooms.leave(&room, &socket).await;
+        Ok(Empty {})
+    })
+    .await;
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Page {
+    pub messages: Vec<ChatMessage>,
+    pub has_more: bool,
+}
+
+/// One page of history, newest first (shared with the HTTP route).
+pub async fn history_page(
+    app: &App,
+    request: payload::HistoryPageRequest,
+) -> Result<Page, ChatError> {
+    let page = app
+        .bus
+        .history(&HistoryQuery {
+            room: request.room,
+            before: request.before,
+            after: None,
+            limit: request.limit,
+        })
+        .await?;
+    let mut messages = page.messages;
+    messages.reverse();
+    Ok(Page {
+        messages,
+        has_more: page.has_more,
+    })
+}
+
+async fn get_history(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+    run(s, ack, event, "get_history", |_session, v| async move {
+        let request = payload::history(&v, &app.limits)?;
+        history_page(&app, request).await
+    })
+    .await;
+}
+
+async fn typing(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+    let socket_id = s.id.to_string();
+    run(s, ack, event, "typing", |session, v| async move {
+        let request = payload::typing(&v, &app.limits)?;
+        let username = session
+            .username_in(&request.room)
+            .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+        app.bus
+            .publish_typing(&TypingEvent {
+                socket_id,
+                typing: Typing {
+                    room: request.room,
+                    username,
+                    is_typing: request.is_typing,
+                },
+            })
+            .await?;
+        Ok(Empty {})
+    })
+    .await;
+}
+
+/// Leaves every room (after the socket's pending events), so the others get the notices.
+async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectReason) {
+    metrics::gauge!("chatify_gateway_connected_sockets").decrement(1);
+    tracing::debug!(socket_id = %s.id, ?reason, "disconnected");
+    let Some(session) = s.extensions.get::<Arc<Session>>() else {
+        return;
+    };
+    let _turn = session.sequencer.ticket().turn().await;
+    for (room, _username) in session.take_rooms() {
+        app.rooms.leave(&room, &s).await;
+    }
+}
+
+fn emit<T: Serialize + ?Sized>(socket: &SocketRef, event: &'static str, data: &T) {
+    if let Err(e) = socket.emit(event, data) {
+        metrics::counter!("chatify_gateway_delivery_drops_total", "event" => event).increment(1);
+        tracing::debug!(socket_id = %socket.id, event, error = %e, "could not emit");
+    }
+}

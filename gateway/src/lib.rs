@@ -1,0 +1,14 @@
+//! The Chatify gateway: a stateless Socket.IO v4 server. It validates client events, stores
+//! messages in NATS JetStream, and fans them out to its own sockets in each room; every other
+//! gateway with members in the room does the same, so no chat state lives only here.
+
+pub mod auth;
+pub mod bus;
+pub mod error;
+pub mod handlers;
+pub mod http;
+pub mod payload;
+pub mod rooms;
+pub mod session;
+pub mod startup;
+pub mod state;

@@ -1,0 +1,483 @@
+//! Rooms across gateways.
+//!
+//! A gateway subscribes to a room's subjects only while one of its own sockets is in the room,
+//! so its traffic follows its members' interest. Membership is shared through the presence
+//! stream: each gateway keeps one record per room with its own members, and announces every
+//! change on the room's presence subject with the record's revision. A gateway that starts
+//! listening to a room subscribes first and then reads the other gateways' records, so it
+//! misses no change; keeping the highest revision per gateway makes the order of the two
+//! irrelevant. Every gateway turns each announcement into the `ChatBot` notice and a fresh
+//! `chatroom_users` for its own sockets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use async_nats::jetstream::{self, stream::Stream};
+use chatify_shared::subjects::{
+    GatewayId, RoomEventKind, RoomToken, presence_record_gateway, room_event_kind,
+};
+use chatify_shared::wire::{Member, Notice, PresenceChange, PresenceEvent, TypingEvent};
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use socketioxide::SocketIo;
+use socketioxide::extract::SocketRef;
+use socketioxide::socket::Sid;
+use tokio::task::JoinHandle;
+
+use crate::error::ChatError;
+
+/// The registry of rooms this gateway has members in.
+pub struct Rooms {
+    /// Emits to local sockets; set once the Socket.IO server exists.
+    io: OnceLock<SocketIo>,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    /// Per-room, per-gateway member records.
+    presence: Stream,
+    /// This gateway's identity in presence records and events.
+    gateway: GatewayId,
+    /// Rooms with at least one local member (or being joined).
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
+}
+
+struct Room {
+    name: String,
+    token: RoomToken,
+    /// Serializes membership changes of this room on this gateway.
+    state: tokio::sync::Mutex<RoomState>,
+}
+
+#[derive(Default)]
+struct RoomState {
+    /// Set when the last local member left and the room was dropped from the registry; a
+    /// joiner that finds it set starts over with a fresh entry.
+    closed: bool,
+    /// This gateway's members, in join order.
+    local: Vec<Member>,
+    /// The other gateways' members, with the revision they were read or announced at.
+    remote: BTreeMap<GatewayId, Snapshot>,
+    /// The task delivering the room's subjects to local sockets.
+    listener: Option<JoinHandle<()>>,
+}
+
+struct Snapshot {
+    revision: u64,
+    members: Vec<Member>,
+}
+
+impl RoomState {
+    fn users(&self) -> Vec<Member> {
+        self.local
+            .iter()
+            .chain(self.remote.values().flat_map(|s| s.members.iter()))
+            .cloned()
+            .collect()
+    }
+}
+
+fn presence_unavailable(e: &dyn std::fmt::Display) -> ChatError {
+    tracing::warn!(error = %e, "presence update failed");
+    ChatError::unavailable("room membership could not be updated; try again")
+}
+
+impl Rooms {
+    pub fn new(
+        nats: async_nats::Client,
+        js: jetstream::Context,
+        presence: Stream,
+        gateway: GatewayId,
+    ) -> Self {
+        Self {
+            io: OnceLock::new(),
+            nats,
+            js,
+            presence,
+            gateway,
+            rooms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_io(&self, io: SocketIo) {
+        let _ = self.io.set(io);
+    }
+
+    pub fn gateway(&self) -> &GatewayId {
+        &self.gateway
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Room>>> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Number of rooms with local members.
+    pub fn len(&self) -> usize {
+        self.registry().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entry(&self, name: &str) -> Arc<Room> {
+        self.registry()
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Room {
+                    name: name.to_owned(),
+                    token: RoomToken::new(name),
+                    state: tokio::sync::Mutex::new(RoomState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// Drops a closed room from the registry, unless a fresh entry already replaced it.
+    fn forget(&self, room: &Arc<Room>, state: &mut RoomState) {
+        state.closed = true;
+        if let Some(listener) = state.listener.take() {
+            listener.abort();
+        }
+        let mut registry = self.registry();
+        if registry
+            .get(&room.name)
+            .is_some_and(|r| Arc::ptr_eq(r, room))
+        {
+            registry.remove(&room.name);
+        }
+        metrics::gauge!("chatify_gateway_rooms").set(registry.len() as f64);
+    }
+
+    /// Adds a local socket to a room and announces it; returns everyone in the room.
+    pub async fn join(
+        self: &Arc<Self>,
+        name: &str,
+        socket: &SocketRef,
+        username: &str,
+    ) -> Result<Vec<Member>, ChatError> {
+        loop {
+            let room = self.entry(name);
+            let mut state = room.state.lock().await;
+            if state.closed {
+                continue;
+            }
+            if state.listener.is_none() {
+                match self.start_listening(&room).await {
+                    Ok((listener, remote)) => {
+                        state.listener = Some(listener);
+                        state.remote = remote;
+                        metrics::gauge!("chatify_gateway_rooms").set(self.len() as f64);
+                    }
+                    Err(e) => {
+                        if state.local.is_empty() {
+                            self.forget(&room, &mut state);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let member = Member {
+                id: socket.id.to_string(),
+                username: username.to_owned(),
+            };
+            socket.join(name.to_owned());
+            state.local.push(member.clone());
+            match self.write_members(&room.token, &state.local).await {
+                Ok(revision) => {
+                    self.announce(
+                        &room.token,
+                        revision,
+                        PresenceChange::Joined {
+                            socket_id: member.id,
+                            username: member.username,
+                        },
+                        &state.local,
+                    )
+                    .await;
+                    return Ok(state.users());
+                }
+                Err(e) => {
+                    state.local.retain(|m| m.id != member.id);
+                    socket.leave(name.to_owned());
+                    if state.local.is_empty() {
+                        self.forget(&room, &mut state);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Removes a local socket from a room and announces it. The socket is out of the room
+    /// locally whatever happens; a failed announcement is logged.
+    pub async fn leave(&self, name: &str, socket: &SocketRef) {
+        let Some(room) = self.registry().get(name).cloned() else {
+            return;
+        };
+        let mut state = room.state.lock().await;
+        let id = socket.id.to_string();
+        socket.leave(name.to_owned());
+        let Some(pos) = state.local.iter().position(|m| m.id == id) else {
+            return;
+        };
+        let member = state.local.remove(pos);
+        match self.write_members(&room.token, &state.local).await {
+            Ok(revision) => {
+                self.announce(
+                    &room.token,
+                    revision,
+                    PresenceChange::Left {
+                        socket_id: member.id,
+                        username: member.username,
+                    },
+                    &state.local,
+                )
+                .await;
+            }
+            Err(e) => tracing::warn!(error = %e.message, "a leave could not be announced"),
+        }
+        if state.local.is_empty() {
+            self.forget(&room, &mut state);
+        }
+    }
+
+    /// Everyone in a room this gateway has members in.
+    pub async fn users(&self, name: &str) -> Vec<Member> {
+        let room = self.registry().get(name).cloned();
+        match room {
+            Some(room) => room.state.lock().await.users(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Subscribes to the room, then reads the other gateways' member records.
+    async fn start_listening(
+        self: &Arc<Self>,
+        room: &Arc<Room>,
+    ) -> Result<(JoinHandle<()>, BTreeMap<GatewayId, Snapshot>), ChatError> {
+        let subscriber = self
+            .nats
+            .subscribe(room.token.room_wildcard())
+            .await
+            .map_err(|e| presence_unavailable(&e))?;
+        let remote = match self.read_remote(&room.token).await {
+            Ok(remote) => remote,
+            Err(e) => return Err(e),
+        };
+        let listener = tokio::spawn(self.clone().listen(room.clone(), subscriber));
+        Ok((listener, remote))
+    }
+
+    async fn read_remote(
+        &self,
+        token: &RoomToken,
+    ) -> Result<BTreeMap<GatewayId, Snapshot>, ChatError> {
+        let mut remote = BTreeMap::new();
+        let mut subjects = self
+            .presence
+            .info_with_subjects(token.presence_record_filter())
+            .await
+            .map_err(|e| presence_unavailable(&e))?;
+        let mut found = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _count) = subject.map_err(|e| presence_unavailable(&e))?;
+            found.push(subject);
+        }
+        for subject in found {
+            let Some(gateway) = presence_record_gateway(&subject).filter(|g| *g != self.gateway)
+            else {
+                continue;
+            };
+            // The record may be purged between listing and reading: then it is simply gone.
+            let Ok(record) = self
+                .presence
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            else {
+                continue;
+            };
+            match serde_json::from_slice::<Vec<Member>>(&record.payload) {
+                Ok(members) => {
+                    remote.insert(
+                        gateway,
+                        Snapshot {
+                            revision: record.sequence,
+                            members,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %subject, "undecodable presence record skipped")
+                }
+            }
+        }
+        Ok(remote)
+    }
+
+    /// Writes this gateway's member list of a room; returns its revision. An empty list is
+    /// written (for its revision) and then purged, so departed gateways leave no records.
+    async fn write_members(&self, token: &RoomToken, members: &[Member]) -> Result<u64, ChatError> {
+        let subject = token.presence_record_subject(&self.gateway);
+        let payload = serde_json::to_vec(members).map_err(|e| presence_unavailable(&e))?;
+        let ack = self
+            .js
+            .publish(subject.clone(), payload.into())
+            .await
+            .map_err(|e| presence_unavailable(&e))?
+            .await
+            .map_err(|e| presence_unavailable(&e))?;
+        if members.is_empty()
+            && let Err(e) = self.presence.purge().filter(subject).await
+        {
+            tracing::warn!(error = %e, "an empty presence record could not be purged");
+        }
+        Ok(ack.sequence)
+    }
+
+    async fn announce(
+        &self,
+        token: &RoomToken,
+        revision: u64,
+        change: PresenceChange,
+        members: &[Member],
+    ) {
+        let event = PresenceEvent {
+            gateway: self.gateway.clone(),
+            revision,
+            change,
+            members: members.to_vec(),
+        };
+        let result = match serde_json::to_vec(&event) {
+            Ok(payload) => self
+                .nats
+                .publish(token.presence_subject(), payload.into())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "a presence change could not be announced");
+        }
+    }
+
+    /// Delivers the room's subjects to local sockets, in the order NATS delivers them.
+    async fn listen(self: Arc<Self>, room: Arc<Room>, mut subscriber: async_nats::Subscriber) {
+        while let Some(message) = subscriber.next().await {
+            let Some(io) = self.io.get() else { continue };
+            match room_event_kind(&message.subject) {
+                Some(RoomEventKind::Message) => deliver(io, &room.name, &message.payload).await,
+                Some(RoomEventKind::Typing) => {
+                    match serde_json::from_slice::<TypingEvent>(&message.payload) {
+                        Ok(event) => {
+                            let result = except(io, &room.name, &event.socket_id)
+                                .emit("typing", &event.typing)
+                                .await;
+                            log_emit("typing", result);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "undecodable typing event"),
+                    }
+                }
+                Some(RoomEventKind::Presence) => {
+                    match serde_json::from_slice::<PresenceEvent>(&message.payload) {
+                        Ok(event) => self.on_presence(io, &room, event).await,
+                        Err(e) => tracing::warn!(error = %e, "undecodable presence event"),
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    async fn on_presence(&self, io: &SocketIo, room: &Room, event: PresenceEvent) {
+        let users = {
+            let mut state = room.state.lock().await;
+            if state.closed {
+                return;
+            }
+            if event.gateway != self.gateway {
+                let newer = state
+                    .remote
+                    .get(&event.gateway)
+                    .is_none_or(|known| event.revision > known.revision);
+                if newer {
+                    state.remote.insert(
+                        event.gateway.clone(),
+                        Snapshot {
+                            revision: event.revision,
+                            members: event.members,
+                        },
+                    );
+                }
+            }
+            state.users()
+        };
+        let (text, joiner) = match &event.change {
+            PresenceChange::Joined {
+                socket_id,
+                username,
+            } => (
+                format!("{username} has joined the chat room"),
+                Some(socket_id),
+            ),
+            PresenceChange::Left { username, .. } => {
+                (format!("{username} has left the chat room"), None)
+            }
+        };
+        let notice = Notice::new(&room.name, text);
+        let to_others = match joiner {
+            Some(joiner) => except(io, &room.name, joiner),
+            None => io.to(room.name.clone()),
+        };
+        log_emit(
+            "receive_message",
+            to_others.emit("receive_message", &notice).await,
+        );
+        log_emit(
+            "chatroom_users",
+            io.to(room.name.clone())
+                .emit("chatroom_users", &users)
+                .await,
+        );
+    }
+}
+
+/// Everyone in the room on this gateway but `socket_id` (when that socket is here).
+fn except(
+    io: &SocketIo,
+    room: &str,
+    socket_id: &str,
+) -> socketioxide::operators::BroadcastOperators {
+    match Sid::from_str(socket_id)
+        .ok()
+        .and_then(|sid| io.get_socket(sid))
+    {
+        Some(socket) => socket.to(room.to_owned()),
+        None => io.to(room.to_owned()),
+    }
+}
+
+/// Emits a stored message, as the JSON it was published with, to the room's local sockets.
+async fn deliver(io: &SocketIo, room: &str, payload: &[u8]) {
+    let raw = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| RawValue::from_string(s.to_owned()).ok());
+    let Some(raw) = raw else {
+        tracing::warn!("undecodable chat message on the room subject");
+        return;
+    };
+    metrics::counter!("chatify_gateway_messages_fanned_out_total").increment(1);
+    log_emit(
+        "receive_message",
+        io.to(room.to_owned()).emit("receive_message", &raw).await,
+    );
+}
+
+fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError>) {
+    if let Err(e) = result {
+        // Typically a client whose outgoing queue is full (it stopped reading).
+        metrics::counter!("chatify_gateway_delivery_drops_total", "event" => event).increment(1);
+        tracing::debug!(event, error = %e, "some sockets could not be sent to");
+    }
+}

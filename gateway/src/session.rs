@@ -1,0 +1,226 @@
+//! Per-socket state, and the ordering of a socket's events.
+//!
+//! socketioxide runs each event handler as its own task, so two `send_message` events from one
+//! socket could reach NATS out of order. But it extracts handler arguments synchronously, in
+//! the order packets arrive. The [`Ordered`] extractor takes a numbered ticket at that moment,
+//! and each handler waits for its ticket's turn before doing anything: one socket's events run
+//! one at a time, in the order the socket sent them, while different sockets run in parallel.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chatify_shared::config::Limits;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::Value;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::TryData;
+use socketioxide::handler::FromMessageParts;
+use socketioxide::socket::Socket;
+use tokio::sync::watch;
+
+use crate::auth::Identity;
+
+/// Hands out turns in arrival order.
+pub struct Sequencer {
+    /// Number of the next ticket to hand out.
+    next: AtomicU64,
+    /// Number of the ticket whose turn it is.
+    serving: watch::Sender<u64>,
+}
+
+impl Default for Sequencer {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            serving: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Sequencer {
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
+        Ticket {
+            number: self.next.fetch_add(1, Ordering::SeqCst),
+            sequencer: self.clone(),
+        }
+    }
+}
+
+/// A place in a socket's queue of events.
+pub struct Ticket {
+    number: u64,
+    sequencer: Arc<Sequencer>,
+}
+
+impl Ticket {
+    /// Waits until every earlier event of the socket has finished.
+    pub async fn turn(self) -> Turn {
+        let mut serving = self.sequencer.serving.subscribe();
+        // The sender lives in `self.sequencer`, so the channel cannot close while we wait.
+        let _ = serving.wait_for(|now| *now == self.number).await;
+        Turn {
+            sequencer: self.sequencer,
+        }
+    }
+}
+
+/// While held, this socket's other events wait. Dropping it (even by a panic) lets the next run.
+pub struct Turn {
+    sequencer: Arc<Sequencer>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.sequencer.serving.send_modify(|n| *n += 1);
+    }
+}
+
+/// What the gateway knows about one connected socket.
+pub struct Session {
+    /// Orders this socket's events.
+    pub sequencer: Arc<Sequencer>,
+    /// Who the auth token says this is, when auth is on.
+    pub identity: Option<Identity>,
+    /// Rooms joined, with the name used in each. Only this socket's (serialized) events touch it.
+    rooms: Mutex<HashMap<String, String>>,
+    /// `send_message` rate limit.
+    sends: DefaultDirectRateLimiter,
+}
+
+impl Session {
+    pub fn new(identity: Option<Identity>, limits: &Limits) -> Self {
+        let per_second = NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.message_burst).unwrap_or(NonZeroU32::MIN);
+        Self {
+            sequencer: Arc::new(Sequencer::default()),
+            identity,
+            rooms: Mutex::new(HashMap::new()),
+            sends: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+        }
+    }
+
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The name this socket joined `room` with, if it is in it.
+    pub fn username_in(&self, room: &str) -> Option<String> {
+        self.rooms().get(room).cloned()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms().len()
+    }
+
+    pub fn add_room(&self, room: &str, username: &str) {
+        self.rooms().insert(room.to_owned(), username.to_owned());
+    }
+
+    pub fn remove_room(&self, room: &str) -> Option<String> {
+        self.rooms().remove(room)
+    }
+
+    /// Every room, emptying the list (on disconnect).
+    pub fn take_rooms(&self) -> Vec<(String, String)> {
+        self.rooms().drain().collect()
+    }
+
+    /// Whether one more `send_message` fits the rate limit now (and counts it if so).
+    pub fn allow_send(&self) -> bool {
+        self.sends.check().is_ok()
+    }
+}
+
+/// The last argument of every event handler: the payload (or why it could not be decoded),
+/// whether the client asked for an ack, and the socket's ticket for this event.
+pub struct Ordered {
+    pub payload: Result<Value, String>,
+    pub wants_ack: bool,
+    pub session: Option<Arc<Session>>,
+    pub ticket: Option<Ticket>,
+}
+
+impl FromMessageParts<LocalAdapter> for Ordered {
+    type Error = Infallible;
+
+    fn from_message_parts(
+        s: &Arc<Socket<LocalAdapter>>,
+        v: &mut socketioxide_core::Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Infallible> {
+        let TryData(payload) = TryData::<Value>::from_message_parts(s, v, ack_id)?;
+        let session = s.extensions.get::<Arc<Session>>();
+        let ticket = session.as_ref().map(|s| s.sequencer.ticket());
+        Ok(Self {
+            payload: payload.map_err(|e| e.to_string()),
+            wants_ack: ack_id.is_some(),
+            session,
+            ticket,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn turns_run_in_ticket_order_whatever_order_tasks_start_in() {
+        let sequencer = Arc::new(Sequencer::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let tickets: Vec<Ticket> = (0..50).map(|_| sequencer.ticket()).collect();
+        let mut tasks = Vec::new();
+        // Start the tasks in reverse order: the last ticket's task is spawned first.
+        for (i, ticket) in tickets.into_iter().enumerate().rev() {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let _turn = ticket.turn().await;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                log.lock().map(|mut l| l.push(i)).ok();
+            }));
+        }
+        for t in tasks {
+            t.await.ok();
+        }
+        let order = log.lock().map(|l| l.clone()).unwrap_or_default();
+        assert_eq!(order, (0..50).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_turn_still_lets_the_next_one_run() {
+        let sequencer = Arc::new(Sequencer::default());
+        let first = sequencer.ticket();
+        let second = sequencer.ticket();
+        let crashed = tokio::spawn(async move {
+            let _turn = first.turn().await;
+            panic!("handler bug");
+        });
+        assert!(crashed.await.is_err());
+        let waited = tokio::time::timeout(Duration::from_secs(1), second.turn()).await;
+        assert!(
+            waited.is_ok(),
+            "the second event was blocked by the first one's panic"
+        );
+    }
+
+    #[test]
+    fn sends_are_limited_to_the_burst_then_the_rate() {
+        let limits = Limits {
+            messages_per_second: 20,
+            message_burst: 40,
+            ..Limits::default()
+        };
+        let session = Session::new(None, &limits);
+        let allowed = (0..100).filter(|_| session.allow_send()).count();
+        assert!(
+            (40..=42).contains(&allowed),
+            "allowed {allowed} of an instant burst of 100"
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! Building and running the gateway: `Application::build` binds and connects everything from
+//! configuration (port 0 picks a free port, which tests use); `run_until_stopped` serves until
+//! the shutdown signal, then stops accepting, disconnects sockets (so every room hears that
+//! they left), finishes in-flight work and drains NATS, within the configured deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatify_shared::Settings;
+use chatify_shared::bus::{self, BusError};
+use chatify_shared::subjects::GatewayId;
+use socketioxide::SocketIo;
+use socketioxide::handler::ConnectHandler;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::handlers;
+use crate::http::{self, HttpState, Origins};
+use crate::rooms::Rooms;
+use crate::state::{App, AppInner};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    io: SocketIo,
+    app: App,
+    nats: async_nats::Client,
+    shutdown_timeout: Duration,
+    name: String,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let gw = &settings.gateway;
+        let addr = format!("{}:{}", gw.host, gw.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let nats = bus::connect(&settings.nats, &format!("chatify-gateway-{}", gw.name)).await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let messages = bus::ensure_messages_stream(&js, &settings.stream).await?;
+        let presence = bus::ensure_presence_stream(&js, settings.stream.replicas).await?;
+        let rooms = Arc::new(Rooms::new(nats.clone(), js, presence, GatewayId::random()));
+        let app = App::new(AppInner {
+            limits: settings.limits.clone(),
+            bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),
+            rooms: rooms.clone(),
+            auth: Authenticator::from_settings(&settings.auth),
+        });
+
+        let max_payload = settings.limits.max_payload_bytes;
+        let max_ws = usize::try_from(max_payload).unwrap_or(usize::MAX);
+        let (layer, io) = SocketIo::builder()
+            .with_state(app.clone())
+            .max_payload(max_payload)
+            .ws_max_message_size(max_ws)
+            .ws_max_frame_size(max_ws)
+            .max_buffer_size(gw.max_buffer_size)
+            .ping_interval(Duration::from_millis(gw.ping_interval_ms))
+            .ping_timeout(Duration::from_millis(gw.ping_timeout_ms))
+            .connect_timeout(Duration::from_secs(10))
+            .build_layer();
+        io.ns("/", handlers::on_connect.with(handlers::accept));
+        rooms.set_io(io.clone());
+
+        let router = http::router(
+            HttpState {
+                app: app.clone(),
+                nats: nats.clone(),
+                metrics: chatify_shared::telemetry::metrics_handle(),
+            },
+            layer,
+            Origins::new(&settings.cors),
+        );
+        tracing::info!(gateway_id = %rooms.gateway(), name = %gw.name, auth = app.auth.is_some(), "gateway built");
+        Ok(Self {
+            listener,
+            router,
+            io,
+            app,
+            nats,
+            shutdown_timeout: Duration::from_millis(gw.shutdown_timeout_ms),
+            name: gw.name.clone(),
+        })
+    }
+
+    /// The bound address (with the real port when configured with 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown_signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), std::io::Error> {
+        tracing::info!(addr = ?self.listener.local_addr().ok(), name = %self.name, "gateway listening");
+        let stop_accepting = CancellationToken::new();
+        let server = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let mut server = tokio::spawn(async move { server.await });
+
+        tokio::select! {
+            () = shutdown_signal => {}
+            result = &mut server => {
+                return match result {
+                    Ok(r) => r,
+                    Err(e) => Err(std::io::Error::other(e)),
+                };
+            }
+        }
+
+        let deadline = self.shutdown_timeout;
+        let rooms = self.app.rooms.clone();
+        let drain = async {
+            stop_accepting.cancel();
+            // Disconnects every socket; their disconnect handlers leave their rooms.
+            self.io.close().await;
+            while !rooms.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Err(e) = self.nats.drain().await {
+                tracing::warn!(error = %e, "NATS drain failed");
+            }
+            server.await
+        };
+        match tokio::time::timeout(deadline, drain).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(std::io::Error::other(e)),
+            Err(_) => {
+                tracing::error!(?deadline, "shutdown took too long; exiting anyway");
+                Ok(())
+            }
+        }
+    }
+}

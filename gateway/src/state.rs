@@ -1,0 +1,38 @@
+//! What every handler can reach: limits, NATS, the room registry and the authenticator.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use chatify_shared::config::Limits;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::rooms::Rooms;
+
+/// Shared gateway state; cheap to clone.
+#[derive(Clone)]
+pub struct App(Arc<AppInner>);
+
+pub struct AppInner {
+    /// Client input limits.
+    pub limits: Limits,
+    /// Message storage and history requests.
+    pub bus: Bus,
+    /// Local room membership and cross-gateway presence and fan-out.
+    pub rooms: Arc<Rooms>,
+    /// Token checks, when auth is on.
+    pub auth: Option<Authenticator>,
+}
+
+impl App {
+    pub fn new(inner: AppInner) -> Self {
+        Self(Arc::new(inner))
+    }
+}
+
+impl Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
