@@ -165,6 +165,7 @@ impl HarperDb {
                 "database": self.database,
                 "table": self.table,
                 "primary_key": "pk",
+                "audit": false,
                 "attributes": [
                     {"name": "pk", "type": "String"},
                     {"name": "id", "type": "String"},

@@ -1,0 +1,396 @@
+//! Integration tests: the persister against a real nats-server (started here, per test, on a
+//! free port) and the real HarperDB that `scripts/test.sh` starts (`CHATIFY_TEST_HARPERDB_*`),
+//! each test in a database of its own.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use chatify_persister::startup::Application;
+use chatify_shared::Settings;
+use chatify_shared::subjects::{HISTORY_SUBJECT, RoomToken};
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+use secrecy::SecretString;
+use uuid::Uuid;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A nats-server with JetStream in a temporary directory, killed on drop.
+struct Nats {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    async fn start() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("could not start nats-server (deploy/local/install.sh installs it): {e}")
+            })?;
+        let url = format!("nats://127.0.0.1:{port}");
+        let started = Instant::now();
+        while async_nats::connect(&url).await.is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err("nats-server did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            child,
+            url,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Settings for a persister on `nats`, writing to a fresh database; `None` when no HarperDB
+/// was provided (then the test is skipped, unless CHATIFY_REQUIRE_INTEGRATION is set).
+fn settings(nats: &Nats) -> Option<Settings> {
+    let Ok(url) = std::env::var("CHATIFY_TEST_HARPERDB_URL") else {
+        assert!(
+            std::env::var_os("CHATIFY_REQUIRE_INTEGRATION").is_none(),
+            "CHATIFY_TEST_HARPERDB_URL is not set"
+        );
+        eprintln!(
+            "skipped: no HarperDB (run scripts/test.sh, or set CHATIFY_TEST_HARPERDB_URL/_USERNAME/_PASSWORD)"
+        );
+        return None;
+    };
+    let mut s = Settings::default();
+    s.nats.url = nats.url.clone();
+    s.harperdb.url = url;
+    s.harperdb.username = std::env::var("CHATIFY_TEST_HARPERDB_USERNAME").unwrap_or_default();
+    s.harperdb.password =
+        SecretString::from(std::env::var("CHATIFY_TEST_HARPERDB_PASSWORD").unwrap_or_default());
+    s.harperdb.database = format!("test_{}", Uuid::new_v4().simple());
+    s.persister.port = 0;
+    s.persister.batch_wait_ms = 10;
+    Some(s)
+}
+
+/// A running persister; `stop` shuts it down gracefully.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    http: std::net::SocketAddr,
+}
+
+async fn spawn_persister(settings: Settings) -> Result<Running, Box<dyn std::error::Error>> {
+    let app = Application::build(settings).await?;
+    let http = app.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let result = app
+            .run_until_stopped(async move {
+                let _ = stopped.await;
+            })
+            .await;
+        assert!(result.is_ok(), "persister failed: {result:?}");
+    });
+    // Ready once the table exists and the consumer is bound.
+    let started = Instant::now();
+    loop {
+        let ready = reqwest::get(format!("http://{http}/readyz")).await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            return Err("the persister did not become ready".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Running { stop, task, http })
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn message(room: &str, text: &str) -> ChatMessage {
+    let (id, created_time) = chatify_shared::id::new_message_id();
+    ChatMessage {
+        id,
+        room: room.to_owned(),
+        username: "tester".to_owned(),
+        message: text.to_owned(),
+        created_time,
+    }
+}
+
+/// Stores a message in the stream the way a gateway does.
+async fn publish(js: &async_nats::jetstream::Context, m: &ChatMessage, msg_id: &str) -> TestResult {
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    js.publish_with_headers(
+        RoomToken::new(&m.room).store_subject(),
+        headers,
+        serde_json::to_vec(m)?.into(),
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+async fn history(
+    client: &async_nats::Client,
+    query: &HistoryQuery,
+) -> Result<HistoryPage, Box<dyn std::error::Error>> {
+    let answer = client
+        .request(HISTORY_SUBJECT, serde_json::to_vec(query)?.into())
+        .await?;
+    if let Some(code) = answer
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+    {
+        return Err(format!("service error {code}").into());
+    }
+    Ok(serde_json::from_slice(&answer.payload)?)
+}
+
+fn query(room: &str, limit: u32) -> HistoryQuery {
+    HistoryQuery {
+        room: room.to_owned(),
+        before: None,
+        after: None,
+        limit,
+    }
+}
+
+/// Polls until the room's latest `limit` holds `count` messages.
+async fn wait_for_count(
+    client: &async_nats::Client,
+    room: &str,
+    count: usize,
+) -> Result<HistoryPage, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    loop {
+        let page = history(client, &query(room, 1000)).await?;
+        if page.messages.len() >= count || started.elapsed() > Duration::from_secs(15) {
+            return Ok(page);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn drop_database(settings: &Settings) {
+    use secrecy::ExposeSecret;
+    let _ = reqwest::Client::new()
+        .post(&settings.harperdb.url)
+        .basic_auth(&settings.harperdb.username, Some(settings.harperdb.password.expose_secret()))
+        .json(&serde_json::json!({"operation": "drop_database", "database": settings.harperdb.database}))
+        .send()
+        .await;
+}
+
+#[tokio::test]
+async fn messages_are_stored_once_and_paged_back_per_room() -> TestResult {
+    let nats = Nats::start().await?;
+    let Some(settings) = settings(&nats) else {
+        return Ok(());
+    };
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+
+    // 120 messages in `a.b`, some in rooms whose names are wildcards or prefixes of it.
+    let mut sent = Vec::new();
+    for i in 0..120 {
+        let m = message("a.b", &format!("m{i}"));
+        publish(&js, &m, &m.id.to_string()).await?;
+        sent.push(m);
+    }
+    for room in ["a", "*", ">", "a.*"] {
+        let m = message(room, &format!("only in {room}"));
+        publish(&js, &m, &m.id.to_string()).await?;
+    }
+    // The same message again under another stream id: the stream holds it twice, the table once.
+    publish(&js, &sent[5], "a-different-msg-id").await?;
+
+    let all = wait_for_count(&client, "a.b", 120).await?;
+    assert_eq!(all.messages, sent, "every message once, oldest first");
+    assert!(!all.has_more);
+
+    // Latest 50, then pages back with `before`: 50, 50, 20, no overlap, no gap.
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let page = history(
+            &client,
+            &HistoryQuery {
+                before,
+                ..query("a.b", 50)
+            },
+        )
+        .await?;
+        before = page.messages.first().map(|m| m.id);
+        let more = page.has_more;
+        pages.push(page.messages);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![50, 50, 20]
+    );
+    let stitched: Vec<ChatMessage> = pages.into_iter().rev().flatten().collect();
+    assert_eq!(stitched, sent);
+
+    // `after` (join with `since`) gives exactly what came later.
+    let since = history(
+        &client,
+        &HistoryQuery {
+            after: Some(sent[99].id),
+            ..query("a.b", 1000)
+        },
+    )
+    .await?;
+    assert_eq!(since.messages, sent[100..].to_vec());
+    // Both bounds exclude their own ids.
+    let window = history(
+        &client,
+        &HistoryQuery {
+            after: Some(sent[10].id),
+            before: Some(sent[14].id),
+            ..query("a.b", 100)
+        },
+    )
+    .await?;
+    assert_eq!(window.messages, sent[11..14].to_vec());
+
+    for room in ["a", "*", ">", "a.*"] {
+        let page = wait_for_count(&client, room, 1).await?;
+        assert_eq!(
+            page.messages.len(),
+            1,
+            "room {room:?} holds only its own message"
+        );
+        assert_eq!(page.messages[0].message, format!("only in {room}"));
+    }
+    assert!(
+        history(&client, &query("nobody-here", 10))
+            .await?
+            .messages
+            .is_empty()
+    );
+
+    // Metrics and readiness answer.
+    let metrics = reqwest::get(format!("http://{}/metrics", persister.http))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("chatify_persister_messages_stored_total"),
+        "{metrics}"
+    );
+    assert_eq!(
+        reqwest::get(format!("http://{}/readyz", persister.http))
+            .await?
+            .status(),
+        200
+    );
+
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_and_writes_resume() -> TestResult {
+    let nats = Nats::start().await?;
+    let Some(settings) = settings(&nats) else {
+        return Ok(());
+    };
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+
+    let first = spawn_persister(settings.clone()).await?;
+    let before_restart: Vec<ChatMessage> = (0..10)
+        .map(|i| message("restart", &format!("before {i}")))
+        .collect();
+    for m in &before_restart {
+        publish(&js, m, &m.id.to_string()).await?;
+    }
+    assert_eq!(
+        wait_for_count(&client, "restart", 10).await?.messages,
+        before_restart
+    );
+    first.stop().await;
+
+    // Written while no persister runs: waits in the stream.
+    let while_down: Vec<ChatMessage> = (0..5)
+        .map(|i| message("restart", &format!("while down {i}")))
+        .collect();
+    for m in &while_down {
+        publish(&js, m, &m.id.to_string()).await?;
+    }
+    let second = spawn_persister(settings.clone()).await?;
+    let page = wait_for_count(&client, "restart", 15).await?;
+    let expected: Vec<ChatMessage> = before_restart.into_iter().chain(while_down).collect();
+    assert_eq!(page.messages, expected);
+    second.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_history_queries_are_refused() -> TestResult {
+    let nats = Nats::start().await?;
+    let Some(settings) = settings(&nats) else {
+        return Ok(());
+    };
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    // Wait until the service is registered.
+    let started = Instant::now();
+    while history(&client, &query("r", 1)).await.is_err()
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for bad in [
+        &b"not json"[..],
+        br#"{"room":"r","limit":0}"#,
+        br#"{"room":"","limit":5}"#,
+        br#"{"room":"r","limit":5000}"#,
+    ] {
+        let answer = client
+            .request(HISTORY_SUBJECT, bytes::Bytes::copy_from_slice(bad))
+            .await?;
+        let code = answer
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .map(|c| c.as_str().to_owned());
+        assert_eq!(
+            code.as_deref(),
+            Some("400"),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}

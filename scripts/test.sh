@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs every test of the project, the way CI does:
+#   1. installs what is missing (deploy/local/install.sh: nats-server, HAProxy, HarperDB 4.7.29),
+#   2. checks formatting and lints,
+#   3. starts a complete private system (NATS, HarperDB, persister, two gateways, HAProxy) on free
+#      loopback ports in a temporary run directory, with the same deploy/local/up.sh users run,
+#   4. runs the Rust unit and integration tests (the integration tests start their own
+#      nats-server processes and use this run's HarperDB with databases of their own),
+#   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) against it,
+#   6. stops everything it started (deploy/local/down.sh) and removes the run directory.
+# Logs of a failed run are kept in target/test-logs/.
+set -euo pipefail
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing what is missing"
+deploy/local/install.sh
+
+step "formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "starting a private system on free ports"
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-test.XXXXXX")
+export CHATIFY_RUN_DIR=$run_dir
+mapfile -t ports < <(node scripts/free-ports.mjs 13)
+export CHATIFY_LB_PORT=${ports[0]} CHATIFY_GATEWAY1_PORT=${ports[1]} CHATIFY_GATEWAY2_PORT=${ports[2]}
+export CHATIFY_PERSISTER_PORT=${ports[3]} CHATIFY_NATS_PORT=${ports[4]} CHATIFY_NATS_MONITOR_PORT=${ports[5]}
+export CHATIFY_HDB_PORT=${ports[6]} CHATIFY_HDB_HTTP_PORT=${ports[7]} CHATIFY_HDB_MQTT_PORT=${ports[8]}
+export CHATIFY_HDB_MQTTS_PORT=${ports[9]} CHATIFY_HDB_REPLICATION_PORT=${ports[10]}
+status=1
+cleanup() {
+  deploy/local/down.sh >/dev/null 2>&1 || deploy/local/down.sh || true
+  if [[ $status -ne 0 && -d $run_dir/logs ]]; then
+    mkdir -p target/test-logs && cp -r "$run_dir/logs/." target/test-logs/ || true
+    echo "logs of this run: target/test-logs/" >&2
+  fi
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT
+deploy/local/up.sh
+# shellcheck disable=SC1091
+. "$run_dir/env"
+export CHATIFY_TEST_HARPERDB_URL=$CHATIFY_HARPERDB_URL
+export CHATIFY_TEST_HARPERDB_USERNAME=$CHATIFY_HARPERDB__USERNAME
+export CHATIFY_TEST_HARPERDB_PASSWORD=$CHATIFY_HARPERDB__PASSWORD
+
+step "Rust unit and integration tests"
+CHATIFY_REQUIRE_INTEGRATION=1 cargo test --workspace --locked
+
+step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
+(cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+CHATIFY_SKIP_BUILD=1 node --test --test-concurrency=1 --test-reporter=spec tests/e2e/
+
+status=0
