@@ -7,6 +7,7 @@ pub mod bus;
 pub mod error;
 pub mod handlers;
 pub mod http;
+pub mod liveness;
 pub mod payload;
 pub mod rooms;
 pub mod session;

@@ -12,10 +12,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
 use chatify_shared::subjects::{
-    GatewayId, RoomEventKind, RoomToken, presence_record_gateway, room_event_kind,
+    GatewayId, RoomEventKind, RoomToken, presence_record_gateway, presence_records_of,
+    room_event_kind,
 };
 use chatify_shared::wire::{Member, Notice, PresenceChange, PresenceEvent, TypingEvent};
 use futures::StreamExt;
@@ -39,6 +41,8 @@ pub struct Rooms {
     gateway: GatewayId,
     /// Rooms with at least one local member (or being joined).
     rooms: Mutex<HashMap<String, Arc<Room>>>,
+    /// When each other gateway was last heard of (heartbeat, or first seen in a record).
+    last_seen: Mutex<HashMap<GatewayId, Instant>>,
 }
 
 struct Room {
@@ -95,6 +99,83 @@ impl Rooms {
             presence,
             gateway,
             rooms: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn last_seen(&self) -> std::sync::MutexGuard<'_, HashMap<GatewayId, Instant>> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that `gateway` is alive now.
+    pub fn saw_gateway(&self, gateway: &GatewayId) {
+        if *gateway != self.gateway {
+            self.last_seen().insert(gateway.clone(), Instant::now());
+        }
+    }
+
+    /// Gateways not heard of for longer than `timeout`; they are forgotten here.
+    pub fn expired_gateways(&self, timeout: Duration) -> Vec<GatewayId> {
+        let mut last_seen = self.last_seen();
+        let expired: Vec<GatewayId> = last_seen
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() > timeout)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in &expired {
+            last_seen.remove(g);
+        }
+        expired
+    }
+
+    /// Drops a dead gateway's members from every room here, with the usual `has left` notices,
+    /// and purges its presence records so no later reader sees them.
+    pub async fn drop_gateway(&self, gateway: &GatewayId) {
+        tracing::warn!(%gateway, "gateway stopped sending heartbeats; dropping its members");
+        metrics::counter!("chatify_gateway_dead_gateways_total").increment(1);
+        if let Err(e) = self
+            .presence
+            .purge()
+            .filter(presence_records_of(gateway))
+            .await
+        {
+            tracing::warn!(error = %e, %gateway, "could not purge a dead gateway's presence records");
+        }
+        let rooms: Vec<Arc<Room>> = self.registry().values().cloned().collect();
+        let Some(io) = self.io.get() else { return };
+        for room in rooms {
+            let (gone, users) = {
+                let mut state = room.state.lock().await;
+                if state.closed {
+                    continue;
+                }
+                match state.remote.remove(gateway) {
+                    Some(snapshot) if !snapshot.members.is_empty() => {
+                        (snapshot.members, state.users())
+                    }
+                    _ => continue,
+                }
+            };
+            for member in gone {
+                let notice = Notice::new(
+                    &room.name,
+                    format!("{} has left the chat room", member.username),
+                );
+                log_emit(
+                    "receive_message",
+                    io.to(room.name.clone())
+                        .emit("receive_message", &notice)
+                        .await,
+                );
+            }
+            log_emit(
+                "chatroom_users",
+                io.to(room.name.clone())
+                    .emit("chatroom_users", &users)
+                    .await,
+            );
         }
     }
 
@@ -397,6 +478,7 @@ impl Rooms {
                 return;
             }
             if event.gateway != self.gateway {
+                self.saw_gateway(&event.gateway);
                 let newer = state
                     .remote
                     .get(&event.gateway)

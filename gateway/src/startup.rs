@@ -40,6 +40,8 @@ pub struct Application {
     app: App,
     nats: async_nats::Client,
     shutdown_timeout: Duration,
+    heartbeat_interval: Duration,
+    gateway_timeout: Duration,
     name: String,
 }
 
@@ -94,6 +96,8 @@ impl Application {
             app,
             nats,
             shutdown_timeout: Duration::from_millis(gw.shutdown_timeout_ms),
+            heartbeat_interval: Duration::from_millis(gw.heartbeat_interval_ms),
+            gateway_timeout: Duration::from_millis(gw.gateway_timeout_ms),
             name: gw.name.clone(),
         })
     }
@@ -112,6 +116,13 @@ impl Application {
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });
+        let liveness = tokio::spawn(crate::liveness::run(
+            self.nats.clone(),
+            self.app.rooms.clone(),
+            self.heartbeat_interval,
+            self.gateway_timeout,
+            stop_accepting.child_token(),
+        ));
 
         tokio::select! {
             () = shutdown_signal => {}
@@ -127,6 +138,7 @@ impl Application {
         let rooms = self.app.rooms.clone();
         let drain = async {
             stop_accepting.cancel();
+            let _ = liveness.await;
             // Disconnects every socket; their disconnect handlers leave their rooms.
             self.io.close().await;
             while !rooms.is_empty() {

@@ -22,6 +22,8 @@ pub const PERSISTER_CONSUMER: &str = "chatify-persister";
 pub const PRESENCE_STREAM: &str = "CHATIFY_PRESENCE";
 /// Subjects captured by [`PRESENCE_STREAM`].
 pub const PRESENCE_STREAM_SUBJECTS: &str = "chatify.presence.*.*";
+/// Core NATS subject on which every gateway announces, periodically, that it is alive.
+pub const GATEWAY_HEARTBEAT_SUBJECT: &str = "chatify.gateways.heartbeat";
 /// Name of the NATS service that answers history queries.
 pub const HISTORY_SERVICE: &str = "chatify-history";
 /// Endpoint subject of the history service.
@@ -80,6 +82,11 @@ impl RoomToken {
     pub fn presence_record_filter(&self) -> String {
         format!("chatify.presence.{}.*", self.0)
     }
+}
+
+/// Filter matching every presence record of one gateway, in all rooms (to purge a dead one's).
+pub fn presence_records_of(gateway_id: &GatewayId) -> String {
+    format!("chatify.presence.*.{}", gateway_id.0)
 }
 
 /// The gateway a [`RoomToken::presence_record_subject`] belongs to.
