@@ -61,10 +61,15 @@ impl Authenticator {
         let secret = settings.secret()?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         match &settings.jwt_audience {
-            Some(aud) if !aud.is_empty() => validation.set_audience(&[aud]),
-            _ => validation.validate_aud = false,
+            Some(aud) if !aud.is_empty() => {
+                validation.set_audience(&[aud]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            _ => {
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+            }
         }
         Some(Self {
             key: DecodingKey::from_secret(secret.as_bytes()),
@@ -190,6 +195,11 @@ mod tests {
         assert_eq!(
             a.verify(Some(&json!({"token": hs512})), &l),
             Err(AuthError::WrongAlgorithm)
+        );
+        let no_aud = token(json!({"sub": "u", "name": "n", "exp": exp}), "secret");
+        assert!(
+            a.verify(Some(&json!({"token": no_aud})), &l).is_err(),
+            "aud is required when configured"
         );
         let no_name = token(json!({"sub": "u", "exp": exp, "aud": "chat"}), "secret");
         assert!(matches!(

@@ -1,7 +1,9 @@
 //! The gateway's use of NATS for messages and history: store a message in JetStream and, once
 //! stored, fan it out on the room's core subject; ask the persisters for history.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
@@ -29,6 +31,11 @@ pub struct Bus {
     /// The messages stream, to read a first message back when a retry is a duplicate.
     messages: Stream,
     request_timeout: Duration,
+    /// Retry keys whose store attempt failed without an answer: JetStream may have stored the
+    /// message while nobody fanned it out. When a retry then turns out a duplicate, the first
+    /// message is fanned out at last. Entries older than the duplicate window are dropped.
+    in_doubt: Arc<Mutex<HashMap<String, Instant>>>,
+    duplicate_window: Duration,
 }
 
 /// The `Nats-Msg-Id` of a retryable message: one user's `clientId` in one room. Hashed so any
@@ -43,7 +50,12 @@ pub fn dedup_key(user_scope: &str, room: &str, client_id: &str) -> String {
 }
 
 impl Bus {
-    pub fn new(nats: async_nats::Client, messages: Stream, request_timeout: Duration) -> Self {
+    pub fn new(
+        nats: async_nats::Client,
+        messages: Stream,
+        request_timeout: Duration,
+        duplicate_window: Duration,
+    ) -> Self {
         let js = jetstream::ContextBuilder::new()
             .timeout(request_timeout)
             .build(nats.clone());
@@ -52,7 +64,22 @@ impl Bus {
             js,
             messages,
             request_timeout,
+            in_doubt: Arc::new(Mutex::new(HashMap::new())),
+            duplicate_window,
         }
+    }
+
+    fn in_doubt(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.in_doubt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn mark_in_doubt(&self, key: &str) {
+        let mut in_doubt = self.in_doubt();
+        let window = self.duplicate_window;
+        in_doubt.retain(|_, at| at.elapsed() < window);
+        in_doubt.insert(key.to_owned(), Instant::now());
     }
 
     /// Stores `message` in JetStream (deduplicated by `dedup`) and, when it is new, publishes it
@@ -69,22 +96,44 @@ impl Bus {
         let token = RoomToken::new(&message.room);
         let payload = Bytes::from(serde_json::to_vec(message).map_err(|e| unavailable(&e))?);
         let mut headers = HeaderMap::new();
-        if let Some(key) = dedup {
+        if let Some(key) = &dedup {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
         }
-        let ack = self
-            .js
-            .publish_with_headers(token.store_subject(), headers, payload.clone())
-            .await
-            .map_err(|e| unavailable(&e))?
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let stored = async {
+            self.js
+                .publish_with_headers(token.store_subject(), headers, payload.clone())
+                .await
+                .map_err(|e| unavailable(&e))?
+                .await
+                .map_err(|e| unavailable(&e))
+        }
+        .await;
+        let ack = match stored {
+            Ok(ack) => ack,
+            Err(e) => {
+                if let Some(key) = &dedup {
+                    self.mark_in_doubt(key);
+                }
+                return Err(e);
+            }
+        };
         if ack.duplicate {
             let first = self
                 .messages
                 .get_raw_message(ack.sequence)
                 .await
                 .map_err(|e| unavailable(&e))?;
+            let was_in_doubt = dedup
+                .as_ref()
+                .is_some_and(|k| self.in_doubt().remove(k).is_some());
+            if was_in_doubt
+                && let Err(e) = self
+                    .nats
+                    .publish(token.message_subject(), first.payload.clone())
+                    .await
+            {
+                tracing::warn!(error = %e, "a retried message could not be fanned out");
+            }
             let first: ChatMessage =
                 serde_json::from_slice(&first.payload).map_err(|e| unavailable(&e))?;
             return Ok(Stored::Duplicate(first));

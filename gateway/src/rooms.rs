@@ -324,6 +324,31 @@ impl Rooms {
         }
     }
 
+    /// Removes every local member from every room, announcing each departure (on shutdown,
+    /// where socketioxide closes sockets without running their disconnect handlers).
+    pub async fn leave_everyone(&self) {
+        let rooms: Vec<Arc<Room>> = self.registry().values().cloned().collect();
+        for room in rooms {
+            let mut state = room.state.lock().await;
+            while let Some(member) = state.local.pop() {
+                match self.write_members(&room.token, &state.local).await {
+                    Ok(revision) => {
+                        let change = PresenceChange::Left {
+                            socket_id: member.id,
+                            username: member.username,
+                        };
+                        self.announce(&room.token, revision, change, &state.local)
+                            .await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "a departure could not be announced")
+                    }
+                }
+            }
+            self.forget(&room, &mut state);
+        }
+    }
+
     /// Everyone in a room this gateway has members in.
     pub async fn users(&self, name: &str) -> Vec<Member> {
         let room = self.registry().get(name).cloned();

@@ -59,7 +59,12 @@ impl Application {
         let rooms = Arc::new(Rooms::new(nats.clone(), js, presence, GatewayId::random()));
         let app = App::new(AppInner {
             limits: settings.limits.clone(),
-            bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),
+            bus: Bus::new(
+                nats.clone(),
+                messages,
+                settings.nats.request_timeout(),
+                Duration::from_secs(settings.stream.duplicate_window_secs),
+            ),
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
         });
@@ -139,11 +144,9 @@ impl Application {
         let drain = async {
             stop_accepting.cancel();
             let _ = liveness.await;
-            // Disconnects every socket; their disconnect handlers leave their rooms.
+            // Disconnects every socket, then tells the other gateways they left.
             self.io.close().await;
-            while !rooms.is_empty() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            rooms.leave_everyone().await;
             if let Err(e) = self.nats.drain().await {
                 tracing::warn!(error = %e, "NATS drain failed");
             }

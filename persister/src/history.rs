@@ -11,6 +11,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::harperdb::{HarperDb, HarperError};
+use crate::unwritten::{self, Unwritten};
 
 /// Requests answered at once by one persister; more wait in the subscription.
 const CONCURRENT_QUERIES: usize = 32;
@@ -25,6 +26,7 @@ pub enum HistoryServiceError {
 pub async fn serve(
     client: async_nats::Client,
     db: HarperDb,
+    unwritten: Unwritten,
     shutdown: CancellationToken,
 ) -> Result<(), HistoryServiceError> {
     let service = client
@@ -39,14 +41,14 @@ pub async fn serve(
         .add(HISTORY_SUBJECT)
         .await
         .map_err(|e| HistoryServiceError::Register(e.to_string()))?;
-    let db = Arc::new(db);
+    let db = Arc::new((db, unwritten));
     endpoint
         .take_until(shutdown.cancelled())
         .for_each_concurrent(CONCURRENT_QUERIES, |request| {
             let db = db.clone();
             async move {
                 let started = std::time::Instant::now();
-                let answer = answer(&db, &request.message.payload).await;
+                let answer = answer(&db.0, &db.1, &request.message.payload).await;
                 let outcome = if answer.is_ok() { "ok" } else { "error" };
                 metrics::histogram!("chatify_persister_history_seconds", "outcome" => outcome)
                     .record(started.elapsed().as_secs_f64());
@@ -64,7 +66,11 @@ pub async fn serve(
 
 /// Decodes, checks and runs one query. Errors are service errors with HTTP-like codes:
 /// 400 for a bad query, 503 when HarperDB can't answer.
-async fn answer(db: &HarperDb, payload: &[u8]) -> Result<Bytes, service::error::Error> {
+async fn answer(
+    db: &HarperDb,
+    unwritten: &Unwritten,
+    payload: &[u8],
+) -> Result<Bytes, service::error::Error> {
     let query: HistoryQuery =
         serde_json::from_slice(payload).map_err(|e| service::error::Error {
             status: format!("invalid history query: {e}"),
@@ -76,7 +82,24 @@ async fn answer(db: &HarperDb, payload: &[u8]) -> Result<Bytes, service::error::
             code: 400,
         });
     }
-    match db.history(&query).await {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "history query failed");
+        service::error::Error {
+            status: "message history is unavailable".into(),
+            code: 503,
+        }
+    };
+    // The floor first: whatever is at or below it is in HarperDB by the time we query it.
+    let floor = unwritten.floor().await.map_err(|e| unavailable(&e))?;
+    let stored = db.history(&query).await;
+    let recent = match &stored {
+        Ok(_) => unwritten
+            .room_after(&query.room, floor)
+            .await
+            .map_err(|e| unavailable(&e))?,
+        Err(_) => Vec::new(),
+    };
+    match stored.map(|page| unwritten::merge(&query, page, recent)) {
         Ok(page) => serde_json::to_vec(&page)
             .map(Bytes::from)
             .map_err(|e| service::error::Error {

@@ -5,4 +5,5 @@ pub mod harperdb;
 pub mod history;
 pub mod http;
 pub mod startup;
+pub mod unwritten;
 pub mod writer;

@@ -81,6 +81,7 @@ impl Application {
         let metrics = chatify_shared::telemetry::metrics_handle();
         tracing::info!(addr = ?self.listener.local_addr().ok(), "persister HTTP listening");
 
+        let unwritten = crate::unwritten::Unwritten::new(self.stream.clone());
         let writer = Writer::new(
             self.stream,
             self.db.clone(),
@@ -91,6 +92,7 @@ impl Application {
         let mut history_task = tokio::spawn(history::serve(
             self.nats.clone(),
             self.db,
+            unwritten,
             shutdown.child_token(),
         ));
         let http_shutdown = shutdown.child_token();

@@ -394,3 +394,59 @@ async fn bad_history_queries_are_refused() -> TestResult {
     drop_database(&settings).await;
     Ok(())
 }
+
+#[tokio::test]
+async fn history_includes_acked_messages_the_writer_has_not_written_yet() -> TestResult {
+    let nats = Nats::start().await?;
+    let Some(mut settings) = settings(&nats) else {
+        return Ok(());
+    };
+    // Batches wait 5 s to fill: for that long, the messages are only in JetStream.
+    settings.persister.batch_size = 10_000;
+    settings.persister.batch_wait_ms = 5000;
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+
+    let first = message("tail", "first");
+    publish(&js, &first, &first.id.to_string()).await?;
+    // Let the first batch be written (it waits 5 s), then hold a second one back.
+    let written = wait_for_count(&client, "tail", 1).await?;
+    assert_eq!(written.messages, vec![first.clone()]);
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let pending: Vec<ChatMessage> = (0..5)
+        .map(|i| message("tail", &format!("pending {i}")))
+        .collect();
+    for m in &pending {
+        publish(&js, m, &m.id.to_string()).await?;
+    }
+    let started = Instant::now();
+    let page = history(&client, &query("tail", 100)).await?;
+    let expected: Vec<ChatMessage> = std::iter::once(first.clone())
+        .chain(pending.clone())
+        .collect();
+    assert_eq!(
+        page.messages, expected,
+        "acked messages are in history at once"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered without waiting for the batch"
+    );
+    let since = history(
+        &client,
+        &HistoryQuery {
+            after: Some(first.id),
+            ..query("tail", 1000)
+        },
+    )
+    .await?;
+    assert_eq!(since.messages, pending);
+    let limited = history(&client, &query("tail", 2)).await?;
+    assert_eq!(limited.messages, pending[3..].to_vec());
+    assert!(limited.has_more);
+
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}

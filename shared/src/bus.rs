@@ -74,14 +74,15 @@ pub async fn ensure_messages_stream(
     Ok(js.get_stream(MESSAGES_STREAM).await?)
 }
 
-/// The stream of per-room, per-gateway member lists: one record per subject, kept in memory
-/// (presence is rebuilt by live gateways, it need not survive a NATS restart).
+/// The stream of per-room, per-gateway member lists: one record per subject. On disk, so a
+/// NATS restart keeps it; records of gateways that died meanwhile are purged by the others
+/// once those gateways miss their heartbeats.
 pub fn presence_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
         name: PRESENCE_STREAM.to_owned(),
         subjects: vec![PRESENCE_STREAM_SUBJECTS.to_owned()],
         retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::Memory,
+        storage: stream::StorageType::File,
         max_messages_per_subject: 1,
         num_replicas: replicas,
         allow_direct: true,

@@ -1,0 +1,177 @@
+//! Messages JetStream has accepted (so their senders got an ack) that may not be in HarperDB
+//! yet. History answers include them, so a client that rejoins with `since` right after its
+//! sends were acked gets every one of them, even before the writer's batch lands.
+//!
+//! Every message at or below the consumer's ack floor has been written (acks come only after
+//! the write). The ack floor is read before HarperDB is queried; the room's messages above it
+//! are then read from the stream itself and merged into the answer.
+
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use chatify_shared::subjects::{PERSISTER_CONSUMER, RoomToken};
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+
+/// The most unwritten messages of one room read for one answer; beyond that the writer is far
+/// behind (HarperDB was down) and history answers `unavailable` until it catches up.
+const MAX_UNWRITTEN: usize = 5000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnwrittenError {
+    #[error("could not read the consumer's progress: {0}")]
+    Floor(String),
+    #[error("could not read unwritten messages from the stream: {0}")]
+    Read(String),
+    #[error("more than {MAX_UNWRITTEN} messages of the room are not written yet")]
+    TooMany,
+}
+
+#[derive(Clone)]
+pub struct Unwritten {
+    stream: Stream,
+}
+
+impl Unwritten {
+    pub fn new(stream: Stream) -> Self {
+        Self { stream }
+    }
+
+    /// The stream sequence up to which every message is in HarperDB.
+    pub async fn floor(&self) -> Result<u64, UnwrittenError> {
+        match self.stream.consumer_info(PERSISTER_CONSUMER).await {
+            Ok(info) => Ok(info.ack_floor.stream_sequence),
+            Err(e) => Err(UnwrittenError::Floor(e.to_string())),
+        }
+    }
+
+    /// The room's messages in the stream after `floor`, oldest first.
+    pub async fn room_after(
+        &self,
+        room: &str,
+        floor: u64,
+    ) -> Result<Vec<ChatMessage>, UnwrittenError> {
+        let subject = RoomToken::new(room).store_subject();
+        let mut found = Vec::new();
+        let mut next = floor + 1;
+        loop {
+            match self
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(m) => {
+                    next = m.sequence + 1;
+                    match serde_json::from_slice::<ChatMessage>(&m.payload) {
+                        Ok(chat) => found.push(chat),
+                        Err(e) => {
+                            tracing::warn!(error = %e, seq = m.sequence, "undecodable message skipped")
+                        }
+                    }
+                    if found.len() > MAX_UNWRITTEN {
+                        return Err(UnwrittenError::TooMany);
+                    }
+                }
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(found),
+                Err(e) => return Err(UnwrittenError::Read(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Merges the newest stored page (`stored`, oldest first, with its `has_more`) with unwritten
+/// messages: those within the query's bounds count too, duplicates once, newest `limit` kept.
+pub fn merge(
+    query: &HistoryQuery,
+    stored: HistoryPage,
+    unwritten: Vec<ChatMessage>,
+) -> HistoryPage {
+    let in_bounds = |m: &ChatMessage| {
+        query.after.is_none_or(|a| m.id > a) && query.before.is_none_or(|b| m.id < b)
+    };
+    let mut all: Vec<ChatMessage> = stored.messages;
+    let stored_count = all.len();
+    all.extend(unwritten.into_iter().filter(in_bounds));
+    if all.len() == stored_count {
+        return HistoryPage {
+            messages: all,
+            has_more: stored.has_more,
+        };
+    }
+    all.sort_by_key(|m| m.id);
+    all.dedup_by(|a, b| a.id == b.id);
+    let limit = query.limit as usize;
+    let has_more = stored.has_more || all.len() > limit;
+    let skip = all.len().saturating_sub(limit);
+    HistoryPage {
+        messages: all.split_off(skip),
+        has_more,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn msgs(n: usize) -> Vec<ChatMessage> {
+        (0..n)
+            .map(|i| {
+                let (id, created_time) = chatify_shared::id::new_message_id();
+                ChatMessage {
+                    id,
+                    room: "r".into(),
+                    username: "u".into(),
+                    message: format!("m{i}"),
+                    created_time,
+                }
+            })
+            .collect()
+    }
+
+    fn query(limit: u32, after: Option<Uuid>, before: Option<Uuid>) -> HistoryQuery {
+        HistoryQuery {
+            room: "r".into(),
+            before,
+            after,
+            limit,
+        }
+    }
+
+    #[test]
+    fn unwritten_messages_complete_the_newest_page() {
+        let all = msgs(10);
+        let stored = HistoryPage {
+            messages: all[2..7].to_vec(),
+            has_more: true,
+        };
+        // 6 is both written and still above the floor: it counts once.
+        let page = merge(&query(5, None, None), stored, all[6..].to_vec());
+        assert_eq!(page.messages, all[5..].to_vec());
+        assert!(page.has_more);
+    }
+
+    #[test]
+    fn bounds_apply_to_unwritten_messages() {
+        let all = msgs(10);
+        let stored = HistoryPage {
+            messages: all[4..6].to_vec(),
+            has_more: false,
+        };
+        let page = merge(
+            &query(100, Some(all[3].id), Some(all[8].id)),
+            stored,
+            all[6..].to_vec(),
+        );
+        assert_eq!(page.messages, all[4..8].to_vec());
+        assert!(!page.has_more);
+    }
+
+    #[test]
+    fn nothing_unwritten_leaves_the_page_as_it_was() {
+        let all = msgs(3);
+        let stored = HistoryPage {
+            messages: all.clone(),
+            has_more: true,
+        };
+        let page = merge(&query(3, None, None), stored.clone(), Vec::new());
+        assert_eq!(page, stored);
+    }
+}
