@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what deploy/local/up.sh needs and is missing: nats-server, haproxy, curl and a C++
+# toolchain from Debian's packages, and HarperDB (pinned in harperdb/package.json) into
+# deploy/local/harperdb/node_modules with `npm ci`. Node.js 20+ and npm must already be there.
+# Idempotent, and quick when everything is present. The Rust binaries are built by up.sh.
+set -euo pipefail
+# shellcheck source=lib.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+
+case ${1:-} in
+  -h | --help)
+    sed -n '2,5s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    exit 0
+    ;;
+  "") ;;
+  *) die "install.sh takes no arguments" ;;
+esac
+
+# Two runs at once (a developer's up.sh and a test run) must not interleave apt-get or npm ci.
+exec 9<"$CHATIFY_LOCAL_DIR"
+flock 9
+
+install_debian_packages
+check_node
+install_harperdb

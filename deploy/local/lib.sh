@@ -1,0 +1,478 @@
+# shellcheck shell=bash disable=SC2034 # (variables here are used by the scripts that source it)
+# Functions shared by install.sh, up.sh and down.sh. Sourced, never run on its own.
+
+CHATIFY_LOCAL_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+CHATIFY_REPO=$(cd -- "$CHATIFY_LOCAL_DIR/../.." && pwd -P)
+CHATIFY_HDB_VERSION=4.7.29
+CHATIFY_HDB_PKG_DIR=$CHATIFY_LOCAL_DIR/harperdb
+CHATIFY_HDB_BIN=$CHATIFY_HDB_PKG_DIR/node_modules/.bin/harperdb
+CHATIFY_NATS_CONF=$CHATIFY_REPO/deploy/nats/nats.conf
+CHATIFY_HAPROXY_CFG=$CHATIFY_REPO/deploy/haproxy/haproxy.cfg
+
+# Start order; down.sh walks it backwards.
+CHATIFY_COMPONENTS=(nats harperdb persister gateway1 gateway2 lb)
+
+# Every port variable, as recorded in $CHATIFY_RUN_DIR/env.
+CHATIFY_PORT_VARS=(
+  CHATIFY_LB_PORT CHATIFY_GATEWAY1_PORT CHATIFY_GATEWAY2_PORT CHATIFY_PERSISTER_PORT
+  CHATIFY_NATS_PORT CHATIFY_NATS_MONITOR_PORT
+  CHATIFY_HDB_PORT CHATIFY_HDB_HTTP_PORT CHATIFY_HDB_MQTT_PORT CHATIFY_HDB_MQTTS_PORT
+  CHATIFY_HDB_REPLICATION_PORT
+)
+
+# Set in the environment of every process up.sh starts, so that down.sh (and a second up.sh)
+# can tell its own processes from anything else that reuses a PID. It deliberately does not start
+# with CHATIFY_, the binaries' configuration prefix.
+CHATIFY_MARKER_VAR=_CHATIFY_LOCAL_RUN_DIR
+
+# Debian installs nats-server and haproxy in /usr/sbin, which a non-root PATH often lacks.
+case ":$PATH:" in
+  *:/usr/sbin:*) ;;
+  *) PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin ;;
+esac
+
+info() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# Runs a command as root: directly when we are root, through sudo otherwise.
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "need root to run: $* (and sudo is not installed)"
+  fi
+}
+
+is_component() {
+  local c
+  for c in "${CHATIFY_COMPONENTS[@]}"; do [[ $c == "$1" ]] && return 0; done
+  return 1
+}
+
+# Dies on a name that is not a component. (Call it directly: in a $(...) or <(...) it would only
+# end that subshell.)
+check_components() {
+  local a
+  for a in "$@"; do
+    is_component "$a" || die "unknown component '$a' (known: ${CHATIFY_COMPONENTS[*]})"
+  done
+}
+
+# Prints the requested components in start order (all of them when none is named).
+select_components() {
+  local c a
+  for c in "${CHATIFY_COMPONENTS[@]}"; do
+    if (($# == 0)); then
+      echo "$c"
+      continue
+    fi
+    for a in "$@"; do
+      if [[ $a == "$c" ]]; then
+        echo "$c"
+        break
+      fi
+    done
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Installation (install.sh)
+# ---------------------------------------------------------------------------------------------
+
+install_debian_packages() {
+  local -a missing=()
+  command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+  command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+  # HarperDB's dependencies compile a native module (segfault-handler) with node-gyp.
+  command -v g++ >/dev/null 2>&1 || missing+=(g++)
+  command -v make >/dev/null 2>&1 || missing+=(make)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  ((${#missing[@]} == 0)) && return 0
+
+  command -v apt-get >/dev/null 2>&1 ||
+    die "missing ${missing[*]} and apt-get is not available: install them by hand"
+  info "installing Debian packages: ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+check_node() {
+  command -v node >/dev/null 2>&1 || die "Node.js 20 (or newer) is needed for HarperDB: install node and npm first"
+  command -v npm >/dev/null 2>&1 || die "npm is needed to install HarperDB: install it first"
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  ((major >= 20)) || die "Node.js $(node --version) is too old for HarperDB $CHATIFY_HDB_VERSION here: use Node.js 20 or newer"
+}
+
+# What the installed tree was built from; a change to package.json or the lock means reinstall.
+hdb_lock_digest() {
+  cat "$CHATIFY_HDB_PKG_DIR/package.json" "$CHATIFY_HDB_PKG_DIR/package-lock.json" | sha256sum | cut -d' ' -f1
+}
+
+hdb_install_ok() {
+  local stamp=$CHATIFY_HDB_PKG_DIR/node_modules/.chatify-install-digest version
+  [[ -x $CHATIFY_HDB_BIN && -f $stamp ]] || return 1
+  [[ $(<"$stamp") == "$(hdb_lock_digest)" ]] || return 1
+  version=$(cd "$CHATIFY_HDB_PKG_DIR" && node -p 'require("./node_modules/harperdb/package.json").version' 2>/dev/null) || return 1
+  [[ $version == "$CHATIFY_HDB_VERSION" ]]
+}
+
+install_harperdb() {
+  if hdb_install_ok; then
+    return 0
+  fi
+  info "installing HarperDB $CHATIFY_HDB_VERSION into ${CHATIFY_HDB_PKG_DIR#"$CHATIFY_REPO"/}/node_modules (npm ci)"
+  # package.json approves the dependencies' install scripts (allowScripts) for npm 11; npm 10
+  # runs them anyway. See the "//" notes in package.json for the overrides.
+  (cd "$CHATIFY_HDB_PKG_DIR" && npm ci --no-audit --no-fund --loglevel=warn) ||
+    die "npm ci failed in $CHATIFY_HDB_PKG_DIR"
+  # The native modules HarperDB cannot start without must load (prebuilt or built just now).
+  (cd "$CHATIFY_HDB_PKG_DIR/node_modules/harperdb" &&
+    node -e 'for (const m of ["lmdb", "argon2", "msgpackr", "node-unix-socket"]) require(m)') ||
+    die "HarperDB's native modules do not load after npm ci (see the errors above)"
+  [[ $(cd "$CHATIFY_HDB_PKG_DIR" && node -p 'require("./node_modules/harperdb/package.json").version') == "$CHATIFY_HDB_VERSION" ]] ||
+    die "npm ci did not install harperdb@$CHATIFY_HDB_VERSION: check package-lock.json"
+  hdb_lock_digest >"$CHATIFY_HDB_PKG_DIR/node_modules/.chatify-install-digest"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Configuration of one set of processes (up.sh, down.sh)
+# ---------------------------------------------------------------------------------------------
+
+# Sets CHATIFY_RUN_DIR (absolute) and the paths under it.
+resolve_run_dir() {
+  CHATIFY_RUN_DIR=${CHATIFY_RUN_DIR:-$CHATIFY_LOCAL_DIR/run}
+  if [[ ${1:-} == create ]]; then
+    mkdir -p "$CHATIFY_RUN_DIR"
+  fi
+  if [[ -d $CHATIFY_RUN_DIR ]]; then
+    CHATIFY_RUN_DIR=$(cd -- "$CHATIFY_RUN_DIR" && pwd -P)
+  fi
+  RUN_ENV_FILE=$CHATIFY_RUN_DIR/env
+  PID_DIR=$CHATIFY_RUN_DIR/pids
+  LOG_DIR=$CHATIFY_RUN_DIR/logs
+  DATA_DIR=$CHATIFY_RUN_DIR/data
+  SECRETS_DIR=$CHATIFY_RUN_DIR/secrets
+  HDB_PASSWORD_FILE=$SECRETS_DIR/harperdb-password
+  HDB_ROOT=$DATA_DIR/harperdb
+  HDB_HOME=$DATA_DIR/harperdb-home
+}
+
+# Serializes up.sh and down.sh runs on one run dir (fd 8; the processes started close it).
+lock_run_dir() {
+  exec 8>"$CHATIFY_RUN_DIR/.lock"
+  if ! flock -n 8; then
+    info "waiting for another up.sh or down.sh on $CHATIFY_RUN_DIR to finish"
+    flock 8
+  fi
+}
+
+valid_port() { [[ $1 =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= 65535)); }
+
+# Fills every port and credential variable: the caller's environment first, then what the run
+# dir's env file recorded last time, then the defaults.
+resolve_config() {
+  local v
+  if [[ -f $RUN_ENV_FILE ]]; then
+    local recorded
+    # A subshell, so that sourcing the file neither exports nor overrides anything here.
+    recorded=$(
+      set +eu
+      # shellcheck disable=SC1090
+      . "$RUN_ENV_FILE" >/dev/null 2>&1
+      for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME; do
+        printf 'recorded_%s=%q\n' "$v" "${!v-}"
+      done
+    )
+    local "${CHATIFY_PORT_VARS[@]/#/recorded_}" recorded_CHATIFY_HARPERDB__USERNAME
+    eval "$recorded"
+    for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME; do
+      local r=recorded_$v
+      if [[ -z ${!v:-} && -n ${!r:-} ]]; then
+        printf -v "$v" '%s' "${!r}"
+      fi
+    done
+  fi
+
+  : "${CHATIFY_LB_PORT:=4000}" "${CHATIFY_GATEWAY1_PORT:=4001}" "${CHATIFY_GATEWAY2_PORT:=4002}"
+  : "${CHATIFY_PERSISTER_PORT:=4100}" "${CHATIFY_NATS_PORT:=4222}" "${CHATIFY_NATS_MONITOR_PORT:=8222}"
+  : "${CHATIFY_HDB_PORT:=9925}" "${CHATIFY_HDB_HTTP_PORT:=9926}"
+  # HarperDB's other listeners keep their usual ports next to a default operations port, and
+  # follow a moved one (+10, +11, +12) so that a second set on other ports does not collide.
+  if [[ $CHATIFY_HDB_PORT == 9925 ]]; then
+    : "${CHATIFY_HDB_MQTT_PORT:=1883}" "${CHATIFY_HDB_MQTTS_PORT:=8883}" "${CHATIFY_HDB_REPLICATION_PORT:=9933}"
+  elif valid_port "$CHATIFY_HDB_PORT" && ((CHATIFY_HDB_PORT <= 65523)); then
+    : "${CHATIFY_HDB_MQTT_PORT:=$((CHATIFY_HDB_PORT + 10))}"
+    : "${CHATIFY_HDB_MQTTS_PORT:=$((CHATIFY_HDB_PORT + 11))}"
+    : "${CHATIFY_HDB_REPLICATION_PORT:=$((CHATIFY_HDB_PORT + 12))}"
+  fi
+  for v in "${CHATIFY_PORT_VARS[@]}"; do
+    valid_port "${!v:-}" || die "$v must be a port number (1-65535), not '${!v:-}'"
+  done
+  local -A seen=()
+  for v in "${CHATIFY_PORT_VARS[@]}"; do
+    [[ -z ${seen[${!v}]:-} ]] || die "$v and ${seen[${!v}]} are both ${!v}: every port must differ"
+    seen[${!v}]=$v
+  done
+
+  : "${CHATIFY_HARPERDB__USERNAME:=chatify}"
+  HDB_PASSWORD_FROM_ENV=false
+  if [[ -z ${CHATIFY_HARPERDB__PASSWORD:-} ]]; then
+    if [[ ! -s $HDB_PASSWORD_FILE ]]; then
+      # 24 random bytes, base64url: no quoting trouble in URLs, env files or curl configs.
+      (
+        umask 077
+        mkdir -p "$SECRETS_DIR"
+        head -c 24 /dev/urandom | base64 | tr '+/' '-_' >"$HDB_PASSWORD_FILE.tmp"
+        mv "$HDB_PASSWORD_FILE.tmp" "$HDB_PASSWORD_FILE"
+      )
+      note "generated a HarperDB admin password in $HDB_PASSWORD_FILE"
+    fi
+    CHATIFY_HARPERDB__PASSWORD=$(<"$HDB_PASSWORD_FILE")
+  else
+    HDB_PASSWORD_FROM_ENV=true
+  fi
+  if $HDB_PASSWORD_FROM_ENV && [[ ! -s $HDB_PASSWORD_FILE ]]; then
+    # Keep the caller's password too: HarperDB is installed with it and later runs need it.
+    (
+      umask 077
+      mkdir -p "$SECRETS_DIR"
+      printf '%s\n' "$CHATIFY_HARPERDB__PASSWORD" >"$HDB_PASSWORD_FILE"
+    )
+  fi
+
+  local default_bin=${CARGO_TARGET_DIR:-$CHATIFY_REPO/target}
+  [[ $default_bin == /* ]] || default_bin=$CHATIFY_REPO/$default_bin
+  CHATIFY_DEFAULT_BIN_DIR=$default_bin/release
+  CHATIFY_BIN_DIR=${CHATIFY_BIN_DIR:-$CHATIFY_DEFAULT_BIN_DIR}
+}
+
+# Prints `export NAME='value'` lines. Always single quotes: sourceable by any POSIX shell and
+# easy for other tools (the e2e tests, dotenv readers) to parse.
+export_lines() {
+  local q="'" e="'\\''"
+  while (($# >= 2)); do
+    printf "export %s='%s'\n" "$1" "${2//$q/$e}"
+    shift 2
+  done
+}
+
+write_env_file() {
+  local tmp=$RUN_ENV_FILE.tmp v
+  local -a pairs=(CHATIFY_RUN_DIR "$CHATIFY_RUN_DIR")
+  for v in "${CHATIFY_PORT_VARS[@]}"; do pairs+=("$v" "${!v}"); done
+  pairs+=(
+    CHATIFY_LB_URL "http://127.0.0.1:$CHATIFY_LB_PORT"
+    CHATIFY_GATEWAY1_URL "http://127.0.0.1:$CHATIFY_GATEWAY1_PORT"
+    CHATIFY_GATEWAY2_URL "http://127.0.0.1:$CHATIFY_GATEWAY2_PORT"
+    CHATIFY_PERSISTER_URL "http://127.0.0.1:$CHATIFY_PERSISTER_PORT"
+    CHATIFY_NATS_URL "nats://127.0.0.1:$CHATIFY_NATS_PORT"
+    CHATIFY_NATS_MONITOR_URL "http://127.0.0.1:$CHATIFY_NATS_MONITOR_PORT"
+    CHATIFY_HARPERDB_URL "http://127.0.0.1:$CHATIFY_HDB_PORT"
+    CHATIFY_HARPERDB__USERNAME "$CHATIFY_HARPERDB__USERNAME"
+    CHATIFY_HARPERDB__PASSWORD "$CHATIFY_HARPERDB__PASSWORD"
+  )
+  (
+    umask 077
+    {
+      echo "# Written by deploy/local/up.sh: the addresses of the Chatify processes of this run dir."
+      echo "# Source it (. $RUN_ENV_FILE) to reach them; up.sh reuses these ports next time."
+      export_lines "${pairs[@]}"
+    } >"$tmp"
+    mv "$tmp" "$RUN_ENV_FILE"
+  )
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+pid_file() { echo "$PID_DIR/$1.pid"; }
+log_file() { echo "$LOG_DIR/$1.log"; }
+
+# What the command line of each component's process contains.
+component_program() {
+  case $1 in
+    nats) echo nats-server ;;
+    harperdb) echo harperdb ;;
+    persister) echo chatify-persister ;;
+    gateway1 | gateway2) echo chatify-gateway ;;
+    lb) echo haproxy ;;
+  esac
+}
+
+# Prints "STATE PGRP" of a process, from /proc/PID/stat (whose 2nd field may contain spaces).
+proc_state_pgrp() {
+  local stat state pgrp
+  stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+  read -r state _ pgrp _ <<<"${stat##*) }"
+  echo "$state $pgrp"
+}
+
+pid_alive() {
+  local info
+  [[ $1 =~ ^[0-9]+$ && -e /proc/$1 ]] || return 1
+  info=$(proc_state_pgrp "$1") || return 1
+  # A zombie still answers kill -0 until it is reaped, but it is gone for our purposes.
+  [[ ${info%% *} != [ZX] ]]
+}
+
+# PIDs of the live processes in process group PGID.
+group_members() {
+  local d pid info
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    info=$(proc_state_pgrp "$pid" 2>/dev/null) || continue
+    [[ ${info#* } == "$1" && ${info%% *} != [ZX] ]] && echo "$pid"
+  done
+}
+
+# True when PID is alive and is this run dir's NAME process, not a recycled PID.
+pid_is_component() {
+  local name=$1 pid=$2 cmdline
+  pid_alive "$pid" || return 1
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  [[ $cmdline == *"$(component_program "$name")"* ]] || return 1
+  if [[ -r /proc/$pid/environ ]]; then
+    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "$CHATIFY_MARKER_VAR=$CHATIFY_RUN_DIR" || return 1
+  fi
+  return 0
+}
+
+# Prints the PID of NAME when it runs (per its pid file), else fails.
+component_pid() {
+  local f pid
+  f=$(pid_file "$1")
+  [[ -f $f ]] || return 1
+  pid=$(head -n1 "$f" 2>/dev/null | tr -dc '0-9')
+  [[ -n $pid ]] && pid_is_component "$1" "$pid" && echo "$pid"
+}
+
+# Starts a command in the background, in its own session so that it outlives this shell and its
+# terminal, with stdout and stderr appended to the component's log, and records its PID.
+# Usage: start_background NAME WORKDIR COMMAND [ARG...]
+start_background() {
+  local name=$1 workdir=$2 pidf log
+  shift 2
+  pidf=$(pid_file "$name")
+  log=$(log_file "$name")
+  rm -f "$pidf"
+  printf '\n===== %s: starting %s =====\n' "$(date '+%F %T')" "$name" >>"$log"
+  # setsid may fork (when we lead a process group), so $! is not reliably the PID: the
+  # process writes its own PID just before exec-ing the program, which keeps that PID.
+  (
+    cd "$workdir" || exit 1
+    exec 8>&-
+    export "$CHATIFY_MARKER_VAR=$CHATIFY_RUN_DIR"
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    exec setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$pidf" "$@"
+  ) </dev/null >>"$log" 2>&1 &
+  local i
+  for ((i = 0; i < 50; i++)); do
+    [[ -s $pidf ]] && return 0
+    sleep 0.1
+  done
+  die "$name did not start (no PID recorded); see $log"
+}
+
+# Prints the last lines of a log, without HarperDB's colour codes.
+log_tail() {
+  local log=$1 n=${2:-20}
+  [[ -f $log ]] || {
+    echo "    (no log at $log)"
+    return 0
+  }
+  tail -n "$n" "$log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^/    | /'
+}
+
+fail_component() {
+  local name=$1 why=$2 log
+  log=$(log_file "$name")
+  {
+    printf 'error: %s %s\n' "$name" "$why"
+    printf '    last lines of %s:\n' "$log"
+    log_tail "$log" 20
+    printf '    The other components were left running; deploy/local/down.sh stops them all.\n'
+  } >&2
+  exit 1
+}
+
+# True when something accepts connections on 127.0.0.1:PORT.
+port_in_use() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$1" 2>/dev/null
+}
+
+http_ok() {
+  curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null
+}
+
+# POSTs an operation to HarperDB with the admin credentials and prints the HTTP status.
+# The credentials go through a curl config on stdin, never on a command line (ps shows those).
+hdb_operation_status() {
+  local body=$1 user=${CHATIFY_HARPERDB__USERNAME//\\/\\\\} pass=${CHATIFY_HARPERDB__PASSWORD//\\/\\\\}
+  user=${user//\"/\\\"}
+  pass=${pass//\"/\\\"}
+  printf 'user = "%s:%s"\n' "$user" "$pass" |
+    curl -s -o /dev/null -w '%{http_code}' --max-time 5 -K - \
+      -H 'Content-Type: application/json' -d "$body" "http://127.0.0.1:$CHATIFY_HDB_PORT/" 2>/dev/null ||
+    true
+}
+
+# Stops NAME if its pid file names a live process of ours: SIGTERM, then SIGKILL after a while.
+# Each component was started as the leader of its own session and process group, so the whole
+# group is signalled: helpers it started itself (HAProxy's worker, say) go with it.
+stop_component() {
+  local name=$1 pidf pid target i timeout=${CHATIFY_STOP_TIMEOUT:-15}
+  pidf=$(pid_file "$name")
+  if [[ ! -f $pidf ]]; then
+    note "$name: not running"
+    return 0
+  fi
+  pid=$(head -n1 "$pidf" 2>/dev/null | tr -dc '0-9')
+  if [[ -z $pid ]] || ! pid_alive "$pid"; then
+    note "$name: not running (removed stale pid file)"
+    rm -f "$pidf"
+    return 0
+  fi
+  if ! pid_is_component "$name" "$pid"; then
+    warn "$name: PID $pid is not this run dir's $(component_program "$name") process: left alone, pid file removed"
+    rm -f "$pidf"
+    return 0
+  fi
+  target=$pid
+  [[ $(proc_state_pgrp "$pid") == *" $pid" ]] && target=-$pid
+  kill -TERM -- "$target" 2>/dev/null || true
+  for ((i = 0; i < timeout * 10; i++)); do
+    pid_alive "$pid" || break
+    sleep 0.1
+  done
+  if pid_alive "$pid"; then
+    warn "$name: PID $pid still running ${timeout}s after SIGTERM: sending SIGKILL"
+    kill -KILL -- "$target" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+      pid_alive "$pid" || break
+      sleep 0.1
+    done
+  fi
+  if [[ $target == -* ]]; then
+    # Members of the group that outlived their leader get a moment, then SIGKILL.
+    for ((i = 0; i < 30; i++)); do
+      [[ -z $(group_members "$pid") ]] && break
+      sleep 0.1
+    done
+    if [[ -n $(group_members "$pid") ]]; then
+      kill -KILL -- "$target" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$pidf"
+  note "$name: stopped (PID $pid)"
+}
