@@ -202,6 +202,31 @@ describe("clientId dedup", () => {
   });
 });
 
+describe("clientId retry after a reconnect", () => {
+  test("same user, new socket on the other gateway, same clientId: the first id comes back and nothing is delivered again", async (t) => {
+    const room = roomName("retry");
+    const na = userName("a");
+    const a1 = await connect(gw1Url(), {}, t);
+    const b = await connect(gw2Url(), {}, t);
+    await join(a1, room, na);
+    await join(b, room, userName("b"));
+    const payload = { room, message: "sent once, retried after reconnect", clientId: `cid-${Date.now()}` };
+    const first = await send(a1, room, payload.message, { clientId: payload.clientId });
+    await waitFor(b, "receive_message", isMsgId(first.id));
+    await disconnect(a1);
+
+    const a2 = await connect(gw2Url(), {}, t);
+    await join(a2, room, na);
+    const retry = await send(a2, room, payload.message, { clientId: payload.clientId });
+    assert.deepEqual({ id: retry.id, createdTime: retry.createdTime }, { id: first.id, createdTime: first.createdTime }, "retry from the new socket");
+    await sleep(QUIET_MS);
+    assert.equal(received(b, "receive_message", isMsgId(first.id)).length, 1, "the other member got it once");
+    assert.deepEqual(received(a2, "receive_message", (m) => m?.message === payload.message), [], "not delivered again to the reconnected sender");
+    const stored = await waitForStored(b, room, [first.id]);
+    assert.deepEqual(ids(stored), [first.id], "stored once");
+  });
+});
+
 describe("typing", () => {
   test("other members on both gateways get typing; the sender and other rooms do not; typing is never stored", async (t) => {
     const room = roomName("typing");

@@ -120,36 +120,38 @@ describe("message size", () => {
     assert.equal(stored[1].message, exact);
   });
 
-  test("a frame over the Engine.IO max payload (100 KB) is never delivered and the gateway stays healthy", async (t) => {
-    const s = await connect(gw1Url(), { transports: ["websocket"] }, t);
-    const b = await connect(gw1Url(), {}, t);
-    const room = roomName("huge");
-    await join(s, room, userName("big"));
-    await join(b, room, userName("b"));
-    const sb = mark(b);
-    const outcome = await new Promise((resolve) => {
-      const timer = setTimeout(() => resolve({ kind: "nothing" }), WAIT_MS);
-      s.once("disconnect", (reason) => {
-        clearTimeout(timer);
-        resolve({ kind: "disconnect", reason });
+  for (const transports of [["websocket"], ["polling"]]) {
+    test(`a ${transports[0]} packet over the Engine.IO max payload (100 KB) is never delivered and the gateway stays healthy`, async (t) => {
+      const s = await connect(gw1Url(), { transports, upgrade: false }, t);
+      const b = await connect(gw1Url(), {}, t);
+      const room = roomName("huge");
+      await join(s, room, userName("big"));
+      await join(b, room, userName("b"));
+      const sb = mark(b);
+      const outcome = await new Promise((resolve) => {
+        const timer = setTimeout(() => resolve({ kind: "nothing" }), WAIT_MS);
+        s.once("disconnect", (reason) => {
+          clearTimeout(timer);
+          resolve({ kind: "disconnect", reason });
+        });
+        s.timeout(WAIT_MS).emit("send_message", { room, message: "h".repeat(100_000) }, (err, res) => {
+          clearTimeout(timer);
+          resolve(err ? { kind: "no ack", err: err.message } : { kind: "ack", res });
+        });
       });
-      s.timeout(WAIT_MS).emit("send_message", { room, message: "h".repeat(100_000) }, (err, res) => {
-        clearTimeout(timer);
-        resolve(err ? { kind: "no ack", err: err.message } : { kind: "ack", res });
-      });
+      t.diagnostic(`100 KB ${transports[0]} packet outcome: ${show(outcome)}`);
+      if (outcome.kind === "ack") {
+        assert.equal(outcome.res?.ok, false, `a 100 KB message must not be accepted: ${show(outcome.res)}`);
+        assert.equal(outcome.res.error?.code, "too_large", show(outcome.res));
+      } else {
+        assert.equal(outcome.kind, "disconnect", `expected too_large or a closed connection, got ${show(outcome)}`);
+      }
+      await sleep(QUIET_MS);
+      assert.deepEqual(received(b, "receive_message", (m) => (m?.message ?? "").length > 4096, sb), [], "nothing delivered");
+      assert.equal((await httpGet(`${gw1Url()}/healthz`)).status, 200, "gateway still healthy");
+      await stillWorks(b, room);
     });
-    t.diagnostic(`100 KB frame outcome: ${show(outcome)}`);
-    if (outcome.kind === "ack") {
-      assert.equal(outcome.res?.ok, false, `a 100 KB message must not be accepted: ${show(outcome.res)}`);
-      assert.equal(outcome.res.error?.code, "too_large", show(outcome.res));
-    } else {
-      assert.equal(outcome.kind, "disconnect", `expected too_large or a closed connection, got ${show(outcome)}`);
-    }
-    await sleep(QUIET_MS);
-    assert.deepEqual(received(b, "receive_message", (m) => (m?.message ?? "").length > 4096, sb), [], "nothing delivered");
-    assert.equal((await httpGet(`${gw1Url()}/healthz`)).status, 200, "gateway still healthy");
-    await stillWorks(b, room);
-  });
+  }
 });
 
 describe("error event without an ack callback", () => {

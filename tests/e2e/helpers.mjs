@@ -88,8 +88,8 @@ export const lbUrl = () => need("CHATIFY_LB_URL");
 export const gw1Url = () => need("CHATIFY_GATEWAY1_URL");
 export const gw2Url = () => need("CHATIFY_GATEWAY2_URL");
 export const natsUrl = () => need("CHATIFY_NATS_URL");
-export const gatewayBin = () =>
-  path.join(ENV.vars.CHATIFY_BIN_DIR || path.join(REPO_DIR, "target", "release"), "chatify-gateway");
+export const binPath = (name) => path.join(ENV.vars.CHATIFY_BIN_DIR || path.join(REPO_DIR, "target", "release"), name);
+export const gatewayBin = () => binPath("chatify-gateway");
 
 // ---------------------------------------------------------------------------------------------
 // Small utilities
@@ -416,14 +416,25 @@ export async function fullHistory(socket, room) {
  */
 export async function waitForStored(socket, room, expectedIds, timeoutMs = PERSIST_MS) {
   const deadline = Date.now() + timeoutMs;
-  let last;
+  let last = [];
+  let lastError = "";
   for (;;) {
-    last = await fullHistory(socket, room);
-    const have = new Set(ids(last));
-    if (expectedIds.every((id) => have.has(id))) return last;
+    try {
+      last = await fullHistory(socket, room);
+      lastError = "";
+      const have = new Set(ids(last));
+      if (expectedIds.every((id) => have.has(id))) return last;
+    } catch (e) {
+      // e.g. `unavailable` while a persister (re)starts: keep polling until the deadline
+      lastError = e.message;
+    }
     if (Date.now() > deadline) {
+      const have = new Set(ids(last));
       const missing = expectedIds.filter((id) => !have.has(id));
-      throw new Error(`history of ${show(room)}: ${missing.length} of ${expectedIds.length} message(s) not stored within ${timeoutMs} ms (missing ${show(missing, 400)}); stored ids: ${show(ids(last), 600)}`);
+      throw new Error(
+        `history of ${show(room)}: ${missing.length} of ${expectedIds.length} message(s) not stored within ${timeoutMs} ms ` +
+          `(missing ${show(missing, 400)}); stored ids: ${show(ids(last), 600)}${lastError ? `; last get_history failure: ${lastError}` : ""}`,
+      );
     }
     await sleep(150);
   }
@@ -546,7 +557,10 @@ process.on("exit", () => {
 
 /** Spawns a long-running process with output in a log file. Returns a handle with stop(). */
 export function startProcess(cmd, args, { env, name }) {
-  const logPath = path.join(os.tmpdir(), `chatify-e2e-${name}-${process.pid}-${uid()}.log`);
+  // one log per process name, overwritten by the next run (names are unique within a run)
+  const logDir = path.join(os.tmpdir(), "chatify-e2e-logs");
+  fs.mkdirSync(logDir, { recursive: true });
+  const logPath = path.join(logDir, `${name}.log`);
   const log = fs.openSync(logPath, "w");
   const child = spawn(cmd, args, { env, stdio: ["ignore", log, log] });
   fs.closeSync(log);
@@ -614,6 +628,36 @@ export async function startGateway(name, extraEnv = {}, { waitReady = true, time
       await proc.stop("SIGKILL");
       throw new Error(`extra gateway ${name} did not become ready: ${e.message}\n--- log tail ---\n${proc.logTail()}`);
     }
+  }
+  return { url, port, proc };
+}
+
+/**
+ * Starts an extra persister (the built binary) on a free port with the run dir's environment
+ * (HarperDB address and credentials) plus `extraEnv`, and waits for GET /readyz 200.
+ */
+export async function startPersister(name, extraEnv = {}, { timeoutMs = 30000 } = {}) {
+  const bin = binPath("chatify-persister");
+  if (!fs.existsSync(bin)) throw new Error(`persister binary not found at ${bin} (build it, or set CHATIFY_BIN_DIR)`);
+  const hdb = ENV.vars.CHATIFY_HARPERDB__URL || ENV.vars.CHATIFY_HARPERDB_URL;
+  if (!hdb) throw new Error("CHATIFY_HARPERDB_URL is not set in the run dir's env: cannot start a persister");
+  const port = await freePort();
+  const env = {
+    ...process.env,
+    ...ENV.fileVars,
+    CHATIFY_NATS__URL: ENV.vars.CHATIFY_NATS_URL,
+    CHATIFY_HARPERDB__URL: hdb,
+    CHATIFY_PERSISTER__HOST: "127.0.0.1",
+    CHATIFY_PERSISTER__PORT: String(port),
+    ...extraEnv,
+  };
+  const proc = startProcess(bin, [], { env, name });
+  const url = `http://127.0.0.1:${port}`;
+  try {
+    await waitHttp200(`${url}/readyz`, timeoutMs, () => !proc.exited);
+  } catch (e) {
+    await proc.stop("SIGKILL");
+    throw new Error(`extra persister ${name} did not become ready: ${e.message}\n--- log tail ---\n${proc.logTail()}`);
   }
   return { url, port, proc };
 }

@@ -3,6 +3,7 @@
 
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import http from "node:http";
 import {
   ALLOWED_ORIGIN, EVIL_ORIGIN, assertUsers, closeAll, connect, connectRefused, emitAck, gw1Url, gw2Url, isChatBot,
   isMsgId, join, lbUrl, me, okAck, pollingHandshake, roomName, sameUsers, send, show, sleep, userName, waitFor,
@@ -129,6 +130,8 @@ describe("Origin check", () => {
       assert.equal(ok.status, 200, `allowed origin: ${ok.body.slice(0, 200)}`);
       assert.ok(ok.open?.sid, `allowed origin gets an OPEN packet: ${ok.body.slice(0, 200)}`);
       assert.equal(ok.headers["access-control-allow-origin"], ALLOWED_ORIGIN, `CORS header for the allowed origin: ${show(ok.headers)}`);
+      // browsers behind the sticky LB must send withCredentials, which needs this header
+      assert.equal(ok.headers["access-control-allow-credentials"], "true", `credentials allowed: ${show(ok.headers)}`);
 
       const none = await pollingHandshake(url());
       assert.equal(none.status, 200, "a request without Origin (non-browser client) is allowed");
@@ -136,6 +139,29 @@ describe("Origin check", () => {
       const evil = await pollingHandshake(url(), { origin: EVIL_ORIGIN });
       assert.equal(evil.status, 403, `other origin must get 403, got ${evil.status} ${evil.body.slice(0, 200)}`);
       assert.notEqual(evil.headers["access-control-allow-origin"], EVIL_ORIGIN, "no CORS grant for a refused origin");
+    });
+
+    test(`CORS preflight on ${label}: allowed origin granted, other origin not`, async () => {
+      const preflight = (origin) =>
+        new Promise((resolve, reject) => {
+          const req = http.request(`${url()}/socket.io/?EIO=4&transport=polling`, {
+            method: "OPTIONS",
+            agent: false,
+            headers: { origin, "access-control-request-method": "POST", "access-control-request-headers": "content-type" },
+          }, (res) => {
+            res.resume();
+            res.on("end", () => resolve(res));
+          });
+          req.on("error", reject);
+          req.end();
+        });
+      const ok = await preflight(ALLOWED_ORIGIN);
+      assert.ok(ok.statusCode >= 200 && ok.statusCode < 300, `preflight status ${ok.statusCode}`);
+      assert.equal(ok.headers["access-control-allow-origin"], ALLOWED_ORIGIN);
+      assert.match(String(ok.headers["access-control-allow-methods"]), /POST/i);
+      const evil = await preflight(EVIL_ORIGIN);
+      assert.notEqual(evil.headers["access-control-allow-origin"], EVIL_ORIGIN, "no grant for another origin");
+      assert.notEqual(evil.headers["access-control-allow-origin"], "*", "no wildcard grant");
     });
 
     test(`websocket handshake on ${label}: other origin refused, allowed origin and no origin accepted`, async () => {
