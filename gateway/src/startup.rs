@@ -146,7 +146,10 @@ impl Application {
             let _ = liveness.await;
             // Disconnects every socket, then tells the other gateways they left.
             self.io.close().await;
-            tracing::info!(rooms = rooms.len(), "sockets closed; announcing their departures");
+            tracing::info!(
+                rooms = rooms.len(),
+                "sockets closed; announcing their departures"
+            );
             rooms.leave_everyone().await;
             tracing::info!("draining NATS");
             if let Err(e) = self.nats.drain().await {

@@ -1,10 +1,16 @@
 use anyhow::Context;
 use chatify_persister::startup::Application;
-use chatify_shared::{Settings, telemetry};
+use chatify_shared::{Settings, healthcheck, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("while loading configuration")?;
+    if healthcheck::requested() {
+        let p = &settings.persister;
+        return healthcheck::probe(&p.host, p.port)
+            .await
+            .context("while checking the persister's health");
+    }
     telemetry::init(&settings.log).context("while setting up logging")?;
     let app = Application::build(settings)
         .await

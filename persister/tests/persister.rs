@@ -2,63 +2,18 @@
 //! free port) and the real HarperDB that `scripts/test.sh` starts (`CHATIFY_TEST_HARPERDB_*`),
 //! each test in a database of its own.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use chatify_persister::startup::Application;
 use chatify_shared::Settings;
 use chatify_shared::subjects::{HISTORY_SUBJECT, RoomToken};
+use chatify_shared::testing::NatsServer as Nats;
 use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
 use secrecy::SecretString;
 use uuid::Uuid;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// A nats-server with JetStream in a temporary directory, killed on drop.
-struct Nats {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Nats {
-    async fn start() -> Result<Self, Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("could not start nats-server (deploy/local/install.sh installs it): {e}")
-            })?;
-        let url = format!("nats://127.0.0.1:{port}");
-        let started = Instant::now();
-        while async_nats::connect(&url).await.is_err() {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err("nats-server did not start".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(Self {
-            child,
-            url,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Settings for a persister on `nats`, writing to a fresh database; `None` when no HarperDB
 /// was provided (then the test is skipped, unless CHATIFY_REQUIRE_INTEGRATION is set).

@@ -5,10 +5,13 @@
 
 pub mod bus;
 pub mod config;
+pub mod healthcheck;
 pub mod id;
 pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
 pub use config::Settings;

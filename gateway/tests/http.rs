@@ -1,0 +1,164 @@
+//! Integration tests of the gateway's HTTP side against a real nats-server: routes, readiness,
+//! the Origin check on Socket.IO requests, CORS, and history errors with no persister running.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chatify_gateway::startup::Application;
+use chatify_shared::Settings;
+use chatify_shared::testing::NatsServer;
+use serde_json::{Value, json};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+struct TestApp {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    nats: NatsServer,
+}
+
+impl TestApp {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A gateway on a free port, on its own nats-server.
+async fn spawn_app() -> Result<TestApp, Box<dyn std::error::Error>> {
+    let nats = NatsServer::start().await?;
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url.clone();
+    settings.nats.request_timeout_ms = 500;
+    settings.gateway.port = 0;
+    let app = Application::build(settings).await?;
+    let addr = app.local_addr()?;
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    Ok(TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        nats,
+    })
+}
+
+#[tokio::test]
+async fn plain_routes_answer() -> TestResult {
+    let app = spawn_app().await?;
+    let root: Value = app.http.get(app.url("/")).send().await?.json().await?;
+    assert_eq!(root, json!({"message": "Hello from chatify backend"}));
+    assert_eq!(
+        app.http.get(app.url("/healthz")).send().await?.status(),
+        200
+    );
+    assert_eq!(app.http.get(app.url("/readyz")).send().await?.status(), 200);
+    let metrics = app.http.get(app.url("/metrics")).send().await?;
+    assert_eq!(metrics.status(), 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn readyz_follows_the_nats_connection() -> TestResult {
+    let mut app = spawn_app().await?;
+    app.nats.kill();
+    let started = Instant::now();
+    loop {
+        let status = app.http.get(app.url("/readyz")).send().await?.status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "readyz still {status} without NATS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.http.get(app.url("/healthz")).send().await?.status(),
+        200,
+        "alive all the same"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn foreign_origins_are_refused_on_polling_and_websocket() -> TestResult {
+    let app = spawn_app().await?;
+    let handshake = app.url("/socket.io/?EIO=4&transport=polling");
+    let allowed = app
+        .http
+        .get(&handshake)
+        .header("Origin", "http://localhost:3000")
+        .send()
+        .await?;
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(
+        allowed
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.as_bytes()),
+        Some(&b"http://localhost:3000"[..])
+    );
+    assert!(
+        allowed.text().await?.starts_with('0'),
+        "an Engine.IO open packet"
+    );
+
+    let foreign = app
+        .http
+        .get(&handshake)
+        .header("Origin", "https://evil.example")
+        .send()
+        .await?;
+    assert_eq!(foreign.status(), 403);
+
+    let upgrade = app
+        .http
+        .get(app.url("/socket.io/?EIO=4&transport=websocket"))
+        .header("Origin", "https://evil.example")
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await?;
+    assert_eq!(
+        upgrade.status(),
+        403,
+        "cross-site WebSocket hijacking is refused"
+    );
+
+    let no_origin = app.http.get(&handshake).send().await?;
+    assert_eq!(
+        no_origin.status(),
+        200,
+        "non-browser clients send no Origin"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_route_refuses_bad_input_and_reports_unavailable() -> TestResult {
+    let app = spawn_app().await?;
+    for bad in ["limit=0", "limit=101", "limit=abc", "before=not-an-id"] {
+        let r = app
+            .http
+            .get(app.url(&format!("/api/rooms/general/messages?{bad}")))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: Value = r.json().await?;
+        assert_eq!(body["ok"], json!(false));
+        assert_eq!(body["error"]["code"], json!("invalid_payload"), "{bad}");
+    }
+    // No persister runs: history is unavailable, quickly and clearly.
+    let started = Instant::now();
+    let r = app
+        .http
+        .get(app.url("/api/rooms/a%2Eb%20%2A/messages?limit=5"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["code"], json!("unavailable"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    Ok(())
+}
