@@ -10,6 +10,7 @@ use std::time::Duration;
 use chatify_shared::Settings;
 use chatify_shared::bus::{self, BusError};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::harperdb::{HarperDb, HarperError};
@@ -88,75 +89,51 @@ impl Application {
             self.settings.persister.clone(),
             ready.clone(),
         );
-        let mut writer_task = tokio::spawn(writer.run(shutdown.child_token()));
-        let mut history_task = tokio::spawn(history::serve(
-            self.nats.clone(),
-            self.db,
-            unwritten,
-            shutdown.child_token(),
-        ));
         let http_shutdown = shutdown.child_token();
         let router = http::router(HttpState {
             nats: self.nats.clone(),
             writer_ready: ready,
             metrics,
         });
-        let mut http_task = tokio::spawn(async move {
+        let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
+        let writer_shutdown = shutdown.child_token();
+        tasks.spawn(async move { Ok(writer.run(writer_shutdown).await?) });
+        let (nats, db, history_shutdown) = (self.nats.clone(), self.db, shutdown.child_token());
+        tasks
+            .spawn(async move { Ok(history::serve(nats, db, unwritten, history_shutdown).await?) });
+        tasks.spawn(async move {
             axum::serve(self.listener, router)
                 .with_graceful_shutdown(http_shutdown.cancelled_owned())
                 .await
+                .map_err(RunError::Http)
         });
 
-        // Run until the signal, or until a part stops by itself (an error).
-        let early = tokio::select! {
-            () = shutdown_signal => None,
-            r = &mut writer_task => Some(r.map(|r| r.map_err(RunError::from))),
-            r = &mut history_task => Some(r.map(|r| r.map_err(RunError::from))),
-            r = &mut http_task => Some(r.map(|r| r.map_err(RunError::Http))),
+        // Run until the signal, or until a part stops by itself (which is an error).
+        let mut result = tokio::select! {
+            () = shutdown_signal => Ok(()),
+            Some(first) = tasks.join_next() => flatten(first),
         };
         shutdown.cancel();
         let deadline = Duration::from_millis(self.settings.persister.shutdown_timeout_ms);
         let finish = async {
-            let mut result = Ok(());
-            if early.is_none() || !writer_task.is_finished() {
-                result = result.and(join(&mut writer_task).await.map_err(RunError::from));
-            }
-            if !history_task.is_finished() {
-                result = result.and(join(&mut history_task).await.map_err(RunError::from));
-            }
-            if !http_task.is_finished() {
-                result = result.and(join(&mut http_task).await.map_err(RunError::Http));
+            while let Some(done) = tasks.join_next().await {
+                result = std::mem::replace(&mut result, Ok(())).and(flatten(done));
             }
             if let Err(e) = self.nats.drain().await {
                 tracing::warn!(error = %e, "NATS drain failed");
             }
-            result
         };
-        let finished = match tokio::time::timeout(deadline, finish).await {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::error!(?deadline, "shutdown took too long; exiting anyway");
-                Ok(())
-            }
-        };
-        match early {
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(join_error)) => {
-                tracing::error!(error = %join_error, "a persister task panicked");
-                finished
-            }
-            _ => finished,
+        if tokio::time::timeout(deadline, finish).await.is_err() {
+            tracing::error!(?deadline, "shutdown took too long; exiting anyway");
         }
+        result
     }
 }
 
-async fn join<T, E>(task: &mut tokio::task::JoinHandle<Result<T, E>>) -> Result<(), E> {
-    match task.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(join_error) => {
-            tracing::error!(error = %join_error, "a persister task panicked");
-            Ok(())
-        }
-    }
+/// A task's outcome; a panic is logged and counts as a clean stop (the others still finish).
+fn flatten(joined: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
+    joined.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a persister task panicked");
+        Ok(())
+    })
 }
