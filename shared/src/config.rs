@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Environment variable naming the configuration file.
 pub const CONFIG_FILE_VAR: &str = "CHATIFY_CONFIG";
@@ -30,7 +30,7 @@ pub enum ConfigError {
 }
 
 /// Every setting of both binaries; each reads the sections it needs.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Settings {
     pub nats: NatsSettings,
@@ -44,7 +44,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct NatsSettings {
     /// Server URL(s), comma separated.
@@ -69,7 +69,7 @@ impl NatsSettings {
 }
 
 /// The JetStream stream that holds messages between the gateways and the persisters.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct StreamSettings {
     /// Window in which a repeated `Nats-Msg-Id` (a retried `clientId`) is stored only once.
@@ -94,12 +94,13 @@ impl Default for StreamSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct HarperDbSettings {
     /// Operations API base URL.
     pub url: String,
     pub username: String,
+    #[serde(serialize_with = "redacted")]
     pub password: SecretString,
     pub database: String,
     pub table: String,
@@ -120,7 +121,7 @@ impl Default for HarperDbSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct GatewaySettings {
     pub host: String,
@@ -156,7 +157,7 @@ impl Default for GatewaySettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct PersisterSettings {
     pub host: String,
@@ -188,7 +189,7 @@ impl Default for PersisterSettings {
 }
 
 /// Client input limits of the contract.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Limits {
     /// Message text bytes after trimming.
@@ -217,7 +218,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct CorsSettings {
     /// Origins browsers may connect from (polling and WebSocket); comma separated in the
@@ -233,10 +234,11 @@ impl Default for CorsSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AuthSettings {
     /// HS256 secret; when set, every connection needs `auth: { token }`.
+    #[serde(serialize_with = "redacted_option")]
     pub jwt_secret: Option<SecretString>,
     /// Required `aud` claim, if set.
     pub jwt_audience: Option<String>,
@@ -252,7 +254,7 @@ impl AuthSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -260,7 +262,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -274,6 +276,22 @@ impl Default for LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
         }
+    }
+}
+
+/// Settings serialize (for the configuration reference) without their secrets.
+fn redacted<S: Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if secret.expose_secret().is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    })
+}
+
+fn redacted_option<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => redacted(secret, s),
+        None => s.serialize_none(),
     }
 }
 
@@ -460,6 +478,109 @@ mod tests {
         let s = Settings::load_from(None, env(&[("CHATIFY_AUTH__JWT_SECRET", "k")]))?;
         assert_eq!(s.auth.secret(), Some("k"));
         Ok(())
+    }
+
+    /// Every key with its default as text (lists comma separated, unset as `None`).
+    fn default_keys() -> Vec<(String, Option<String>)> {
+        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, Option<String>)>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                serde_json::Value::Null => out.push((prefix.to_owned(), None)),
+                serde_json::Value::String(s) => out.push((prefix.to_owned(), Some(s.clone()))),
+                serde_json::Value::Array(items) => {
+                    let items: Vec<String> = items
+                        .iter()
+                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                        .collect();
+                    out.push((prefix.to_owned(), Some(items.join(","))));
+                }
+                other => out.push((prefix.to_owned(), Some(other.to_string()))),
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            "",
+            &serde_json::to_value(Settings::default()).unwrap_or_default(),
+            &mut out,
+        );
+        out.sort();
+        out
+    }
+
+    /// The rows of README.md's configuration table:
+    /// `| `key` [/ `key`] | `VARIABLE` [/ `VARIABLE`] | default [/ default] | meaning |`.
+    fn readme_keys() -> Vec<(String, Option<String>)> {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .unwrap_or_default();
+        let section = readme.split("## Configuration").nth(1).unwrap_or_default();
+        let mut out = Vec::new();
+        for line in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let keys: Vec<&str> = cells[1].split(" / ").collect();
+            let vars: Vec<&str> = cells[2].split(" / ").collect();
+            let defaults: Vec<&str> = cells[3].split(" / ").collect();
+            assert_eq!(
+                keys.len(),
+                defaults.len(),
+                "README row {line:?} pairs keys and defaults"
+            );
+            assert_eq!(
+                keys.len(),
+                vars.len(),
+                "README row {line:?} pairs keys and variables"
+            );
+            for ((k, d), var) in keys.iter().zip(defaults).zip(vars) {
+                let k = k.trim().trim_matches('`');
+                let expected_var = format!("CHATIFY_{}", k.replace('.', "__").to_uppercase());
+                assert_eq!(
+                    var.trim().trim_matches('`'),
+                    expected_var,
+                    "README row {line:?}"
+                );
+                let default = match d.trim() {
+                    "unset" => None,
+                    "empty" => Some(String::new()),
+                    d => Some(d.trim_matches('`').replace(", ", ",")),
+                };
+                out.push((k.to_owned(), default));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn readme_documents_every_key_with_its_default() {
+        let readme = readme_keys();
+        assert!(!readme.is_empty(), "README.md has no configuration table");
+        assert_eq!(
+            readme,
+            default_keys(),
+            "README.md's configuration table and Settings differ"
+        );
+    }
+
+    #[test]
+    fn env_example_lists_every_key() {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.env.example"))
+                .unwrap_or_default();
+        for (key, _) in default_keys() {
+            let var = format!("CHATIFY_{}", key.replace('.', "__").to_uppercase());
+            assert!(
+                example.contains(&format!("{var}=")),
+                ".env.example lacks {var}"
+            );
+        }
     }
 
     #[test]
