@@ -158,6 +158,15 @@ impl Bus {
 
     /// Asks a persister for history; `unavailable` when none answers in time.
     pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, ChatError> {
+        let started = Instant::now();
+        let result = self.request_history(query).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::histogram!(crate::metrics::HISTORY_DURATION, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn request_history(&self, query: &HistoryQuery) -> Result<HistoryPage, ChatError> {
         let payload =
             serde_json::to_vec(query).map_err(|e| ChatError::unavailable(e.to_string()))?;
         let request = async_nats::Request::new()

@@ -70,7 +70,7 @@ pub fn reply<T: Serialize>(
     result: Result<T, ChatError>,
 ) {
     if let Err(e) = &result {
-        metrics::counter!("chatify_gateway_event_errors_total", "event" => event, "code" => e.code.as_str())
+        metrics::counter!(crate::metrics::EVENT_ERRORS, "event" => event, "code" => e.code.as_str())
             .increment(1);
         if e.code.is_client_error() {
             tracing::debug!(socket_id = %socket.id, event, code = e.code.as_str(), error = %e.message, "event refused");

@@ -15,11 +15,13 @@ use serde::Serialize;
 use serde_json::Value;
 use socketioxide::extract::{AckSender, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
 use crate::bus::{Stored, dedup_key};
 use crate::error::{ChatError, Empty, reply};
+use crate::metrics as m;
 use crate::payload;
 use crate::session::{Ordered, Session};
 use crate::state::App;
@@ -35,7 +37,7 @@ pub async fn accept(
         Some(authenticator) => match authenticator.verify(auth.as_ref().ok(), &app.limits) {
             Ok(identity) => Some(identity),
             Err(e) => {
-                metrics::counter!("chatify_gateway_auth_refusals_total").increment(1);
+                metrics::counter!(m::AUTH_REFUSALS).increment(1);
                 tracing::debug!(socket_id = %s.id, reason = %e, "connection refused");
                 return Err(e);
             }
@@ -54,8 +56,8 @@ pub async fn accept(
 }
 
 pub async fn on_connect(s: SocketRef) {
-    metrics::counter!("chatify_gateway_connections_total").increment(1);
-    metrics::gauge!("chatify_gateway_connected_sockets").increment(1);
+    metrics::counter!(m::CONNECTIONS).increment(1);
+    metrics::gauge!(m::CONNECTED_SOCKETS).increment(1);
     tracing::debug!(socket_id = %s.id, "connected");
 }
 
@@ -80,7 +82,9 @@ where
     if !s.connected() {
         return;
     }
-    metrics::counter!("chatify_gateway_events_total", "event" => name).increment(1);
+    metrics::counter!(m::EVENTS, "event" => name).increment(1);
+    // Every log line of the event carries the socket and the event.
+    let span = tracing::info_span!("event", socket_id = %s.id, event = name);
     let result = match payload {
         Err(e) => Err(ChatError::invalid(format!(
             "{name} payload could not be decoded: {e}"
@@ -89,9 +93,9 @@ where
             ErrorCode::Unauthorized,
             "your auth token has expired; reconnect with a new one",
         )),
-        Ok(v) => work(session, v).await,
+        Ok(v) => work(session, v).instrument(span.clone()).await,
     };
-    reply(&s, ack, wants_ack, name, result);
+    span.in_scope(|| reply(&s, ack, wants_ack, name, result));
 }
 
 #[derive(Serialize)]
@@ -155,6 +159,9 @@ async fn join_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: 
             emit(&socket, "receive_message", &welcome);
         }
         emit(&socket, "last_100_messages", &history);
+        if !already_in {
+            metrics::counter!(m::JOINS).increment(1);
+        }
         tracing::debug!(socket_id = %socket.id, room = %room, "joined");
         Ok(Joined {
             room,
@@ -180,6 +187,7 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
         if !session.allow_send() {
+            metrics::counter!(m::RATE_LIMITED).increment(1);
             return Err(ChatError::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -205,14 +213,15 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
         };
         let started = std::time::Instant::now();
         let stored = app.bus.publish_message(&message, dedup).await?;
-        metrics::histogram!("chatify_gateway_publish_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(match stored {
             Stored::New => {
+                metrics::counter!(m::MESSAGES_RECEIVED).increment(1);
                 tracing::debug!(%socket_id, message_id = %id, room = %message.room, "message stored");
                 Sent { id, created_time }
             }
             Stored::Duplicate(first) => {
-                metrics::counter!("chatify_gateway_duplicate_sends_total").increment(1);
+                metrics::counter!(m::DUPLICATE_SENDS).increment(1);
                 Sent {
                     id: first.id,
                     created_time: first.created_time,
@@ -297,7 +306,7 @@ async fn typing(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ord
 
 /// Leaves every room (after the socket's pending events), so the others get the notices.
 async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectReason) {
-    metrics::gauge!("chatify_gateway_connected_sockets").decrement(1);
+    metrics::gauge!(m::CONNECTED_SOCKETS).decrement(1);
     tracing::debug!(socket_id = %s.id, ?reason, "disconnected");
     let Some(session) = s.extensions.get::<Arc<Session>>() else {
         return;
@@ -310,7 +319,7 @@ async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectR
 
 fn emit<T: Serialize + ?Sized>(socket: &SocketRef, event: &'static str, data: &T) {
     if let Err(e) = socket.emit(event, data) {
-        metrics::counter!("chatify_gateway_delivery_drops_total", "event" => event).increment(1);
+        metrics::counter!(m::DELIVERY_DROPS, "event" => event).increment(1);
         tracing::debug!(socket_id = %socket.id, event, error = %e, "could not emit");
     }
 }

@@ -83,7 +83,7 @@ async fn check_origin(State(origins): State<Origins>, request: Request, next: Ne
     if origins.allows(request.headers().get(header::ORIGIN)) {
         return next.run(request).await;
     }
-    metrics::counter!("chatify_gateway_origin_refusals_total").increment(1);
+    metrics::counter!(crate::metrics::ORIGIN_REFUSALS).increment(1);
     (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod handlers;
 pub mod http;
 pub mod liveness;
+pub mod metrics;
 pub mod payload;
 pub mod rooms;
 pub mod session;

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use socketioxide::socket::Sid;
 use tokio::task::JoinHandle;
 
 use crate::error::ChatError;
+use crate::metrics as m;
 
 /// The registry of rooms this gateway has members in.
 pub struct Rooms {
@@ -48,6 +50,8 @@ pub struct Rooms {
 struct Room {
     name: String,
     token: RoomToken,
+    /// Number of local members, readable without the state lock (delivery metrics).
+    local_count: AtomicUsize,
     /// Serializes membership changes of this room on this gateway.
     state: tokio::sync::Mutex<RoomState>,
 }
@@ -134,7 +138,7 @@ impl Rooms {
     /// and purges its presence records so no later reader sees them.
     pub async fn drop_gateway(&self, gateway: &GatewayId) {
         tracing::warn!(%gateway, "gateway stopped sending heartbeats; dropping its members");
-        metrics::counter!("chatify_gateway_dead_gateways_total").increment(1);
+        metrics::counter!(m::DEAD_GATEWAYS).increment(1);
         if let Err(e) = self
             .presence
             .purge()
@@ -209,6 +213,7 @@ impl Rooms {
                 Arc::new(Room {
                     name: name.to_owned(),
                     token: RoomToken::new(name),
+                    local_count: AtomicUsize::new(0),
                     state: tokio::sync::Mutex::new(RoomState::default()),
                 })
             })
@@ -228,7 +233,7 @@ impl Rooms {
         {
             registry.remove(&room.name);
         }
-        metrics::gauge!("chatify_gateway_rooms").set(registry.len() as f64);
+        metrics::gauge!(m::ROOMS).set(registry.len() as f64);
     }
 
     /// Adds a local socket to a room and announces it; returns everyone in the room.
@@ -249,7 +254,7 @@ impl Rooms {
                     Ok((listener, remote)) => {
                         state.listener = Some(listener);
                         state.remote = remote;
-                        metrics::gauge!("chatify_gateway_rooms").set(self.len() as f64);
+                        metrics::gauge!(m::ROOMS).set(self.len() as f64);
                     }
                     Err(e) => {
                         if state.local.is_empty() {
@@ -265,6 +270,7 @@ impl Rooms {
             };
             socket.join(name.to_owned());
             state.local.push(member.clone());
+            room.local_count.store(state.local.len(), Ordering::Relaxed);
             match self.write_members(&room.token, &state.local).await {
                 Ok(revision) => {
                     self.announce(
@@ -281,6 +287,7 @@ impl Rooms {
                 }
                 Err(e) => {
                     state.local.retain(|m| m.id != member.id);
+                    room.local_count.store(state.local.len(), Ordering::Relaxed);
                     socket.leave(name.to_owned());
                     if state.local.is_empty() {
                         self.forget(&room, &mut state);
@@ -304,6 +311,7 @@ impl Rooms {
             return;
         };
         let member = state.local.remove(pos);
+        room.local_count.store(state.local.len(), Ordering::Relaxed);
         match self.write_members(&room.token, &state.local).await {
             Ok(revision) => {
                 self.announce(
@@ -331,6 +339,7 @@ impl Rooms {
         for room in rooms {
             let mut state = room.state.lock().await;
             while let Some(member) = state.local.pop() {
+                room.local_count.store(state.local.len(), Ordering::Relaxed);
                 match self.write_members(&room.token, &state.local).await {
                     Ok(revision) => {
                         let change = PresenceChange::Left {
@@ -473,7 +482,11 @@ impl Rooms {
         while let Some(message) = subscriber.next().await {
             let Some(io) = self.io.get() else { continue };
             match room_event_kind(&message.subject) {
-                Some(RoomEventKind::Message) => deliver(io, &room.name, &message.payload).await,
+                Some(RoomEventKind::Message) => {
+                    let members = room.local_count.load(Ordering::Relaxed);
+                    metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
+                    deliver(io, &room.name, &message.payload).await;
+                }
                 Some(RoomEventKind::Typing) => {
                     match serde_json::from_slice::<TypingEvent>(&message.payload) {
                         Ok(event) => {
@@ -574,7 +587,7 @@ async fn deliver(io: &SocketIo, room: &str, payload: &[u8]) {
         tracing::warn!("undecodable chat message on the room subject");
         return;
     };
-    metrics::counter!("chatify_gateway_messages_fanned_out_total").increment(1);
+    metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
     log_emit(
         "receive_message",
         io.to(room.to_owned()).emit("receive_message", &raw).await,
@@ -584,7 +597,7 @@ async fn deliver(io: &SocketIo, room: &str, payload: &[u8]) {
 fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError>) {
     if let Err(e) = result {
         // Typically a client whose outgoing queue is full (it stopped reading).
-        metrics::counter!("chatify_gateway_delivery_drops_total", "event" => event).increment(1);
+        metrics::counter!(m::DELIVERY_DROPS, "event" => event).increment(1);
         tracing::debug!(event, error = %e, "some sockets could not be sent to");
     }
 }

@@ -52,6 +52,7 @@ impl Application {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        crate::metrics::describe();
         let nats = bus::connect(&settings.nats, &format!("chatify-gateway-{}", gw.name)).await?;
         let js = async_nats::jetstream::new(nats.clone());
         let messages = bus::ensure_messages_stream(&js, &settings.stream).await?;

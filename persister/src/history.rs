@@ -50,7 +50,7 @@ pub async fn serve(
                 let started = std::time::Instant::now();
                 let answer = answer(&db.0, &db.1, &request.message.payload).await;
                 let outcome = if answer.is_ok() { "ok" } else { "error" };
-                metrics::histogram!("chatify_persister_history_seconds", "outcome" => outcome)
+                metrics::histogram!(crate::metrics::HISTORY_DURATION, "outcome" => outcome)
                     .record(started.elapsed().as_secs_f64());
                 if let Err(e) = request.respond(answer).await {
                     tracing::warn!(error = %e, "could not send a history answer");

@@ -55,6 +55,7 @@ impl Application {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        crate::metrics::describe();
         let nats = bus::connect(&settings.nats, "chatify-persister").await?;
         let js = async_nats::jetstream::new(nats.clone());
         let stream = bus::ensure_messages_stream(&js, &settings.stream).await?;

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::harperdb::{HarperDb, HarperError};
+use crate::metrics as m;
 
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -88,6 +89,7 @@ impl Writer {
             .messages()
             .await?;
         self.ready.store(true, Ordering::Relaxed);
+        tokio::spawn(report_lag(self.stream.clone(), shutdown.clone()));
         tracing::info!(
             stream = MESSAGES_STREAM,
             consumer = PERSISTER_CONSUMER,
@@ -129,6 +131,13 @@ impl Writer {
     /// undecodable, or left unacked because shutdown came during a retry (then JetStream
     /// redelivers it to a persister after the ack wait).
     async fn write_batch(&self, batch: Vec<jetstream::Message>, shutdown: &CancellationToken) {
+        let redelivered = batch
+            .iter()
+            .filter(|m| m.info().is_ok_and(|info| info.delivered > 1))
+            .count();
+        if redelivered > 0 {
+            metrics::counter!(m::REDELIVERIES).increment(redelivered as u64);
+        }
         let mut decoded = Vec::with_capacity(batch.len());
         let mut ackable = Vec::with_capacity(batch.len());
         for m in batch {
@@ -140,7 +149,7 @@ impl Writer {
                 Err(e) => {
                     // Gateways only publish valid messages; whatever this is, retrying won't fix it.
                     tracing::error!(subject = %m.subject, error = %e, "undecodable message terminated");
-                    metrics::counter!("chatify_persister_poison_messages_total").increment(1);
+                    metrics::counter!(m::POISON_MESSAGES).increment(1);
                     if let Err(e) = m.ack_with(AckKind::Term).await {
                         tracing::warn!(error = %e, "could not terminate an undecodable message");
                     }
@@ -162,11 +171,9 @@ impl Writer {
         if !written {
             return;
         }
-        metrics::histogram!("chatify_persister_write_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("chatify_persister_batch_size").record(decoded.len() as f64);
-        metrics::counter!("chatify_persister_messages_stored_total")
-            .increment(decoded.len() as u64);
+        metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::BATCH_MESSAGES).record(decoded.len() as f64);
+        metrics::counter!(m::MESSAGES_STORED).increment(decoded.len() as u64);
         for m in &ackable {
             if let Err(e) = m.ack().await {
                 // The write is done; a lost ack means a redelivery, which the insert skips.
@@ -203,12 +210,28 @@ impl Writer {
                     tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} was rejected; retrying");
                 }
             }
-            metrics::counter!("chatify_persister_write_retries_total").increment(1);
+            metrics::counter!(m::WRITE_RETRIES).increment(1);
             tokio::select! {
                 () = shutdown.cancelled() => return false,
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(max);
+        }
+    }
+}
+
+/// Keeps the consumer-lag gauge current: messages not yet delivered plus delivered but unacked.
+async fn report_lag(stream: jetstream::stream::Stream, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match stream.consumer_info(PERSISTER_CONSUMER).await {
+            Ok(info) => metrics::gauge!(m::CONSUMER_PENDING)
+                .set((info.num_pending + info.num_ack_pending as u64) as f64),
+            Err(e) => tracing::debug!(error = %e, "consumer info unavailable"),
         }
     }
 }

@@ -1,0 +1,79 @@
+//! The gateway's Prometheus metrics: names (used only through these constants) and help texts.
+
+pub const CONNECTIONS: &str = "chatify_gateway_connections_total";
+pub const CONNECTED_SOCKETS: &str = "chatify_gateway_connected_sockets";
+pub const AUTH_REFUSALS: &str = "chatify_gateway_auth_refusals_total";
+pub const ORIGIN_REFUSALS: &str = "chatify_gateway_origin_refusals_total";
+pub const EVENTS: &str = "chatify_gateway_events_total";
+pub const EVENT_ERRORS: &str = "chatify_gateway_event_errors_total";
+pub const JOINS: &str = "chatify_gateway_joins_total";
+pub const RATE_LIMITED: &str = "chatify_gateway_rate_limited_total";
+pub const ROOMS: &str = "chatify_gateway_rooms";
+pub const MESSAGES_RECEIVED: &str = "chatify_gateway_messages_received_total";
+pub const DUPLICATE_SENDS: &str = "chatify_gateway_duplicate_sends_total";
+pub const PUBLISH_DURATION: &str = "chatify_gateway_publish_duration_seconds";
+pub const HISTORY_DURATION: &str = "chatify_gateway_history_duration_seconds";
+pub const MESSAGES_FANNED_OUT: &str = "chatify_gateway_messages_fanned_out_total";
+pub const MESSAGES_DELIVERED: &str = "chatify_gateway_messages_delivered_total";
+pub const DELIVERY_DROPS: &str = "chatify_gateway_delivery_drops_total";
+pub const DEAD_GATEWAYS: &str = "chatify_gateway_dead_gateways_total";
+
+/// Registers the help texts; call once at start.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(CONNECTIONS, "Socket.IO connections accepted");
+    describe_gauge!(CONNECTED_SOCKETS, "Sockets connected now");
+    describe_counter!(AUTH_REFUSALS, "Connections refused by token checks");
+    describe_counter!(
+        ORIGIN_REFUSALS,
+        "HTTP and WebSocket requests refused for their Origin"
+    );
+    describe_counter!(EVENTS, "Client events handled, by event");
+    describe_counter!(
+        EVENT_ERRORS,
+        "Client events answered with an error, by event and code"
+    );
+    describe_counter!(JOINS, "Successful joins");
+    describe_counter!(
+        RATE_LIMITED,
+        "send_message refused by the per-socket rate limit"
+    );
+    describe_gauge!(
+        ROOMS,
+        "Rooms with members on this gateway (each one subscription)"
+    );
+    describe_counter!(
+        MESSAGES_RECEIVED,
+        "Messages accepted from clients and stored in JetStream"
+    );
+    describe_counter!(
+        DUPLICATE_SENDS,
+        "Retries (same clientId) answered with the first message"
+    );
+    describe_histogram!(
+        PUBLISH_DURATION,
+        metrics::Unit::Seconds,
+        "Time from publish to JetStream ack"
+    );
+    describe_histogram!(
+        HISTORY_DURATION,
+        metrics::Unit::Seconds,
+        "History requests to the persisters"
+    );
+    describe_counter!(
+        MESSAGES_FANNED_OUT,
+        "Stored messages received for local rooms"
+    );
+    describe_counter!(
+        MESSAGES_DELIVERED,
+        "Messages emitted to local sockets (one per socket)"
+    );
+    describe_counter!(
+        DELIVERY_DROPS,
+        "Emits that failed for some socket (full outgoing queue), by event"
+    );
+    describe_counter!(
+        DEAD_GATEWAYS,
+        "Gateways declared dead after missing heartbeats"
+    );
+}

@@ -1,0 +1,37 @@
+//! The persister's Prometheus metrics: names (used only through these constants) and help texts.
+
+pub const MESSAGES_STORED: &str = "chatify_persister_messages_stored_total";
+pub const BATCH_MESSAGES: &str = "chatify_persister_batch_messages";
+pub const WRITE_DURATION: &str = "chatify_persister_write_duration_seconds";
+pub const WRITE_RETRIES: &str = "chatify_persister_write_retries_total";
+pub const REDELIVERIES: &str = "chatify_persister_redeliveries_total";
+pub const POISON_MESSAGES: &str = "chatify_persister_poison_messages_total";
+pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages";
+pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
+
+/// Registers the help texts; call once at start.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        MESSAGES_STORED,
+        "Messages written to HarperDB (and then acked)"
+    );
+    describe_histogram!(BATCH_MESSAGES, "Messages per HarperDB insert");
+    describe_histogram!(
+        WRITE_DURATION,
+        metrics::Unit::Seconds,
+        "Time to write a batch, retries included"
+    );
+    describe_counter!(WRITE_RETRIES, "Failed HarperDB operations retried");
+    describe_counter!(REDELIVERIES, "Messages JetStream delivered more than once");
+    describe_counter!(POISON_MESSAGES, "Undecodable messages terminated");
+    describe_gauge!(
+        CONSUMER_PENDING,
+        "Messages in JetStream not yet written (pending plus unacked)"
+    );
+    describe_histogram!(
+        HISTORY_DURATION,
+        metrics::Unit::Seconds,
+        "History queries answered, by outcome"
+    );
+}
