@@ -52,6 +52,8 @@ impl Application {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        // The recorder first: help texts registered before it would be lost.
+        let metrics = chatify_shared::telemetry::metrics_handle();
         crate::metrics::describe();
         let nats = bus::connect(&settings.nats, &format!("chatify-gateway-{}", gw.name)).await?;
         let js = async_nats::jetstream::new(nats.clone());
@@ -89,7 +91,7 @@ impl Application {
             HttpState {
                 app: app.clone(),
                 nats: nats.clone(),
-                metrics: chatify_shared::telemetry::metrics_handle(),
+                metrics,
             },
             layer,
             Origins::new(&settings.cors),

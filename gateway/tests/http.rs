@@ -52,6 +52,9 @@ async fn plain_routes_answer() -> TestResult {
     assert_eq!(app.http.get(app.url("/readyz")).send().await?.status(), 200);
     let metrics = app.http.get(app.url("/metrics")).send().await?;
     assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await?;
+    assert!(text.contains("# HELP chatify_gateway_rooms "), "{text}");
+    assert!(text.contains("# TYPE chatify_gateway_rooms gauge"), "{text}");
     Ok(())
 }
 

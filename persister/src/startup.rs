@@ -55,6 +55,8 @@ impl Application {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        // The recorder first: help texts registered before it would be lost.
+        chatify_shared::telemetry::metrics_handle();
         crate::metrics::describe();
         let nats = bus::connect(&settings.nats, "chatify-persister").await?;
         let js = async_nats::jetstream::new(nats.clone());
