@@ -76,4 +76,23 @@ pub fn describe() {
         DEAD_GATEWAYS,
         "Gateways declared dead after missing heartbeats"
     );
+    // Gauges show from the start, not only after their first change.
+    metrics::gauge!(ROOMS).set(0.0);
+    metrics::gauge!(CONNECTED_SOCKETS).set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gauges_render_with_help_from_the_start() {
+        let handle = chatify_shared::telemetry::metrics_handle();
+        super::describe();
+        let text = handle.render();
+        assert!(text.contains("# HELP chatify_gateway_rooms "), "{text}");
+        assert!(text.contains("chatify_gateway_rooms 0"), "{text}");
+        assert!(
+            text.contains("# TYPE chatify_gateway_connected_sockets gauge"),
+            "{text}"
+        );
+    }
 }

@@ -54,7 +54,10 @@ async fn plain_routes_answer() -> TestResult {
     assert_eq!(metrics.status(), 200);
     let text = metrics.text().await?;
     assert!(text.contains("# HELP chatify_gateway_rooms "), "{text}");
-    assert!(text.contains("# TYPE chatify_gateway_rooms gauge"), "{text}");
+    assert!(
+        text.contains("# TYPE chatify_gateway_rooms gauge"),
+        "{text}"
+    );
     Ok(())
 }
 

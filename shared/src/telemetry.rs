@@ -67,3 +67,19 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         })
         .clone()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn recorded_metrics_render() {
+        let handle = super::metrics_handle();
+        metrics::describe_gauge!("chatify_test_gauge", "a test gauge");
+        metrics::gauge!("chatify_test_gauge").set(3.0);
+        let text = handle.render();
+        assert!(
+            text.contains("# HELP chatify_test_gauge a test gauge"),
+            "{text}"
+        );
+        assert!(text.contains("chatify_test_gauge 3"), "{text}");
+    }
+}
