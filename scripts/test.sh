@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project, the way CI does:
 #   1. installs what is missing (deploy/local/install.sh: nats-server, HAProxy, HarperDB 4.7.29),
-#   2. checks formatting and lints,
+#   2. checks formatting and lints, and that the compose file, the Kubernetes manifests and the
+#      native scripts agree (tests/deploy),
 #   3. starts a complete private system (NATS, HarperDB, persister, two gateways, HAProxy) on free
 #      loopback ports in a temporary run directory, with the same deploy/local/up.sh users run,
 #   4. runs the Rust unit and integration tests (the integration tests start their own
@@ -21,6 +22,10 @@ deploy/local/install.sh
 step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "deployment files (compose, Kubernetes, HAProxy) agree with the native scripts"
+(cd tests/deploy && npm ci --no-audit --no-fund --loglevel=error)
+node --test --test-reporter=spec tests/deploy/
 
 step "starting a private system on free ports"
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-test.XXXXXX")

@@ -1,0 +1,266 @@
+// deploy/docker-compose.yml cannot run here (no Docker engine): these checks keep it in
+// agreement with what does run, deploy/local/up.sh and lib.sh, by parsing both — the
+// components, ports, CHATIFY_* names, and the shared HAProxy and NATS configuration files.
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import path from "node:path";
+import { describe, test } from "node:test";
+import {
+  caseLabels,
+  dockerfile,
+  parseYamlDocuments,
+  portOf,
+  readmeConfig,
+  readRepo,
+  repoPath,
+  shellArray,
+  shellAssignment,
+  shellChatifyNames,
+  shellDefaults,
+  shellFunction,
+} from "./helpers.mjs";
+
+const COMPOSE = "deploy/docker-compose.yml";
+const composeText = readRepo(COMPOSE);
+// Compose reads YAML 1.2 with merge keys (`<<: *anchor`).
+const [compose] = parseYamlDocuments(composeText, COMPOSE, { version: "1.2", merge: true });
+const services = compose.services;
+const upSh = readRepo("deploy/local/up.sh");
+const libSh = readRepo("deploy/local/lib.sh");
+const haproxyCfg = readRepo("deploy/haproxy/haproxy.cfg");
+const natsConf = readRepo("deploy/nats/nats.conf");
+const config = readmeConfig();
+
+const components = shellArray(libSh, "CHATIFY_COMPONENTS");
+const defaults = shellDefaults(libSh);
+const shellNames = shellChatifyNames(upSh, libSh);
+const defaultPort = (name) => {
+  assert.ok(defaults.has(name), `lib.sh sets no default for ${name}`);
+  return Number(defaults.get(name));
+};
+
+/** A compose service's `environment` as a Map (both the map and the list forms). */
+function environment(service) {
+  const env = service.environment ?? {};
+  if (Array.isArray(env)) {
+    return new Map(env.map((e) => [e.split("=")[0], e.includes("=") ? e.slice(e.indexOf("=") + 1) : undefined]));
+  }
+  return new Map(Object.entries(env).map(([k, v]) => [k, v === null ? undefined : String(v)]));
+}
+
+/** `$CHATIFY_REPO/x` (lib.sh) → an absolute path. */
+const libPath = (name) => path.resolve(shellAssignment(libSh, name).replace("$CHATIFY_REPO", repoPath()));
+
+/** The host side of a compose bind mount, resolved against the compose file's directory. */
+function mounts(service) {
+  return (service.volumes ?? []).map((v) => {
+    const [source, target] = typeof v === "string" ? v.split(":") : [v.source, v.target];
+    const bind = source.startsWith(".") || source.startsWith("/");
+    return { source: bind ? path.resolve(repoPath("deploy"), source) : source, target, bind };
+  });
+}
+
+/** The NAME=value settings one shell function passes on (printf lines or `env NAME=...` words). */
+function shellSettings(body) {
+  const settings = new Map();
+  // "NAME=value", NAME="value" or NAME=value
+  for (const m of body.matchAll(/"([A-Z][A-Z0-9_]*)=([^"]*)"|\b([A-Z][A-Z0-9_]*)=(?:"([^"]*)"|([^\s"]*))/g)) {
+    settings.set(m[1] ?? m[3], m[2] ?? m[4] ?? m[5]);
+  }
+  return settings;
+}
+
+describe("docker-compose.yml", () => {
+  test("parses as YAML, project chatify", () => {
+    assert.equal(compose.name, "chatify");
+    assert.equal(typeof services, "object");
+  });
+
+  test("has exactly the components up.sh starts, and up.sh handles each", () => {
+    assert.deepEqual(components, ["nats", "harperdb", "persister", "gateway1", "gateway2", "lb"]);
+    for (const fn of ["start_component", "probe", "component_ports"]) {
+      assert.deepEqual(caseLabels(shellFunction(upSh, fn)).sort(), [...components].sort(), `up.sh ${fn}()`);
+    }
+    assert.deepEqual(Object.keys(services).sort(), [...components].sort());
+  });
+
+  test("publishes up.sh's default ports, on 127.0.0.1 only (lb 4000, gateway1 4001, gateway2 4002)", () => {
+    const ports = shellFunction(upSh, "component_ports");
+    const published = {};
+    for (const [name, service] of Object.entries(services)) {
+      for (const p of service.ports ?? []) {
+        const [ip, host, container] = String(p).split(":");
+        assert.equal(ip, "127.0.0.1", `${name} publishes ${p} beyond loopback`);
+        // up.sh's port variable for this component: `name) echo "$VAR" ;;`
+        const variable = new RegExp(`^\\s*${name}\\) echo "\\$(\\w+)`, "m").exec(ports)?.[1];
+        assert.ok(variable, `up.sh component_ports has no port for ${name}`);
+        assert.equal(Number(host), defaultPort(variable), `${name}: ${p} vs ${variable}`);
+        published[name] = Number(host);
+        const env = environment(service);
+        const listens = name === "lb" ? portOf(env.get("CHATIFY_LB_BIND")) : Number(env.get("CHATIFY_GATEWAY__PORT"));
+        assert.equal(Number(container), listens, `${name} publishes ${container} but listens on ${listens}`);
+      }
+    }
+    assert.deepEqual(published, { lb: 4000, gateway1: 4001, gateway2: 4002 });
+  });
+
+  test("each binary gets the same CHATIFY_* settings from compose as from up.sh", () => {
+    const common = [...shellSettings(shellFunction(upSh, "binary_env")).keys()].filter((n) => n.startsWith("CHATIFY_"));
+    const persister = [...shellSettings(shellFunction(upSh, "start_persister")).keys()].filter((n) => n.startsWith("CHATIFY_"));
+    const gatewaySettings = [...shellSettings(shellFunction(upSh, "start_gateway")).keys()].filter((n) => n.startsWith("CHATIFY_"));
+    assert.ok(common.includes("CHATIFY_NATS__URL") && common.includes("CHATIFY_HARPERDB__PASSWORD"));
+    const expected = {
+      persister: [...common, ...persister],
+      gateway1: [...common, ...gatewaySettings],
+      gateway2: [...common, ...gatewaySettings],
+    };
+    for (const [name, names] of Object.entries(expected)) {
+      const got = [...environment(services[name]).keys()].filter((n) => n.startsWith("CHATIFY_"));
+      assert.deepEqual(got.sort(), [...new Set(names)].sort(), name);
+    }
+    for (const name of ["gateway1", "gateway2"]) {
+      const env = environment(services[name]);
+      assert.equal(env.get("CHATIFY_GATEWAY__NAME"), name, "each gateway is named after its component, as in up.sh");
+      assert.equal(env.get("CHATIFY_GATEWAY__HOST"), "0.0.0.0");
+      assert.equal(Number(env.get("CHATIFY_GATEWAY__PORT")), defaultPort(`CHATIFY_${name.toUpperCase()}_PORT`));
+    }
+    const p = environment(services.persister);
+    assert.equal(p.get("CHATIFY_PERSISTER__HOST"), "0.0.0.0");
+    assert.equal(Number(p.get("CHATIFY_PERSISTER__PORT")), defaultPort("CHATIFY_PERSISTER_PORT"));
+  });
+
+  test("the binaries reach NATS and HarperDB by service name, on the ports up.sh and the configs use", () => {
+    for (const name of ["persister", "gateway1", "gateway2"]) {
+      const env = environment(services[name]);
+      const nats = new URL(env.get("CHATIFY_NATS__URL"));
+      assert.equal(nats.hostname, "nats");
+      assert.equal(Number(nats.port), defaultPort("CHATIFY_NATS_PORT"));
+      assert.equal(Number(nats.port), Number(/^port:\s*(\d+)/m.exec(natsConf)?.[1]), "nats.conf port");
+      const hdb = new URL(env.get("CHATIFY_HARPERDB__URL"));
+      assert.equal(hdb.hostname, "harperdb");
+      assert.equal(Number(hdb.port), defaultPort("CHATIFY_HDB_PORT"));
+      assert.equal(Number(hdb.port), Number(environment(services.harperdb).get("OPERATIONSAPI_NETWORK_PORT")));
+    }
+    assert.equal(Number(/^http_port:\s*(\d+)/m.exec(natsConf)?.[1]), defaultPort("CHATIFY_NATS_MONITOR_PORT"));
+    assert.equal(Number(environment(services.harperdb).get("HTTP_PORT")), defaultPort("CHATIFY_HDB_HTTP_PORT"));
+  });
+
+  test("every CHATIFY_* name compose uses is a README config key or a variable of up.sh/lib.sh", () => {
+    const names = new Set();
+    for (const service of Object.values(services)) {
+      for (const name of environment(service).keys()) if (name.startsWith("CHATIFY_")) names.add(name);
+    }
+    // ${NAME}, ${NAME:-default}, ${NAME:?message} interpolated from deploy/.env
+    for (const m of composeText.matchAll(/\$\{(CHATIFY_[A-Z0-9_]+)/g)) names.add(m[1]);
+    assert.ok(names.size >= 10, `only ${names.size} names found`);
+    const unknown = [...names].filter((n) => !config.has(n) && !shellNames.has(n));
+    assert.deepEqual(unknown, []);
+    // The lists are real: a misspelt name is caught.
+    assert.ok(!config.has("CHATIFY_GATEWAY_PORT") && !shellNames.has("CHATIFY_GATEWAY_PORT"));
+  });
+
+  test("HarperDB: the version, settings and admin user of up.sh's installer", () => {
+    const version = shellAssignment(libSh, "CHATIFY_HDB_VERSION");
+    assert.equal(services.harperdb.image, `harperdb/harperdb:${version}`);
+    const installer = shellSettings(shellFunction(upSh, "install_harperdb_instance"));
+    const env = environment(services.harperdb);
+    for (const name of ["TC_AGREEMENT", "HDB_ADMIN_USERNAME", "HDB_ADMIN_PASSWORD", "OPERATIONSAPI_NETWORK_PORT", "HTTP_PORT", "THREADS_COUNT"]) {
+      assert.ok(installer.has(name), `up.sh's installer does not set ${name}`);
+      assert.ok(env.has(name), `compose's harperdb does not set ${name}`);
+    }
+    // Same literal values; where up.sh passes a variable, compose uses it too or its default.
+    for (const [name, value] of installer) {
+      const variable = /^\$\{?([A-Z0-9_]+)\}?$/.exec(value)?.[1];
+      if (!variable) {
+        assert.equal(env.get(name), value, `harperdb ${name}`);
+      } else if (defaults.has(variable) && !env.get(name).includes(variable)) {
+        assert.equal(env.get(name), defaults.get(variable), `harperdb ${name} vs ${variable}'s default`);
+      } else {
+        assert.ok(env.get(name).startsWith(`\${${variable}`), `harperdb ${name} should come from ${variable}`);
+      }
+    }
+    // The admin user is the one the binaries log in with, defaulting like lib.sh and README.md.
+    const binaries = environment(services.persister);
+    assert.equal(env.get("HDB_ADMIN_USERNAME"), binaries.get("CHATIFY_HARPERDB__USERNAME"));
+    assert.equal(env.get("HDB_ADMIN_PASSWORD"), binaries.get("CHATIFY_HARPERDB__PASSWORD"));
+    assert.equal(env.get("HDB_ADMIN_USERNAME"), `\${CHATIFY_HARPERDB__USERNAME:-${defaults.get("CHATIFY_HARPERDB__USERNAME")}}`);
+    assert.equal(config.get("CHATIFY_HARPERDB__USERNAME").default, defaults.get("CHATIFY_HARPERDB__USERNAME"));
+    assert.ok(mounts(services.harperdb).some((m) => !m.bind && m.target === "/home/harperdb/hdb"), "HarperDB data volume");
+  });
+
+  test("lb and up.sh use the same haproxy.cfg, and both set every variable it expands", () => {
+    const cfg = libPath("CHATIFY_HAPROXY_CFG");
+    assert.equal(cfg, repoPath("deploy/haproxy/haproxy.cfg"));
+    assert.ok(/haproxy\b.*-f "\$CHATIFY_HAPROXY_CFG"/.test(shellFunction(upSh, "start_lb")));
+    const mount = mounts(services.lb).find((m) => m.source === cfg);
+    assert.ok(mount, "compose's lb does not mount deploy/haproxy/haproxy.cfg");
+    // The official haproxy image reads this path.
+    assert.equal(mount.target, "/usr/local/etc/haproxy/haproxy.cfg");
+
+    const expanded = [...new Set([...haproxyCfg.matchAll(/"\$\{([A-Z0-9_]+)\}"/g)].map((m) => m[1]))];
+    assert.deepEqual(expanded.sort(), ["CHATIFY_GATEWAY1_ADDR", "CHATIFY_GATEWAY2_ADDR", "CHATIFY_LB_BIND"]);
+    const composeEnv = environment(services.lb);
+    const upEnv = shellSettings(shellFunction(upSh, "lb_env"));
+    for (const name of expanded) {
+      assert.ok(composeEnv.has(name), `compose's lb does not set ${name}`);
+      assert.ok(upEnv.has(name), `up.sh's lb_env does not set ${name}`);
+    }
+    // Compose's addresses name the gateway services and the ports they listen on.
+    for (const gw of ["gateway1", "gateway2"]) {
+      const address = composeEnv.get(`CHATIFY_${gw.toUpperCase()}_ADDR`);
+      assert.equal(address, `${gw}:${environment(services[gw]).get("CHATIFY_GATEWAY__PORT")}`);
+    }
+    // haproxy.cfg's own defaults (presetenv) are up.sh's default addresses.
+    const preset = new Map([...haproxyCfg.matchAll(/^\s*presetenv\s+(\S+)\s+(\S+)/gm)].map((m) => [m[1], m[2]]));
+    assert.equal(preset.get("CHATIFY_LB_BIND"), `127.0.0.1:${defaultPort("CHATIFY_LB_PORT")}`);
+    assert.equal(preset.get("CHATIFY_GATEWAY1_ADDR"), `127.0.0.1:${defaultPort("CHATIFY_GATEWAY1_PORT")}`);
+    assert.equal(preset.get("CHATIFY_GATEWAY2_ADDR"), `127.0.0.1:${defaultPort("CHATIFY_GATEWAY2_PORT")}`);
+  });
+
+  test("nats and up.sh use the same nats.conf, with JetStream on", () => {
+    const conf = libPath("CHATIFY_NATS_CONF");
+    assert.equal(conf, repoPath("deploy/nats/nats.conf"));
+    const start = shellFunction(upSh, "start_nats");
+    assert.match(start, /nats-server -c "\$CHATIFY_NATS_CONF" -js /);
+    const mount = mounts(services.nats).find((m) => m.source === conf);
+    assert.ok(mount, "compose's nats does not mount deploy/nats/nats.conf");
+    const command = services.nats.command;
+    assert.equal(command[command.indexOf("-c") + 1], mount.target, "nats-server -c names the mounted file");
+    assert.ok(command.includes("-js"));
+    // Both give the store directory on the command line (nats.conf must not: see its comment).
+    assert.ok(command.includes("-sd") && start.includes("-sd"));
+    assert.doesNotMatch(natsConf, /^\s*store_dir/m);
+  });
+
+  test("every depends_on target has a health check and is waited for", () => {
+    let edges = 0;
+    for (const [name, service] of Object.entries(services)) {
+      const deps = service.depends_on ?? {};
+      assert.ok(!Array.isArray(deps), `${name}: depends_on as a list cannot wait for health`);
+      for (const [target, { condition }] of Object.entries(deps)) {
+        edges++;
+        assert.ok(services[target], `${name} depends on unknown ${target}`);
+        const test = services[target].healthcheck?.test;
+        assert.ok(Array.isArray(test) && test.length > 1 && test[0] === "CMD", `${target} has no health check`);
+        assert.equal(condition, "service_healthy", `${name} → ${target}`);
+        // up.sh starts components in this order too.
+        assert.ok(components.indexOf(target) < components.indexOf(name), `${target} starts after ${name} in up.sh`);
+      }
+    }
+    assert.ok(edges >= 6, `only ${edges} depends_on entries`);
+  });
+
+  test("built services name existing Dockerfile targets and the same build context", () => {
+    const { stages } = dockerfile();
+    const built = Object.entries(services).filter(([, s]) => s.build);
+    assert.deepEqual(built.map(([n]) => n).sort(), ["gateway1", "gateway2", "persister"]);
+    for (const [name, service] of built) {
+      const context = path.resolve(repoPath("deploy"), service.build.context);
+      assert.equal(context, repoPath(), `${name}: build context`);
+      assert.ok(existsSync(path.join(context, service.build.dockerfile)), `${name}: ${service.build.dockerfile}`);
+      assert.ok(stages.has(service.build.target), `${name}: no Dockerfile stage ${service.build.target}`);
+      assert.equal(service.build.target, name.replace(/\d+$/, ""));
+      assert.ok(service.healthcheck.test.includes(`chatify-${service.build.target}`));
+    }
+  });
+});
