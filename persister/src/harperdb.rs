@@ -87,6 +87,13 @@ impl Record {
     }
 }
 
+/// Server errors that are refusals of the request, not failures of the server.
+fn is_refusal(message: &str) -> bool {
+    ["is too large", "must be a", "Invalid"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
 /// `<room token>|<suffix>`: the primary key, or a bound of a room's key range.
 fn storage_key(room: &RoomToken, suffix: &str) -> String {
     format!("{room}|{suffix}")
@@ -137,6 +144,8 @@ impl HarperDb {
         Err(match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => HarperError::Unauthorized,
             s if s.is_client_error() => HarperError::Rejected { status, message },
+            // HarperDB answers 500 to some refusals of the request itself.
+            _ if is_refusal(&message) => HarperError::Rejected { status, message },
             _ => HarperError::Server { status, message },
         })
     }

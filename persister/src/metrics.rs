@@ -6,6 +6,7 @@ pub const WRITE_DURATION: &str = "chatify_persister_write_duration_seconds";
 pub const WRITE_RETRIES: &str = "chatify_persister_write_retries_total";
 pub const REDELIVERIES: &str = "chatify_persister_redeliveries_total";
 pub const POISON_MESSAGES: &str = "chatify_persister_poison_messages_total";
+pub const DEAD_LETTERED: &str = "chatify_persister_dead_lettered_total";
 pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages";
 pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
 
@@ -24,6 +25,10 @@ pub fn describe() {
     );
     describe_counter!(WRITE_RETRIES, "Failed HarperDB operations retried");
     describe_counter!(REDELIVERIES, "Messages JetStream delivered more than once");
+    describe_counter!(
+        DEAD_LETTERED,
+        "Messages HarperDB refused for good, moved to the dead-letter stream"
+    );
     describe_counter!(POISON_MESSAGES, "Undecodable messages terminated");
     describe_gauge!(
         CONSUMER_PENDING,

@@ -46,6 +46,7 @@ pub struct Application {
     listener: TcpListener,
     nats: async_nats::Client,
     stream: async_nats::jetstream::stream::Stream,
+    js: async_nats::jetstream::Context,
     db: HarperDb,
 }
 
@@ -61,12 +62,14 @@ impl Application {
         let nats = bus::connect(&settings.nats, "chatify-persister").await?;
         let js = async_nats::jetstream::new(nats.clone());
         let stream = bus::ensure_messages_stream(&js, &settings.stream).await?;
+        bus::ensure_dead_letter_stream(&js, settings.stream.replicas).await?;
         let db = HarperDb::new(&settings.harperdb)?;
         Ok(Self {
             settings,
             listener,
             nats,
             stream,
+            js,
             db,
         })
     }
@@ -89,6 +92,7 @@ impl Application {
         let writer = Writer::new(
             self.stream,
             self.db.clone(),
+            self.js,
             self.settings.persister.clone(),
             ready.clone(),
         );

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chatify_shared::config::PersisterSettings;
-use chatify_shared::subjects::{MESSAGES_STREAM, PERSISTER_CONSUMER};
+use chatify_shared::subjects::{
+    DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SEQUENCE_HEADER, MESSAGES_STREAM, PERSISTER_CONSUMER,
+    dead_letter_subject,
+};
 use chatify_shared::wire::ChatMessage;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -43,12 +46,30 @@ pub fn consumer_config() -> pull::Config {
     }
 }
 
+/// What writing some records came to.
+enum Outcome {
+    Written,
+    /// HarperDB refused them for good (after the allowed attempts).
+    Rejected(HarperError),
+    /// Shutdown came while retrying; nothing was acked.
+    Stopped,
+}
+
+/// Acks a written message. A lost ack only means a redelivery, which the insert skips.
+async fn ack(message: &jetstream::Message) {
+    if let Err(e) = message.ack().await {
+        tracing::warn!(error = %e, "ack failed after a successful write");
+    }
+}
+
 /// Runs the write loop until `shutdown`, finishing (and acking) the batch in hand first.
 pub struct Writer {
     /// Where messages come from.
     stream: jetstream::stream::Stream,
     /// Where they go.
     db: HarperDb,
+    /// Where messages HarperDB refuses for good go.
+    js: jetstream::Context,
     settings: PersisterSettings,
     /// Set once the table exists and the consumer is bound; `/readyz` reads it.
     ready: Arc<AtomicBool>,
@@ -58,12 +79,14 @@ impl Writer {
     pub fn new(
         stream: jetstream::stream::Stream,
         db: HarperDb,
+        js: jetstream::Context,
         settings: PersisterSettings,
         ready: Arc<AtomicBool>,
     ) -> Self {
         Self {
             stream,
             db,
+            js,
             settings,
             ready,
         }
@@ -160,26 +183,128 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let written = self
-            .until_ok(shutdown, "writing a batch to HarperDB", || async {
-                if started.elapsed() > ACK_WAIT / 3 {
-                    self.keep_alive(&ackable).await;
+        match self.write(&decoded, &ackable, shutdown, 1).await {
+            Outcome::Written => {
+                metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::histogram!(m::BATCH_MESSAGES).record(decoded.len() as f64);
+                metrics::counter!(m::MESSAGES_STORED).increment(decoded.len() as u64);
+                for m in &ackable {
+                    ack(m).await;
                 }
-                self.db.insert(&decoded).await
-            })
-            .await;
-        if !written {
-            return;
-        }
-        metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(m::BATCH_MESSAGES).record(decoded.len() as f64);
-        metrics::counter!(m::MESSAGES_STORED).increment(decoded.len() as u64);
-        for m in &ackable {
-            if let Err(e) = m.ack().await {
-                // The write is done; a lost ack means a redelivery, which the insert skips.
-                tracing::warn!(error = %e, "ack failed after a successful write");
+            }
+            Outcome::Stopped => {}
+            Outcome::Rejected(e) => {
+                // Some record is refused for good; write them one by one so the others go
+                // through, and move the refused ones aside.
+                tracing::warn!(error = %e, size = decoded.len(), "batch rejected; writing its messages one by one");
+                for (chat, message) in decoded.iter().zip(&ackable) {
+                    let one = std::slice::from_ref(chat);
+                    match self
+                        .write(
+                            one,
+                            std::slice::from_ref(message),
+                            shutdown,
+                            self.settings.max_attempts,
+                        )
+                        .await
+                    {
+                        Outcome::Written => {
+                            metrics::counter!(m::MESSAGES_STORED).increment(1);
+                            ack(message).await;
+                        }
+                        Outcome::Stopped => return,
+                        Outcome::Rejected(e) => {
+                            if !self.dead_letter(message, &e, shutdown).await {
+                                return;
+                            }
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// Writes `records`, retrying transient failures (HarperDB unreachable or failing) until
+    /// they pass or shutdown comes, and permanent rejections up to `attempts` times.
+    async fn write(
+        &self,
+        records: &[ChatMessage],
+        messages: &[jetstream::Message],
+        shutdown: &CancellationToken,
+        attempts: u32,
+    ) -> Outcome {
+        let started = Instant::now();
+        let mut rejections = 0;
+        let mut delay = Duration::from_millis(self.settings.retry_initial_ms);
+        let max = Duration::from_millis(self.settings.retry_max_ms);
+        loop {
+            if started.elapsed() > ACK_WAIT / 3 {
+                self.keep_alive(messages).await;
+            }
+            match self.db.insert(records).await {
+                Ok(()) => return Outcome::Written,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "writing to HarperDB failed; retrying");
+                }
+                Err(e) => {
+                    rejections += 1;
+                    if rejections >= attempts {
+                        return Outcome::Rejected(e);
+                    }
+                    tracing::warn!(error = %e, attempt = rejections, "HarperDB rejected a write; retrying");
+                }
+            }
+            metrics::counter!(m::WRITE_RETRIES).increment(1);
+            tokio::select! {
+                () = shutdown.cancelled() => return Outcome::Stopped,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(max);
+        }
+    }
+
+    /// Moves a message HarperDB refuses for good to the dead-letter stream, then acks it.
+    /// Returns false if shutdown came first (the message stays unacked and comes back).
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        reason: &HarperError,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let subject = dead_letter_subject(&message.subject);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(DEAD_LETTER_REASON_HEADER, reason.to_string().as_str());
+        if let Ok(info) = message.info() {
+            headers.insert(
+                DEAD_LETTER_SEQUENCE_HEADER,
+                info.stream_sequence.to_string().as_str(),
+            );
+        }
+        let mut delay = Duration::from_millis(self.settings.retry_initial_ms);
+        loop {
+            let published = async {
+                self.js
+                    .publish_with_headers(subject.clone(), headers.clone(), message.payload.clone())
+                    .await?
+                    .await
+                    .map(|_| ())
+                    .map_err(async_nats::Error::from)
+            }
+            .await;
+            match published {
+                Ok(()) => break,
+                Err(e) => tracing::warn!(error = %e, "could not dead-letter a message; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_millis(self.settings.retry_max_ms));
+        }
+        tracing::error!(%subject, error = %reason, "message refused by HarperDB moved to the dead-letter stream");
+        metrics::counter!(m::DEAD_LETTERED).increment(1);
+        ack(message).await;
+        true
     }
 
     /// Tells JetStream the messages are still being worked on, if a retry has taken a while.

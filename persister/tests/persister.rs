@@ -405,3 +405,97 @@ async fn history_includes_acked_messages_the_writer_has_not_written_yet() -> Tes
     drop_database(&settings).await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_message_harperdb_refuses_is_dead_lettered_without_blocking_the_others() -> TestResult {
+    use futures::StreamExt;
+    let nats = Nats::start().await?;
+    let Some(mut settings) = settings(&nats) else {
+        return Ok(());
+    };
+    settings.persister.batch_wait_ms = 300;
+    settings.persister.retry_initial_ms = 10;
+    settings.persister.max_attempts = 2;
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+
+    // A room name no gateway would accept makes a storage key HarperDB refuses.
+    let poison = message(&"p".repeat(3000), "poison");
+    let mut good = Vec::new();
+    for i in 0..6 {
+        if i == 3 {
+            publish(&js, &poison, &poison.id.to_string()).await?;
+        }
+        let m = message("beside-poison", &format!("good {i}"));
+        publish(&js, &m, &m.id.to_string()).await?;
+        good.push(m);
+    }
+    let page = wait_for_count(&client, "beside-poison", 6).await?;
+    assert_eq!(
+        page.messages, good,
+        "the messages around the poison are stored"
+    );
+
+    let dead = js
+        .get_stream(chatify_shared::subjects::DEAD_LETTER_STREAM)
+        .await?;
+    let consumer = dead
+        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .await?;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await?;
+    let first = batch
+        .next()
+        .await
+        .ok_or("nothing in the dead-letter stream")?
+        .map_err(|e| e.to_string())?;
+    let stored: ChatMessage = serde_json::from_slice(&first.payload)?;
+    assert_eq!(stored, poison);
+    let reason = first
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(chatify_shared::subjects::DEAD_LETTER_REASON_HEADER))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(reason.contains("too large"), "reason: {reason:?}");
+    assert!(
+        batch.next().await.is_none(),
+        "only the poison is dead-lettered"
+    );
+
+    // Everything was acked: written (acks come only after the write) or dead-lettered.
+    let messages = js
+        .get_stream(chatify_shared::subjects::MESSAGES_STREAM)
+        .await?;
+    let started = Instant::now();
+    loop {
+        let info = messages
+            .consumer_info(chatify_shared::subjects::PERSISTER_CONSUMER)
+            .await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            assert_eq!(info.ack_floor.stream_sequence, 7);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still unacked: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", persister.http))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("chatify_persister_dead_lettered_total 1"),
+        "{metrics}"
+    );
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}

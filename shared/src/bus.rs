@@ -6,7 +6,8 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::{NatsSettings, StreamSettings};
 use crate::subjects::{
-    MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS, PRESENCE_STREAM, PRESENCE_STREAM_SUBJECTS,
+    DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SUBJECTS, MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS,
+    PRESENCE_STREAM, PRESENCE_STREAM_SUBJECTS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,4 +99,22 @@ pub async fn ensure_presence_stream(
     js.create_or_update_stream(presence_stream_config(replicas))
         .await?;
     Ok(js.get_stream(PRESENCE_STREAM).await?)
+}
+
+/// The stream keeping messages HarperDB refused for good, for an operator to inspect (30 days).
+pub async fn ensure_dead_letter_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<(), BusError> {
+    js.create_or_update_stream(stream::Config {
+        name: DEAD_LETTER_STREAM.to_owned(),
+        subjects: vec![DEAD_LETTER_STREAM_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
 }

@@ -170,6 +170,9 @@ pub struct PersisterSettings {
     /// First delay before a failed write is retried; doubles up to `retry_max_ms`.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// How many times a message HarperDB refuses (not a failure, a refusal) is tried before it
+    /// is moved to the dead-letter stream.
+    pub max_attempts: u32,
     /// How long shutdown may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
 }
@@ -183,6 +186,7 @@ impl Default for PersisterSettings {
             batch_wait_ms: 20,
             retry_initial_ms: 100,
             retry_max_ms: 5000,
+            max_attempts: 3,
             shutdown_timeout_ms: 10_000,
         }
     }

@@ -15,6 +15,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 pub const MESSAGES_STREAM: &str = "CHATIFY_MESSAGES";
 /// Subjects captured by [`MESSAGES_STREAM`]: `chatify.store.<room token>`.
 pub const MESSAGES_STREAM_SUBJECTS: &str = "chatify.store.*";
+/// The JetStream stream keeping messages HarperDB refused for good, for inspection.
+pub const DEAD_LETTER_STREAM: &str = "CHATIFY_DEAD_LETTERS";
+/// Subjects captured by [`DEAD_LETTER_STREAM`]: `chatify.deadletter.<room token>`.
+pub const DEAD_LETTER_STREAM_SUBJECTS: &str = "chatify.deadletter.*";
+/// Header of a dead-lettered message: why HarperDB refused it.
+pub const DEAD_LETTER_REASON_HEADER: &str = "Chatify-Dead-Letter-Reason";
+/// Header of a dead-lettered message: its sequence in [`MESSAGES_STREAM`].
+pub const DEAD_LETTER_SEQUENCE_HEADER: &str = "Chatify-Stream-Sequence";
 /// Durable consumer through which persisters share the stream.
 pub const PERSISTER_CONSUMER: &str = "chatify-persister";
 /// The JetStream stream holding, per room and gateway, the members that gateway has in the
@@ -82,6 +90,14 @@ impl RoomToken {
     pub fn presence_record_filter(&self) -> String {
         format!("chatify.presence.{}.*", self.0)
     }
+}
+
+/// The dead-letter subject for a message received on a [`RoomToken::store_subject`].
+pub fn dead_letter_subject(store_subject: &str) -> String {
+    let token = store_subject
+        .strip_prefix("chatify.store.")
+        .unwrap_or("unknown");
+    format!("chatify.deadletter.{token}")
 }
 
 /// Filter matching every presence record of one gateway, in all rooms (to purge a dead one's).
@@ -230,7 +246,12 @@ mod tests {
         assert_eq!(t.presence_record_filter(), "chatify.presence.YS5i.*");
         assert_eq!(
             presence_record_gateway(&t.presence_record_subject(&gw)),
-            Some(gw)
+            Some(gw.clone())
+        );
+        assert_eq!(presence_records_of(&gw), format!("chatify.presence.*.{gw}"));
+        assert_eq!(
+            dead_letter_subject(&t.store_subject()),
+            "chatify.deadletter.YS5i"
         );
     }
 
