@@ -525,7 +525,11 @@ mod tests {
     fn readme_keys() -> Vec<(String, Option<String>)> {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
             .unwrap_or_default();
-        let section = readme.split("## Configuration").nth(1).unwrap_or_default();
+        let section = readme
+            .split("\n## Configuration")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .unwrap_or_default();
         let mut out = Vec::new();
         for line in section.lines().filter(|l| l.starts_with("| `")) {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
