@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::Stream};
 use chatify_shared::subjects::{
-    GatewayId, RoomEventKind, RoomToken, presence_record_gateway, presence_records_of,
-    room_event_kind,
+    GATEWAY_DEAD_SUBJECT, GatewayId, RoomEventKind, RoomToken, presence_record_gateway,
+    presence_records_of, room_event_kind,
 };
 use chatify_shared::wire::{Member, Notice, PresenceChange, PresenceEvent, TypingEvent};
 use futures::StreamExt;
@@ -134,11 +134,45 @@ impl Rooms {
         expired
     }
 
+    /// Forgets how long ago other gateways were heard of: after this gateway's own NATS outage,
+    /// their silence meant nothing.
+    pub fn reset_liveness(&self) {
+        let now = Instant::now();
+        for seen in self.last_seen().values_mut() {
+            *seen = now;
+        }
+    }
+
+    /// Rewrites this gateway's member records and re-announces them, without notices.
+    pub async fn refresh_all(&self) {
+        let rooms: Vec<Arc<Room>> = self.registry().values().cloned().collect();
+        for room in rooms {
+            let state = room.state.lock().await;
+            if state.closed || state.local.is_empty() {
+                continue;
+            }
+            match self.write_members(&room.token, &state.local).await {
+                Ok(revision) => {
+                    self.announce(&room.token, revision, PresenceChange::Refresh, &state.local)
+                        .await;
+                }
+                Err(e) => tracing::warn!(error = %e.message, "members could not be re-announced"),
+            }
+        }
+    }
+
     /// Drops a dead gateway's members from every room here, with the usual `has left` notices,
     /// and purges its presence records so no later reader sees them.
     pub async fn drop_gateway(&self, gateway: &GatewayId) {
         tracing::warn!(%gateway, "gateway stopped sending heartbeats; dropping its members");
         metrics::counter!(m::DEAD_GATEWAYS).increment(1);
+        if let Err(e) = self
+            .nats
+            .publish(GATEWAY_DEAD_SUBJECT, gateway.to_string().into())
+            .await
+        {
+            tracing::debug!(error = %e, "could not say a gateway is dead");
+        }
         if let Err(e) = self
             .presence
             .purge()
@@ -543,6 +577,15 @@ impl Rooms {
             ),
             PresenceChange::Left { username, .. } => {
                 (format!("{username} has left the chat room"), None)
+            }
+            PresenceChange::Refresh => {
+                log_emit(
+                    "chatroom_users",
+                    io.to(room.name.clone())
+                        .emit("chatroom_users", &users)
+                        .await,
+                );
+                return;
             }
         };
         let notice = Notice::new(&room.name, text);

@@ -32,6 +32,9 @@ pub const PRESENCE_STREAM: &str = "CHATIFY_PRESENCE";
 pub const PRESENCE_STREAM_SUBJECTS: &str = "chatify.presence.*.*";
 /// Core NATS subject on which every gateway announces, periodically, that it is alive.
 pub const GATEWAY_HEARTBEAT_SUBJECT: &str = "chatify.gateways.heartbeat";
+/// Core NATS subject on which a gateway says it declared another one dead (by its id), so a
+/// gateway that was only cut off re-announces its members.
+pub const GATEWAY_DEAD_SUBJECT: &str = "chatify.gateways.dead";
 /// Name of the NATS service that answers history queries.
 pub const HISTORY_SERVICE: &str = "chatify-history";
 /// Endpoint subject of the history service.

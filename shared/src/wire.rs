@@ -79,8 +79,17 @@ pub struct TypingEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PresenceChange {
-    Joined { socket_id: String, username: String },
-    Left { socket_id: String, username: String },
+    Joined {
+        socket_id: String,
+        username: String,
+    },
+    Left {
+        socket_id: String,
+        username: String,
+    },
+    /// The gateway re-announces its members (after a NATS outage, or after others wrongly
+    /// declared it dead): receivers update their view without notices.
+    Refresh,
 }
 
 /// A membership change on one gateway, published on the room's presence subject.

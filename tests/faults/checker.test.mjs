@@ -1,0 +1,159 @@
+// Unit tests of the history checker (no servers): node --test tests/faults/
+
+import { describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { ackOrderInversions, checkDeliveries, checkHistory, countInversions, historyOk } from "./checker.mjs";
+
+// ids sort as text like UUIDv7s do
+const id = (n) => `0193-${String(n).padStart(6, "0")}`;
+const ok = (key, n, extra = {}) => ({ key, room: "r", sender: "s1", seq: n, status: "ok", ids: [id(n)], username: "ann", ...extra });
+const row = (key, n, extra = {}) => ({ pk: `cg|${id(n)}`, id: id(n), room: "r", username: "ann", message: key, ...extra });
+
+describe("checkHistory", () => {
+  test("everything acknowledged is stored once, in order: all counts zero", () => {
+    const attempts = [ok("m0", 0), ok("m1", 1), ok("m2", 2)];
+    const rows = [row("m0", 0), row("m1", 1), row("m2", 2)];
+    const r = checkHistory({ attempts, rows });
+    assert.equal(r.attempted, 3);
+    assert.equal(r.acknowledged, 3);
+    assert.equal(r.stored, 3);
+    assert.deepEqual([r.lost, r.duplicated, r.unexpected, r.reordered], [0, 0, 0, 0]);
+    assert.ok(historyOk(r));
+    assert.deepEqual(r.perRoom.r, { attempted: 3, acknowledged: 3, stored: 3, lost: 0, duplicated: 0, unexpected: 0, reordered: 0 });
+  });
+
+  test("an acknowledged id missing from the store is lost", () => {
+    const r = checkHistory({ attempts: [ok("m0", 0), ok("m1", 1)], rows: [row("m0", 0)] });
+    assert.equal(r.lost, 1);
+    assert.equal(r.details.lost[0].key, "m1");
+    assert.equal(historyOk(r), false);
+  });
+
+  test("an acknowledged message stored under another id is lost, and the other id is a second identity", () => {
+    const r = checkHistory({ attempts: [ok("m0", 0)], rows: [row("m0", 7)] });
+    assert.equal(r.lost, 1);
+    assert.equal(r.duplicated, 1);
+  });
+
+  test("the same id stored twice is duplicated", () => {
+    const r = checkHistory({ attempts: [ok("m0", 0)], rows: [row("m0", 0), row("m0", 0)] });
+    assert.equal(r.duplicated, 1);
+    assert.equal(r.lost, 0);
+  });
+
+  test("a retried message stored under two ids is duplicated", () => {
+    const r = checkHistory({ attempts: [ok("m0", 0)], rows: [row("m0", 0), row("m0", 5)] });
+    assert.equal(r.duplicated, 1);
+    assert.equal(r.lost, 0);
+  });
+
+  test("a retry acknowledged with a second id (deduplication failed) is duplicated even if only one is stored", () => {
+    const r = checkHistory({ attempts: [ok("m0", 0, { ids: [id(0), id(1)] })], rows: [row("m0", 0)] });
+    assert.equal(r.duplicated, 1);
+    assert.equal(r.lost, 1, "the second acked id is not stored");
+  });
+
+  test("unavailable and indeterminate attempts may or may not be stored, but at most once", () => {
+    const attempts = [
+      { key: "u0", room: "r", sender: "s1", seq: 0, status: "unavailable", username: "ann" },
+      { key: "u1", room: "r", sender: "s1", seq: 1, status: "unavailable", username: "ann" },
+      { key: "i2", room: "r", sender: "s1", seq: 2, status: "indeterminate", username: "ann" },
+      { key: "i3", room: "r", sender: "s1", seq: 3, status: "indeterminate", username: "ann" },
+    ];
+    const fine = checkHistory({ attempts, rows: [row("u0", 0), row("i2", 2)] });
+    assert.deepEqual([fine.lost, fine.duplicated, fine.unexpected, fine.reordered], [0, 0, 0, 0]);
+    assert.equal(fine.acknowledged, 0);
+    assert.equal(fine.unavailable, 2);
+    assert.equal(fine.indeterminate, 2);
+    const twice = checkHistory({ attempts, rows: [row("u0", 0), row("u0", 1)] });
+    assert.equal(twice.duplicated, 1);
+  });
+
+  test("rows no attempt explains are unexpected: unknown text, rejected attempt, wrong room or user", () => {
+    const attempts = [
+      { key: "x", room: "r", sender: "s1", seq: 0, status: "rejected", code: "too_large", username: "ann" },
+      ok("m1", 1),
+      ok("m2", 2),
+    ];
+    const rows = [row("x", 0), row("m1", 1), row("m2", 2, { username: "bob" }), row("ghost", 3), row("m1", 4, { room: "other" })];
+    const r = checkHistory({ attempts, rows });
+    assert.equal(r.unexpected, 4);
+    assert.equal(r.lost, 1, "m2 is stored only under another user's name");
+    assert.equal(r.perRoom.other.unexpected, 1);
+  });
+
+  test("rows of one sender out of send order are reordered; other senders interleave freely", () => {
+    const attempts = [
+      ok("a0", 0, { sender: "a" }),
+      ok("a1", 1, { sender: "a", ids: [id(3)] }),
+      ok("b0", 0, { sender: "b", ids: [id(1)] }),
+      ok("b1", 1, { sender: "b", ids: [id(2)] }),
+    ];
+    const inOrder = checkHistory({ attempts, rows: [row("a0", 0), row("b0", 1), row("b1", 2), row("a1", 3)] });
+    assert.equal(inOrder.reordered, 0);
+    const swapped = [ok("a0", 0, { sender: "a", ids: [id(5)] }), ok("a1", 1, { sender: "a", ids: [id(4)] })];
+    const r = checkHistory({ attempts: swapped, rows: [row("a0", 5), row("a1", 4)] });
+    assert.equal(r.reordered, 1);
+    assert.deepEqual(r.details.reordered[0].before.key, "a1");
+  });
+
+  test("order is per room: one sender in two rooms", () => {
+    const attempts = [ok("a0", 0), ok("a1", 1, { room: "q", ids: [id(1)] }), ok("a2", 2)];
+    const rows = [row("a0", 0), row("a1", 1, { room: "q" }), row("a2", 2)];
+    const r = checkHistory({ attempts, rows });
+    assert.ok(historyOk(r));
+    assert.equal(r.perRoom.q.stored, 1);
+  });
+
+  test("a duplicate key among attempts is a harness bug", () => {
+    assert.throws(() => checkHistory({ attempts: [ok("m", 0), ok("m", 1)], rows: [] }), /appears twice/);
+  });
+
+  test("large histories are checked quickly", () => {
+    const n = 100_000;
+    const attempts = [];
+    const rows = [];
+    for (let i = 0; i < n; i++) {
+      attempts.push(ok(`m${i}`, i, { sender: `s${i % 10}` }));
+      rows.push(row(`m${i}`, i));
+    }
+    const started = Date.now();
+    const r = checkHistory({ attempts, rows });
+    assert.ok(historyOk(r));
+    assert.ok(Date.now() - started < 5000, `took ${Date.now() - started} ms`);
+  });
+});
+
+describe("order helpers", () => {
+  test("countInversions counts adjacent descents", () => {
+    assert.equal(countInversions([]), 0);
+    assert.equal(countInversions([1, 2, 3]), 0);
+    assert.equal(countInversions([1, 3, 2, 4, 0]), 2);
+  });
+
+  test("checkDeliveries: per room and sender order, duplicates, untracked messages ignored", () => {
+    const origin = (m) => (m.message.startsWith("t:") ? { sender: m.message.split(":")[1], seq: Number(m.message.split(":")[2]) } : undefined);
+    const ev = (room, n, sender, seq) => ({ id: id(n), room, message: `t:${sender}:${seq}` });
+    const events = [
+      ev("r", 1, "a", 0),
+      ev("r", 2, "b", 0),
+      ev("r", 4, "a", 2),
+      ev("r", 3, "a", 1),
+      ev("r", 3, "a", 1),
+      { room: "r", username: "ChatBot", message: "x has joined the chat room" },
+      { id: id(9), room: "r", message: "other" },
+      ev("q", 5, "a", 0),
+    ];
+    const r = checkDeliveries(events, origin);
+    assert.equal(r.reordered, 1);
+    assert.equal(r.duplicates, 1);
+    assert.deepEqual(Object.keys(r.bySender), ["r / a"]);
+  });
+
+  test("ackOrderInversions: acked ids must increase with the send order of one sender", () => {
+    const good = [ok("a", 0), ok("b", 1), { key: "c", room: "r", sender: "s1", seq: 2, status: "unavailable" }, ok("d", 3)];
+    assert.equal(ackOrderInversions(good), 0);
+    const bad = [ok("a", 0, { ids: [id(2)] }), ok("b", 1, { ids: [id(1)] }), ok("c", 2, { sender: "s2", ids: [id(0)] })];
+    assert.equal(ackOrderInversions(bad), 1);
+  });
+});
