@@ -176,4 +176,34 @@ describe("NATS outage", () => {
     const sent = await untilOk(b, "send_message", { room, message: "after the restart" });
     for (const sock of [a, b, c]) await waitFor(sock, "receive_message", isMsgId(sent.id));
   });
+
+  test("an outage longer than the gateway timeout declares nobody dead: members stay listed, no 'has left'", { timeout: 90_000 }, async (t) => {
+    const stack = await privateStack(t, "e2e-long-outage", 2);
+    const [g1, g2] = stack.gws;
+    const room = roomName("long-outage");
+    const na = userName("a");
+    const nb = userName("b");
+    const a = await connect(g1.url, { transports: ["websocket"] }, t);
+    const b = await connect(g2.url, { transports: ["websocket"] }, t);
+    await join(a, room, na);
+    await join(b, room, nb);
+    await waitFor(a, "chatroom_users", sameUsers([me(a, na), me(b, nb)]));
+    const since = a.rec.events.length;
+
+    await stack.down();
+    // Longer than gateway.gateway_timeout_ms (7 s) plus a heartbeat.
+    await sleep(10_000);
+    await stack.up();
+    // Past another gateway timeout with NATS up: a wrong declaration would have happened by now.
+    await sleep(9_000);
+
+    const left = received(a, "receive_message", isChatBot(room, `${nb} has left the chat room`), since);
+    assert.equal(left.length, 0, `a member of the other gateway was declared gone: ${show(left)}`);
+    const c = await connect(g1.url, {}, t);
+    const nc = userName("c");
+    const ack = await untilOk(c, "join_room", { room, username: nc });
+    assertUsers(ack.users, [me(a, na), me(b, nb), me(c, nc)], "users across gateways after a long NATS outage");
+    const sent = await untilOk(a, "send_message", { room, message: "after the long outage" });
+    for (const sock of [a, b, c]) await waitFor(sock, "receive_message", isMsgId(sent.id));
+  });
 });
