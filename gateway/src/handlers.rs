@@ -26,26 +26,46 @@ use crate::payload;
 use crate::session::{Ordered, Session};
 use crate::state::App;
 
+/// Why a connection was refused; the text is what the client's `connect_error` says.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("too many connections from your address")]
+    TooManyConnections,
+}
+
 /// Connect middleware: authenticates (when auth is on), then sets the socket up. Runs before
 /// the client learns it is connected, so no event can arrive before its handler exists.
 pub async fn accept(
     s: SocketRef,
     State(app): State<App>,
     TryData(auth): TryData<Value>,
-) -> Result<(), AuthError> {
+) -> Result<(), Refused> {
     let identity = match &app.auth {
         Some(authenticator) => match authenticator.verify(auth.as_ref().ok(), &app.limits) {
             Ok(identity) => Some(identity),
             Err(e) => {
                 metrics::counter!(m::AUTH_REFUSALS).increment(1);
                 tracing::debug!(socket_id = %s.id, reason = %e, "connection refused");
-                return Err(e);
+                return Err(Refused::Auth(e));
+            }
+        },
+        None => None,
+    };
+    let permit = match app.connections.client_address(s.req_parts()) {
+        Some(address) => match app.connections.acquire(address) {
+            Some(permit) => Some(permit),
+            None => {
+                metrics::counter!(m::CONNECTION_REFUSALS).increment(1);
+                tracing::debug!(socket_id = %s.id, %address, "too many connections from one address");
+                return Err(Refused::TooManyConnections);
             }
         },
         None => None,
     };
     s.extensions
-        .insert(Arc::new(Session::new(identity, &app.limits)));
+        .insert(Arc::new(Session::new(identity, &app.limits, permit)));
     s.on("join_room", join_room);
     s.on("send_message", send_message);
     s.on("leave_room", leave_room);
@@ -126,6 +146,16 @@ async fn join_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: 
                 ),
             ));
         }
+        if !already_in && !session.allow_join() {
+            metrics::counter!(m::RATE_LIMITED, "event" => "join_room").increment(1);
+            return Err(ChatError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many joins: at most {} a second, with bursts of {}",
+                    app.limits.joins_per_second, app.limits.join_burst
+                ),
+            ));
+        }
         let users = if already_in {
             app.rooms.users(&room).await
         } else {
@@ -187,7 +217,7 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
         if !session.allow_send() {
-            metrics::counter!(m::RATE_LIMITED).increment(1);
+            metrics::counter!(m::RATE_LIMITED, "event" => "send_message").increment(1);
             return Err(ChatError::new(
                 ErrorCode::RateLimited,
                 format!(

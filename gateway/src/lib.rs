@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod connections;
 pub mod error;
 pub mod handlers;
 pub mod http;

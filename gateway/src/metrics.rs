@@ -4,6 +4,7 @@ pub const CONNECTIONS: &str = "chatify_gateway_connections_total";
 pub const CONNECTED_SOCKETS: &str = "chatify_gateway_connected_sockets";
 pub const AUTH_REFUSALS: &str = "chatify_gateway_auth_refusals_total";
 pub const ORIGIN_REFUSALS: &str = "chatify_gateway_origin_refusals_total";
+pub const CONNECTION_REFUSALS: &str = "chatify_gateway_connection_refusals_total";
 pub const EVENTS: &str = "chatify_gateway_events_total";
 pub const EVENT_ERRORS: &str = "chatify_gateway_event_errors_total";
 pub const JOINS: &str = "chatify_gateway_joins_total";
@@ -25,6 +26,10 @@ pub fn describe() {
     describe_gauge!(CONNECTED_SOCKETS, "Sockets connected now");
     describe_counter!(AUTH_REFUSALS, "Connections refused by token checks");
     describe_counter!(
+        CONNECTION_REFUSALS,
+        "Connections refused by the per-address cap"
+    );
+    describe_counter!(
         ORIGIN_REFUSALS,
         "HTTP and WebSocket requests refused for their Origin"
     );
@@ -36,7 +41,7 @@ pub fn describe() {
     describe_counter!(JOINS, "Successful joins");
     describe_counter!(
         RATE_LIMITED,
-        "send_message refused by the per-socket rate limit"
+        "Events refused by a per-socket rate limit, by event"
     );
     describe_gauge!(
         ROOMS,

@@ -22,6 +22,7 @@ use socketioxide::socket::Socket;
 use tokio::sync::watch;
 
 use crate::auth::Identity;
+use crate::connections::ConnectionPermit;
 
 /// Hands out turns in arrival order.
 pub struct Sequencer {
@@ -88,17 +89,29 @@ pub struct Session {
     rooms: Mutex<HashMap<String, String>>,
     /// `send_message` rate limit.
     sends: DefaultDirectRateLimiter,
+    /// `join_room` rate limit.
+    joins: DefaultDirectRateLimiter,
+    /// This connection's place under the per-address cap, freed with the session.
+    _permit: Option<ConnectionPermit>,
 }
 
 impl Session {
-    pub fn new(identity: Option<Identity>, limits: &Limits) -> Self {
-        let per_second = NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(limits.message_burst).unwrap_or(NonZeroU32::MIN);
+    pub fn new(
+        identity: Option<Identity>,
+        limits: &Limits,
+        permit: Option<ConnectionPermit>,
+    ) -> Self {
+        let quota = |rate: u32, burst: u32| {
+            Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+        };
         Self {
             sequencer: Arc::new(Sequencer::default()),
             identity,
             rooms: Mutex::new(HashMap::new()),
-            sends: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            sends: RateLimiter::direct(quota(limits.messages_per_second, limits.message_burst)),
+            joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),
+            _permit: permit,
         }
     }
 
@@ -133,6 +146,11 @@ impl Session {
     /// Whether one more `send_message` fits the rate limit now (and counts it if so).
     pub fn allow_send(&self) -> bool {
         self.sends.check().is_ok()
+    }
+
+    /// Whether one more `join_room` of a new room fits the rate limit now.
+    pub fn allow_join(&self) -> bool {
+        self.joins.check().is_ok()
     }
 }
 
@@ -216,7 +234,7 @@ mod tests {
             message_burst: 40,
             ..Limits::default()
         };
-        let session = Session::new(None, &limits);
+        let session = Session::new(None, &limits, None);
         let allowed = (0..100).filter(|_| session.allow_send()).count();
         assert!(
             (40..=42).contains(&allowed),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::bus::Bus;
+use crate::connections::ConnectionLimiter;
 use crate::handlers;
 use crate::http::{self, HttpState, Origins};
 use crate::rooms::Rooms;
@@ -70,6 +71,10 @@ impl Application {
             ),
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
+            connections: Arc::new(ConnectionLimiter::new(
+                settings.limits.connections_per_address,
+                &settings.limits.trusted_proxies,
+            )),
         });
 
         let max_payload = settings.limits.max_payload_bytes;
@@ -82,7 +87,7 @@ impl Application {
             .max_buffer_size(gw.max_buffer_size)
             .ping_interval(Duration::from_millis(gw.ping_interval_ms))
             .ping_timeout(Duration::from_millis(gw.ping_timeout_ms))
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_millis(gw.connect_timeout_ms))
             .build_layer();
         io.ns("/", handlers::on_connect.with(handlers::accept));
         rooms.set_io(io.clone());
@@ -121,7 +126,10 @@ impl Application {
     ) -> Result<(), std::io::Error> {
         tracing::info!(addr = ?self.listener.local_addr().ok(), name = %self.name, "gateway listening");
         let stop_accepting = CancellationToken::new();
-        let server = axum::serve(self.listener, self.router)
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let server = axum::serve(self.listener, service)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });
         let liveness = tokio::spawn(crate::liveness::run(

@@ -7,6 +7,7 @@ use chatify_shared::config::Limits;
 
 use crate::auth::Authenticator;
 use crate::bus::Bus;
+use crate::connections::ConnectionLimiter;
 use crate::rooms::Rooms;
 
 /// Shared gateway state; cheap to clone.
@@ -22,6 +23,8 @@ pub struct AppInner {
     pub rooms: Arc<Rooms>,
     /// Token checks, when auth is on.
     pub auth: Option<Authenticator>,
+    /// The per-address connection cap.
+    pub connections: Arc<ConnectionLimiter>,
 }
 
 impl App {

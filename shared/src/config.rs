@@ -133,6 +133,8 @@ pub struct GatewaySettings {
     pub ping_timeout_ms: u64,
     /// Outgoing packets queued per socket before emits to it fail (a slow client).
     pub max_buffer_size: usize,
+    /// How long a new connection may take to join the namespace before it is closed.
+    pub connect_timeout_ms: u64,
     /// How often the gateway tells the others it is alive.
     pub heartbeat_interval_ms: u64,
     /// After how long without a heartbeat a gateway's members are dropped from every room.
@@ -150,6 +152,7 @@ impl Default for GatewaySettings {
             ping_interval_ms: 25_000,
             ping_timeout_ms: 20_000,
             max_buffer_size: 128,
+            connect_timeout_ms: 5000,
             heartbeat_interval_ms: 2000,
             gateway_timeout_ms: 7000,
             shutdown_timeout_ms: 10_000,
@@ -206,6 +209,14 @@ pub struct Limits {
     pub message_burst: u32,
     /// Engine.IO payload limit (polling bodies, WebSocket messages and frames).
     pub max_payload_bytes: u64,
+    /// `join_room` rate per socket (new rooms only), and the burst allowed above it.
+    pub joins_per_second: u32,
+    pub join_burst: u32,
+    /// Live connections per client address; 0 for no cap.
+    pub connections_per_address: usize,
+    /// Peers (load balancers) whose `X-Forwarded-For` names the client address; comma
+    /// separated in the environment.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Limits {
@@ -218,6 +229,10 @@ impl Default for Limits {
             messages_per_second: 20,
             message_burst: 40,
             max_payload_bytes: 64 * 1024,
+            joins_per_second: 10,
+            join_burst: 50,
+            connections_per_address: 256,
+            trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
         }
     }
 }
@@ -339,6 +354,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("cors.allowed_origins")
+                .with_list_parse_key("limits.trusted_proxies")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -354,6 +370,18 @@ impl Settings {
             return invalid(
                 "limits.message_max_bytes, username_max_chars and room_max_chars must be at least 1",
             );
+        }
+        if l.joins_per_second == 0 || l.join_burst == 0 {
+            return invalid("limits.joins_per_second and join_burst must be at least 1");
+        }
+        if let Some(bad) = l
+            .trusted_proxies
+            .iter()
+            .find(|p| p.trim().parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "limits.trusted_proxies: {bad:?} is not an IP address"
+            )));
         }
         if l.rooms_per_socket == 0 || l.messages_per_second == 0 || l.message_burst == 0 {
             return invalid(
