@@ -151,12 +151,9 @@ impl Rooms {
             if state.closed || state.local.is_empty() {
                 continue;
             }
-            match self.write_members(&room.token, &state.local).await {
-                Ok(revision) => {
-                    self.announce(&room.token, revision, PresenceChange::Refresh, &state.local)
-                        .await;
-                }
-                Err(e) => tracing::warn!(error = %e.message, "members could not be re-announced"),
+            let refresh = PresenceChange::Refresh;
+            if let Err(e) = self.publish_change(&room, &state.local, refresh).await {
+                tracing::warn!(error = %e.message, "members could not be re-announced");
             }
         }
     }
@@ -305,20 +302,12 @@ impl Rooms {
             socket.join(name.to_owned());
             state.local.push(member.clone());
             room.local_count.store(state.local.len(), Ordering::Relaxed);
-            match self.write_members(&room.token, &state.local).await {
-                Ok(revision) => {
-                    self.announce(
-                        &room.token,
-                        revision,
-                        PresenceChange::Joined {
-                            socket_id: member.id,
-                            username: member.username,
-                        },
-                        &state.local,
-                    )
-                    .await;
-                    return Ok(state.users());
-                }
+            let joined = PresenceChange::Joined {
+                socket_id: member.id.clone(),
+                username: member.username,
+            };
+            match self.publish_change(&room, &state.local, joined).await {
+                Ok(()) => return Ok(state.users()),
                 Err(e) => {
                     state.local.retain(|m| m.id != member.id);
                     room.local_count.store(state.local.len(), Ordering::Relaxed);
@@ -346,20 +335,12 @@ impl Rooms {
         };
         let member = state.local.remove(pos);
         room.local_count.store(state.local.len(), Ordering::Relaxed);
-        match self.write_members(&room.token, &state.local).await {
-            Ok(revision) => {
-                self.announce(
-                    &room.token,
-                    revision,
-                    PresenceChange::Left {
-                        socket_id: member.id,
-                        username: member.username,
-                    },
-                    &state.local,
-                )
-                .await;
-            }
-            Err(e) => tracing::warn!(error = %e.message, "a leave could not be announced"),
+        let left = PresenceChange::Left {
+            socket_id: member.id,
+            username: member.username,
+        };
+        if let Err(e) = self.publish_change(&room, &state.local, left).await {
+            tracing::warn!(error = %e.message, "a leave could not be announced");
         }
         if state.local.is_empty() {
             self.forget(&room, &mut state);
@@ -374,18 +355,12 @@ impl Rooms {
             let mut state = room.state.lock().await;
             while let Some(member) = state.local.pop() {
                 room.local_count.store(state.local.len(), Ordering::Relaxed);
-                match self.write_members(&room.token, &state.local).await {
-                    Ok(revision) => {
-                        let change = PresenceChange::Left {
-                            socket_id: member.id,
-                            username: member.username,
-                        };
-                        self.announce(&room.token, revision, change, &state.local)
-                            .await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e.message, "a departure could not be announced")
-                    }
+                let left = PresenceChange::Left {
+                    socket_id: member.id,
+                    username: member.username,
+                };
+                if let Err(e) = self.publish_change(&room, &state.local, left).await {
+                    tracing::warn!(error = %e.message, "a departure could not be announced");
                 }
             }
             self.forget(&room, &mut state);
@@ -463,6 +438,18 @@ impl Rooms {
             }
         }
         Ok(remote)
+    }
+
+    /// Writes this gateway's member list of the room and announces `change` at its revision.
+    async fn publish_change(
+        &self,
+        room: &Room,
+        local: &[Member],
+        change: PresenceChange,
+    ) -> Result<(), ChatError> {
+        let revision = self.write_members(&room.token, local).await?;
+        self.announce(&room.token, revision, change, local).await;
+        Ok(())
     }
 
     /// Writes this gateway's member list of a room; returns its revision. An empty list is
