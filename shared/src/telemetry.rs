@@ -16,9 +16,30 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
+/// Libraries that log whole packets (client tokens, chat text) at debug and trace: they stay
+/// at info unless the configured filter names them.
+const PACKET_LOGGERS: [&str; 4] = [
+    "socketioxide",
+    "engineioxide",
+    "tungstenite",
+    "tokio_tungstenite",
+];
+
+/// The filter for a configured level: packet-logging libraries capped at info unless named.
+pub fn filter_for(level: &str) -> String {
+    let mut filter = level.to_owned();
+    for target in PACKET_LOGGERS {
+        if !level.contains(target) {
+            filter.push_str(&format!(",{target}=info"));
+        }
+    }
+    filter
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, replaces `log.level` as it is.
+/// Colours only on a terminal.
 pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.level.clone());
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter_for(&settings.level));
     let env_filter = EnvFilter::try_new(&filter).map_err(|source| TelemetryError::Filter {
         filter: filter.clone(),
         source,
@@ -26,6 +47,7 @@ pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_span_events(FmtSpan::NONE)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_target(true);
     let result = match settings.format {
         LogFormat::Text => builder.try_init(),
@@ -70,6 +92,17 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn packet_loggers_stay_at_info_unless_named() {
+        let f = super::filter_for("trace");
+        assert!(f.starts_with("trace,"));
+        assert!(f.contains("socketioxide=info") && f.contains("engineioxide=info"));
+        assert!(tracing_subscriber::EnvFilter::try_new(&f).is_ok());
+        let named = super::filter_for("info,socketioxide=debug");
+        assert!(!named.contains("socketioxide=info"), "{named}");
+        assert!(named.contains("tungstenite=info"));
+    }
+
     #[test]
     fn recorded_metrics_render() {
         let handle = super::metrics_handle();
