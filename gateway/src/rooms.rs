@@ -626,8 +626,12 @@ async fn deliver(io: &SocketIo, room: &str, payload: &[u8]) {
 
 fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError>) {
     if let Err(e) = result {
-        // Typically a client whose outgoing queue is full (it stopped reading).
-        metrics::counter!(m::DELIVERY_DROPS, "event" => event).increment(1);
-        tracing::debug!(event, error = %e, "some sockets could not be sent to");
+        // Typically clients whose outgoing queue is full (they stopped reading): one drop each.
+        let sockets = match &e {
+            socketioxide::BroadcastError::Socket(failed) => failed.len(),
+            _ => 1,
+        };
+        metrics::counter!(m::DELIVERY_DROPS, "event" => event).increment(sockets as u64);
+        tracing::debug!(event, sockets, error = %e, "some sockets could not be sent to");
     }
 }
