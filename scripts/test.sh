@@ -59,4 +59,8 @@ step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
 CHATIFY_SKIP_BUILD=1 node --test --test-concurrency=1 --test-reporter=spec tests/e2e/
 
+step "benchmark reference peer (Node socket.io, alone and two processes with Redis)"
+(cd bench/reference && npm ci --no-audit --no-fund --loglevel=error)
+node --test --test-reporter=spec bench/reference/
+
 status=0
