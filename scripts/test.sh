@@ -7,7 +7,8 @@
 #      loopback ports in a temporary run directory, with the same deploy/local/up.sh users run,
 #   4. runs the Rust unit and integration tests (the integration tests start their own
 #      nats-server processes and use this run's HarperDB with databases of their own),
-#   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) against it,
+#   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) against it, and the
+#      reduced fault scenarios that hold (scripts/faults.sh) on a second private system,
 #   6. stops everything it started (deploy/local/down.sh) and removes the run directory.
 # Logs of a failed run are kept in target/test-logs/.
 set -euo pipefail
@@ -58,6 +59,10 @@ CHATIFY_REQUIRE_INTEGRATION=1 cargo test --workspace --locked
 step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
 CHATIFY_SKIP_BUILD=1 node --test --test-concurrency=1 --test-reporter=spec tests/e2e/
+
+step "fault scenarios, reduced (a second private system; see tests/faults/README.md)"
+node --test --test-reporter=spec tests/faults/
+scripts/faults.sh persister-crash nats-restart harperdb-outage graceful-shutdown
 
 step "benchmark reference peer (Node socket.io, alone and two processes with Redis)"
 (cd bench/reference && npm ci --no-audit --no-fund --loglevel=error)

@@ -88,6 +88,8 @@ pub fn reply<T: Serialize>(
         (Err(e), false) => socket.emit("error", &e.body()),
     };
     if let Err(e) = sent {
-        tracing::debug!(socket_id = %socket.id, event, error = %e, "could not answer the client");
+        // The socket's outgoing queue is full (it stopped reading) or it is gone.
+        metrics::counter!(crate::metrics::ANSWER_DROPS, "event" => event).increment(1);
+        tracing::warn!(socket_id = %socket.id, event, error = %e, "could not answer the client");
     }
 }

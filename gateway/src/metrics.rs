@@ -18,6 +18,7 @@ pub const MESSAGES_FANNED_OUT: &str = "chatify_gateway_messages_fanned_out_total
 pub const MESSAGES_DELIVERED: &str = "chatify_gateway_messages_delivered_total";
 pub const DELIVERY_DROPS: &str = "chatify_gateway_delivery_drops_total";
 pub const DEAD_GATEWAYS: &str = "chatify_gateway_dead_gateways_total";
+pub const ANSWER_DROPS: &str = "chatify_gateway_answer_drops_total";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
@@ -80,6 +81,10 @@ pub fn describe() {
     describe_counter!(
         DEAD_GATEWAYS,
         "Gateways declared dead after missing heartbeats"
+    );
+    describe_counter!(
+        ANSWER_DROPS,
+        "Acks and error events that could not be sent (full outgoing queue or closed socket)"
     );
     // Gauges show from the start, not only after their first change.
     metrics::gauge!(ROOMS).set(0.0);

@@ -1,0 +1,274 @@
+// Control of the system under test, started by deploy/local/up.sh in $CHATIFY_RUN_DIR:
+// component PIDs, SIGKILL/SIGTERM, restarts through up.sh/down.sh, /readyz, /metrics, the
+// JetStream consumer's state (NATS monitoring) and the rows HarperDB holds.
+
+import fs from "node:fs";
+import path from "node:path";
+import { ENV, need, runScript, sleep } from "../../e2e/helpers.mjs";
+
+export const runDir = () => {
+  if (!ENV.runDir) throw new Error("CHATIFY_RUN_DIR is not set: scripts/faults.sh starts a system and sets it");
+  return ENV.runDir;
+};
+
+export const urls = {
+  lb: () => need("CHATIFY_LB_URL"),
+  gateway1: () => need("CHATIFY_GATEWAY1_URL"),
+  gateway2: () => need("CHATIFY_GATEWAY2_URL"),
+  persister: () => need("CHATIFY_PERSISTER_URL"),
+  natsMonitor: () => need("CHATIFY_NATS_MONITOR_URL"),
+  harperdb: () => need("CHATIFY_HARPERDB_URL"),
+};
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/** State letter of a process (R, S, Z...) or undefined when it does not exist. */
+function procState(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0];
+  } catch {
+    return undefined;
+  }
+}
+
+export const alive = (pid) => {
+  const s = procState(pid);
+  return s !== undefined && s !== "Z" && s !== "X";
+};
+
+/** PID of a component per its pid file (the first line), or undefined when it is not running. */
+export function pidOf(name) {
+  let text;
+  try {
+    text = fs.readFileSync(path.join(runDir(), "pids", `${name}.pid`), "utf8");
+  } catch {
+    return undefined;
+  }
+  const pid = Number(text.split("\n")[0].replace(/\D/g, ""));
+  return pid && alive(pid) ? pid : undefined;
+}
+
+/** Waits until a process is gone; resolves true, or false after timeoutMs. */
+export async function waitGone(pid, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (alive(pid)) {
+    if (Date.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
+}
+
+/** SIGKILLs a component (its whole process group when it leads one) and waits until it is gone. */
+export async function sigkill(name) {
+  const pid = pidOf(name);
+  if (!pid) throw new Error(`cannot SIGKILL ${name}: it is not running`);
+  try {
+    process.kill(-pid, "SIGKILL");
+  } catch {
+    process.kill(pid, "SIGKILL");
+  }
+  if (!(await waitGone(pid, 5000))) throw new Error(`${name} (PID ${pid}) still alive 5 s after SIGKILL`);
+  return pid;
+}
+
+/**
+ * SIGTERMs a component and measures how long it takes to exit. Does not escalate: returns
+ * { pid, exited, ms } after at most timeoutMs (the caller stops a process that overstays with
+ * down.sh).
+ */
+export async function sigterm(name, timeoutMs) {
+  const pid = pidOf(name);
+  if (!pid) throw new Error(`cannot SIGTERM ${name}: it is not running`);
+  const started = Date.now();
+  process.kill(pid, "SIGTERM");
+  const exited = await waitGone(pid, timeoutMs);
+  return { pid, exited, ms: Date.now() - started };
+}
+
+/** deploy/local/up.sh NAME... (waits until each is ready); throws with its output on failure. */
+export async function up(...names) {
+  const started = Date.now();
+  const { code, output } = await runScript("deploy/local/up.sh", names, 180_000);
+  if (code !== 0) throw new Error(`deploy/local/up.sh ${names.join(" ")} failed (exit ${code}):\n${output.slice(-3000)}`);
+  return Date.now() - started;
+}
+
+/** deploy/local/down.sh NAME... */
+export async function down(...names) {
+  const { code, output } = await runScript("deploy/local/down.sh", names, 60_000);
+  if (code !== 0) throw new Error(`deploy/local/down.sh ${names.join(" ")} failed (exit ${code}):\n${output.slice(-3000)}`);
+}
+
+/** Resident set size of a process in KiB (VmRSS), or undefined. */
+export function rssKiB(pid) {
+  try {
+    const m = /VmRSS:\s+(\d+)\s+kB/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+/** GET with a timeout; resolves { status, text } or { status: 0, error } (never throws). */
+export async function get(url, timeoutMs = 2000) {
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    return { status: res.status, text: await res.text() };
+  } catch (e) {
+    return { status: 0, error: e.message };
+  }
+}
+
+export const readyStatus = async (name) => (await get(`${urls[name]()}/readyz`, 1500)).status;
+
+/** Waits until GET url/readyz answers 200; returns the ms waited. */
+export async function waitReady(name, timeoutMs = 30_000) {
+  const started = Date.now();
+  for (;;) {
+    if ((await readyStatus(name)) === 200) return Date.now() - started;
+    if (Date.now() - started > timeoutMs) throw new Error(`${name} /readyz not 200 within ${timeoutMs} ms`);
+    await sleep(100);
+  }
+}
+
+/** Parses Prometheus text: { "name{labels}": value } (labels as written by the exporter). */
+export function parseMetrics(text) {
+  const out = {};
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)/.exec(line);
+    if (m) out[m[1]] = Number(m[2]);
+  }
+  return out;
+}
+
+/** One metric of a component, summed over the series whose labels include every `labels` pair (0 when absent). */
+export async function metric(name, metricName, labels = {}) {
+  const res = await get(`${urls[name]()}/metrics`, 3000);
+  if (res.status !== 200) throw new Error(`${name} /metrics: ${res.status || res.error}`);
+  let sum = 0;
+  for (const [series, value] of Object.entries(parseMetrics(res.text))) {
+    const base = series.split("{")[0];
+    if (base !== metricName) continue;
+    const wanted = Object.entries(labels).every(([k, v]) => series.includes(`${k}="${v}"`));
+    if (wanted) sum += value;
+  }
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// NATS monitoring: the persisters' durable consumer
+// ---------------------------------------------------------------------------------------------
+
+/** { messages, pending, ackPending, redelivered } of the CHATIFY_MESSAGES stream and its consumer. */
+export async function consumerState() {
+  const res = await get(`${urls.natsMonitor()}/jsz?consumers=true`, 3000);
+  if (res.status !== 200) throw new Error(`NATS monitoring /jsz: ${res.status || res.error}`);
+  const jsz = JSON.parse(res.text);
+  for (const account of jsz.account_details ?? []) {
+    for (const stream of account.stream_detail ?? []) {
+      if (stream.name !== "CHATIFY_MESSAGES") continue;
+      const c = (stream.consumer_detail ?? []).find((x) => x.name === "chatify-persister");
+      if (!c) return { messages: stream.state.messages, lastSeq: stream.state.last_seq, pending: undefined };
+      return {
+        messages: stream.state.messages,
+        lastSeq: stream.state.last_seq,
+        pending: c.num_pending,
+        ackPending: c.num_ack_pending,
+        redelivered: c.num_redelivered,
+        ackFloor: c.ack_floor?.stream_seq,
+      };
+    }
+  }
+  return { messages: 0, pending: undefined };
+}
+
+/**
+ * Waits until the persisters' consumer has written and acked everything in the stream (nothing
+ * pending, nothing awaiting an ack). Messages in doubt (unavailable or unanswered sends that
+ * JetStream did store) are in the stream too, so after this HarperDB holds its final state.
+ * Returns the ms waited.
+ */
+export async function waitConsumerDrained(timeoutMs) {
+  const started = Date.now();
+  let last;
+  for (;;) {
+    try {
+      last = await consumerState();
+      if (last.pending === 0 && last.ackPending === 0 && last.ackFloor === last.lastSeq) return Date.now() - started;
+    } catch (e) {
+      last = { error: e.message };
+    }
+    if (Date.now() - started > timeoutMs) {
+      throw new Error(`the persister did not catch up within ${timeoutMs} ms: consumer ${JSON.stringify(last)}`);
+    }
+    await sleep(250);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HarperDB
+// ---------------------------------------------------------------------------------------------
+
+/** The storage key's room part: base64url (no padding) of the room's UTF-8 bytes. */
+export const roomToken = (room) => Buffer.from(room, "utf8").toString("base64url");
+
+async function hdbOperation(body, timeoutMs = 30_000) {
+  const user = need("CHATIFY_HARPERDB__USERNAME");
+  const pass = need("CHATIFY_HARPERDB__PASSWORD");
+  const res = await fetch(urls.harperdb(), {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Basic ${Buffer.from(`${user}:${pass}`).toString("base64")}` },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  const text = await res.text();
+  if (res.status !== 200) throw new Error(`HarperDB ${body.operation}: HTTP ${res.status} ${text.slice(0, 300)}`);
+  return JSON.parse(text);
+}
+
+const PAGE = 5000;
+
+/**
+ * Every row HarperDB holds for `room`, in primary key order (= id order): { pk, id, room,
+ * username, message }. One `between` on the primary key, paged by the last key (the schema's
+ * one index; conditions on other attributes are avoided, see persister/src/harperdb.rs).
+ */
+export async function storedRows(room) {
+  const database = ENV.vars.CHATIFY_HARPERDB__DATABASE || "chatify";
+  const table = ENV.vars.CHATIFY_HARPERDB__TABLE || "messages";
+  const token = roomToken(room);
+  const rows = [];
+  let from = `${token}|`;
+  for (;;) {
+    const page = await hdbOperation({
+      operation: "search_by_conditions",
+      database,
+      table,
+      operator: "and",
+      get_attributes: ["pk", "id", "room", "username", "message"],
+      sort: { attribute: "pk" },
+      limit: PAGE,
+      conditions: [{ search_attribute: "pk", search_type: "between", search_value: [from, `${token}|~`] }],
+    });
+    if (!Array.isArray(page)) throw new Error(`HarperDB search: expected an array, got ${JSON.stringify(page).slice(0, 200)}`);
+    const fresh = page.filter((r) => r.pk !== from);
+    rows.push(...fresh);
+    if (page.length < PAGE || fresh.length === 0) return rows;
+    from = page.at(-1).pk;
+  }
+}
+
+/** Rows of several rooms. */
+export async function storedRowsOf(rooms) {
+  const all = [];
+  for (const r of rooms) all.push(...(await storedRows(r)));
+  return all;
+}

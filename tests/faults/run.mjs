@@ -1,0 +1,198 @@
+// Runs fault scenarios against the system in $CHATIFY_RUN_DIR (started by scripts/faults.sh)
+// and checks, after each, what HarperDB holds against what clients were told.
+//
+//   node tests/faults/run.mjs [--full] [--summary FILE] [SCENARIO...]
+//
+// Prints one line per scenario:
+//   NAME: attempted=… acknowledged=… stored=… lost=0 duplicated=0 unexpected=0 reordered=0 (… s)
+// followed by the scenario's own checks, writes a JSON summary and exits 1 when any count is not
+// zero or any check failed.
+
+import fs from "node:fs";
+import path from "node:path";
+import { REPO_DIR, closeAll, sleep, uid } from "../e2e/helpers.mjs";
+import { FAILURE_COUNTS, checkHistory } from "./checker.mjs";
+import { loadSizes } from "./lib/config.mjs";
+import { ChatClient, Ledger, rowKey } from "./lib/load.mjs";
+import * as sys from "./lib/system.mjs";
+
+import persisterCrash from "./scenarios/persister-crash.mjs";
+import natsRestart from "./scenarios/nats-restart.mjs";
+import harperdbOutage from "./scenarios/harperdb-outage.mjs";
+import gatewayCrash from "./scenarios/gateway-crash.mjs";
+import gracefulShutdown from "./scenarios/graceful-shutdown.mjs";
+import slowClient from "./scenarios/slow-client.mjs";
+import ordering from "./scenarios/ordering.mjs";
+
+export const SCENARIOS = [persisterCrash, natsRestart, harperdbOutage, gatewayCrash, gracefulShutdown, slowClient, ordering];
+const COMPONENTS = ["nats", "harperdb", "persister", "gateway1", "gateway2", "lb"];
+
+function parseArgs(argv) {
+  const opts = { full: false, summary: path.join(REPO_DIR, "target", "faults", "summary.json"), names: [] };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === "--full") opts.full = true;
+    else if (a === "--summary") opts.summary = argv[++i];
+    else if (a.startsWith("-")) throw new Error(`unknown option ${a}`);
+    else opts.names.push(a);
+  }
+  const known = SCENARIOS.map((s) => s.name);
+  for (const n of opts.names) if (!known.includes(n)) throw new Error(`unknown scenario '${n}' (known: ${known.join(" ")})`);
+  return opts;
+}
+
+const log = (msg) => console.log(`    ${new Date().toISOString().slice(11, 23)} ${msg}`);
+
+/** Brings every component back (up.sh starts only what is not running) and waits until each is ready. */
+async function restoreSystem() {
+  const missing = COMPONENTS.filter((c) => !sys.pidOf(c));
+  if (missing.length) {
+    log(`restarting ${missing.join(" ")}`);
+    await sys.up(...missing);
+  }
+  for (const c of ["gateway1", "gateway2", "persister"]) await sys.waitReady(c, 30_000);
+}
+
+class Checks {
+  constructor() {
+    this.list = [];
+  }
+  check(name, ok, detail = "") {
+    this.list.push({ name, ok: !!ok, detail: typeof detail === "string" ? detail : JSON.stringify(detail) });
+    log(`${ok ? "ok  " : "FAIL"} ${name}${detail ? `: ${typeof detail === "string" ? detail : JSON.stringify(detail)}` : ""}`);
+    return !!ok;
+  }
+  /** An observation worth reporting that is not a pass/fail promise. */
+  note(name, detail = "") {
+    this.list.push({ name, note: true, detail });
+    log(`note ${name}${detail ? `: ${detail}` : ""}`);
+  }
+  get failed() {
+    return this.list.filter((c) => !c.note && !c.ok);
+  }
+}
+
+async function runScenario(scenario, sizes, runTag) {
+  const started = Date.now();
+  const checks = new Checks();
+  const ledger = new Ledger();
+  const clients = [];
+  const rooms = [];
+  const tag = `${runTag}-${scenario.short}`;
+  const ctx = {
+    sizes,
+    tag,
+    checks,
+    ledger,
+    log,
+    rooms,
+    sys,
+    /** A room of this scenario: its rows are checked afterwards. */
+    room(i) {
+      const r = `faults-${tag}-${i}`;
+      if (!rooms.includes(r)) rooms.push(r);
+      return r;
+    },
+    /** A load client recorded in this scenario's ledger (closed when it ends). */
+    client(opts) {
+      const c = new ChatClient({ ledger, runTag: tag, ...opts });
+      clients.push(c);
+      return c;
+    },
+    clients,
+  };
+  console.log(`\n--- ${scenario.name}: ${scenario.title}`);
+  let error;
+  try {
+    await restoreSystem();
+    await sys.waitConsumerDrained(sizes.FAULTS_SETTLE_MS);
+    await scenario.run(ctx);
+  } catch (e) {
+    error = e;
+    checks.check("scenario ran to completion", false, e.stack ?? e.message);
+  }
+  for (const c of clients) c.close();
+
+  // Final state: everything back up, the persister caught up with the stream, then HarperDB read.
+  let result;
+  try {
+    await restoreSystem();
+    const drainMs = await sys.waitConsumerDrained(sizes.FAULTS_SETTLE_MS);
+    log(`persister caught up ${drainMs} ms after the scenario`);
+    const rows = await sys.storedRowsOf(rooms);
+    result = checkHistory({ attempts: ledger.list(), rows: rows.map(rowKey) });
+    const retried = ledger.list().filter((a) => a.emissions > 1).length;
+    log(`outcomes of ${Object.values(ledger.codes).reduce((x, y) => x + y, 0)} emissions: ${JSON.stringify(ledger.codes)}; messages sent more than once: ${retried}`);
+    for (const k of FAILURE_COUNTS) if (result[k]) log(`${k}: ${JSON.stringify(result.details[k].slice(0, 5))}`);
+  } catch (e) {
+    checks.check("final history could be read", false, e.stack ?? e.message);
+  }
+  const seconds = (Date.now() - started) / 1000;
+  const counts = result
+    ? Object.fromEntries(["attempted", "acknowledged", "unavailable", "indeterminate", "rejected", "stored", ...FAILURE_COUNTS].map((k) => [k, result[k]]))
+    : undefined;
+  const passed = !!result && FAILURE_COUNTS.every((k) => result[k] === 0) && checks.failed.length === 0 && !error;
+  const line = `${scenario.name}: ${
+    counts
+      ? `attempted=${counts.attempted} acknowledged=${counts.acknowledged} stored=${counts.stored} lost=${counts.lost} duplicated=${counts.duplicated} unexpected=${counts.unexpected} reordered=${counts.reordered}`
+      : "history not checked"
+  } (${seconds.toFixed(1)} s) ${passed ? "PASS" : `FAIL${checks.failed.length ? ` (${checks.failed.length} check(s) failed)` : ""}`}`;
+  console.log(line);
+  return {
+    name: scenario.name,
+    passed,
+    seconds,
+    counts,
+    perRoom: result?.perRoom,
+    examples: result ? Object.fromEntries(FAILURE_COUNTS.map((k) => [k, result.details[k]])) : undefined,
+    checks: checks.list,
+    line,
+  };
+}
+
+/**
+ * The scenarios SIGKILL and restart the components of $CHATIFY_RUN_DIR: it must name a run dir
+ * explicitly (scripts/faults.sh makes a private one), never fall back to a developer's.
+ */
+function checkRunDir() {
+  const dir = process.env.CHATIFY_RUN_DIR;
+  if (!dir || !fs.existsSync(path.join(dir, "env"))) {
+    throw new Error("CHATIFY_RUN_DIR must name the run dir of a system started by deploy/local/up.sh (scripts/faults.sh starts one): the scenarios kill its processes");
+  }
+  if (path.resolve(dir) === path.join(REPO_DIR, "deploy", "local", "run") && process.env.FAULTS_ALLOW_DEFAULT_RUN_DIR !== "1") {
+    throw new Error("refusing to inject faults into the default run dir deploy/local/run (set FAULTS_ALLOW_DEFAULT_RUN_DIR=1 if you mean it)");
+  }
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  checkRunDir();
+  const sizes = loadSizes(opts.full);
+  const chosen = opts.names.length ? SCENARIOS.filter((s) => opts.names.includes(s.name)) : SCENARIOS;
+  const runTag = uid().slice(0, 6);
+  console.log(`fault scenarios (${opts.full ? "full" : "reduced"} sizes): ${chosen.map((s) => s.name).join(" ")}`);
+  console.log(`sizes: ${Object.entries(sizes).map(([k, v]) => `${k.replace(/^FAULTS_/, "")}=${v}`).join(" ")}`);
+  const started = Date.now();
+  const results = [];
+  for (const s of chosen) {
+    results.push(await runScenario(s, sizes, runTag));
+    closeAll();
+  }
+  const seconds = (Date.now() - started) / 1000;
+  console.log(`\n=== fault scenarios (${opts.full ? "full" : "reduced"}), ${seconds.toFixed(1)} s`);
+  for (const r of results) console.log(r.line);
+  const passed = results.every((r) => r.passed);
+  console.log(passed ? "all scenarios passed" : `FAILED: ${results.filter((r) => !r.passed).map((r) => r.name).join(" ")}`);
+  const summary = { mode: opts.full ? "full" : "reduced", passed, seconds, sizes, startedAt: new Date(started).toISOString(), scenarios: results };
+  fs.mkdirSync(path.dirname(opts.summary), { recursive: true });
+  fs.writeFileSync(opts.summary, `${JSON.stringify(summary, null, 2)}\n`);
+  console.log(`summary: ${opts.summary}`);
+  // socket.io clients and timers may linger: the verdict is in
+  await sleep(10);
+  process.exit(passed ? 0 : 1);
+}
+
+main().catch((e) => {
+  console.error(e.stack ?? e.message);
+  process.exit(2);
+});
