@@ -54,11 +54,8 @@ fi
 step "starting a private system on free ports"
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-faults.XXXXXX")
 export CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1
-mapfile -t ports < <(node scripts/free-ports.mjs 11)
-export CHATIFY_LB_PORT=${ports[0]} CHATIFY_GATEWAY1_PORT=${ports[1]} CHATIFY_GATEWAY2_PORT=${ports[2]}
-export CHATIFY_PERSISTER_PORT=${ports[3]} CHATIFY_NATS_PORT=${ports[4]} CHATIFY_NATS_MONITOR_PORT=${ports[5]}
-export CHATIFY_HDB_PORT=${ports[6]} CHATIFY_HDB_HTTP_PORT=${ports[7]} CHATIFY_HDB_MQTT_PORT=${ports[8]}
-export CHATIFY_HDB_MQTTS_PORT=${ports[9]} CHATIFY_HDB_REPLICATION_PORT=${ports[10]}
+# shellcheck source=scripts/free-ports.sh
+. scripts/free-ports.sh
 # Server settings for the harness (the caller's values win). They stay exported: restarts of a
 # component by the scenarios (deploy/local/up.sh NAME) get the same ones.
 #   load far above the per-socket rate limit; `unavailable` after 2 s rather than 5 s;

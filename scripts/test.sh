@@ -31,16 +31,13 @@ node --test --test-reporter=spec tests/deploy/
 step "starting a private system on free ports"
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-test.XXXXXX")
 export CHATIFY_RUN_DIR=$run_dir
-mapfile -t ports < <(node scripts/free-ports.mjs 13)
-export CHATIFY_LB_PORT=${ports[0]} CHATIFY_GATEWAY1_PORT=${ports[1]} CHATIFY_GATEWAY2_PORT=${ports[2]}
-export CHATIFY_PERSISTER_PORT=${ports[3]} CHATIFY_NATS_PORT=${ports[4]} CHATIFY_NATS_MONITOR_PORT=${ports[5]}
-export CHATIFY_HDB_PORT=${ports[6]} CHATIFY_HDB_HTTP_PORT=${ports[7]} CHATIFY_HDB_MQTT_PORT=${ports[8]}
-export CHATIFY_HDB_MQTTS_PORT=${ports[9]} CHATIFY_HDB_REPLICATION_PORT=${ports[10]}
+# shellcheck source=scripts/free-ports.sh
+. scripts/free-ports.sh
 status=1
 cleanup() {
   deploy/local/down.sh >/dev/null 2>&1 || deploy/local/down.sh || true
   if [[ $status -ne 0 && -d $run_dir/logs ]]; then
-    mkdir -p target/test-logs && cp -r "$run_dir/logs/." target/test-logs/ || true
+    { mkdir -p target/test-logs && cp -r "$run_dir/logs/." target/test-logs/; } || true
     echo "logs of this run: target/test-logs/" >&2
   fi
   rm -rf "$run_dir"
