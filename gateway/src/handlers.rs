@@ -82,8 +82,14 @@ pub async fn on_connect(s: SocketRef) {
 }
 
 /// Runs one event in its turn: decode, check auth expiry, `work`, answer.
-async fn run<T, F, Fut>(s: SocketRef, ack: AckSender, event: Ordered, name: &'static str, work: F)
-where
+async fn run<T, F, Fut>(
+    app: App,
+    s: SocketRef,
+    ack: AckSender,
+    event: Ordered,
+    name: &'static str,
+    work: F,
+) where
     T: Serialize,
     F: FnOnce(Arc<Session>, Value) -> Fut,
     Fut: Future<Output = Result<T, ChatError>>,
@@ -98,10 +104,16 @@ where
         let e = ChatError::unavailable("the connection is not set up yet; try again");
         return reply::<Empty>(&s, ack, wants_ack, name, Err(e));
     };
+    // Counted from arrival, so shutdown waits for events queued behind a running one too.
+    let running = app.lifecycle.begin();
     let _turn = ticket.turn().await;
     if !s.connected() {
         return;
     }
+    let Some(_running) = running else {
+        let e = ChatError::unavailable("the gateway is shutting down; reconnect and try again");
+        return reply::<Empty>(&s, ack, wants_ack, name, Err(e));
+    };
     metrics::counter!(m::EVENTS, "event" => name).increment(1);
     // Every log line of the event carries the socket and the event.
     let span = tracing::info_span!("event", socket_id = %s.id, event = name);
@@ -127,78 +139,85 @@ struct Joined {
 
 async fn join_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
     let socket = s.clone();
-    run(s, ack, event, "join_room", |session, v| async move {
-        let request = payload::join(&v, &app.limits)?;
-        let username = match &session.identity {
-            Some(identity) => identity.name.clone(),
-            None => request
-                .username
-                .ok_or_else(|| ChatError::invalid("username is required"))?,
-        };
-        let room = request.room;
-        let already_in = session.username_in(&room).is_some();
-        if !already_in && session.room_count() >= app.limits.rooms_per_socket {
-            return Err(ChatError::new(
-                ErrorCode::TooManyRooms,
-                format!(
-                    "a connection may be in at most {} rooms",
-                    app.limits.rooms_per_socket
-                ),
-            ));
-        }
-        if !already_in && !session.allow_join() {
-            metrics::counter!(m::RATE_LIMITED, "event" => "join_room").increment(1);
-            return Err(ChatError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "too many joins: at most {} a second, with bursts of {}",
-                    app.limits.joins_per_second, app.limits.join_burst
-                ),
-            ));
-        }
-        let users = if already_in {
-            app.rooms.users(&room).await
-        } else {
-            let users = app.rooms.join(&room, &socket, &username).await?;
-            session.add_room(&room, &username);
-            users
-        };
-        let query = HistoryQuery {
-            room: room.clone(),
-            before: None,
-            after: request.since,
-            limit: if request.since.is_some() {
-                SINCE_HISTORY_MAX
-            } else {
-                JOIN_HISTORY_LEN
-            },
-        };
-        let history = match app.bus.history(&query).await {
-            Ok(page) => page.messages,
-            Err(e) => {
-                // Without history a (re)joining client would silently miss messages: undo.
-                if !already_in {
-                    session.remove_room(&room);
-                    app.rooms.leave(&room, &socket).await;
-                }
-                return Err(e);
+    run(
+        app.clone(),
+        s,
+        ack,
+        event,
+        "join_room",
+        |session, v| async move {
+            let request = payload::join(&v, &app.limits)?;
+            let username = match &session.identity {
+                Some(identity) => identity.name.clone(),
+                None => request
+                    .username
+                    .ok_or_else(|| ChatError::invalid("username is required"))?,
+            };
+            let room = request.room;
+            let already_in = session.username_in(&room).is_some();
+            if !already_in && session.room_count() >= app.limits.rooms_per_socket {
+                return Err(ChatError::new(
+                    ErrorCode::TooManyRooms,
+                    format!(
+                        "a connection may be in at most {} rooms",
+                        app.limits.rooms_per_socket
+                    ),
+                ));
             }
-        };
-        if !already_in {
-            let welcome = Notice::new(&room, format!("Welcome {username}"));
-            emit(&socket, "receive_message", &welcome);
-        }
-        emit(&socket, "last_100_messages", &history);
-        if !already_in {
-            metrics::counter!(m::JOINS).increment(1);
-        }
-        tracing::debug!(socket_id = %socket.id, room = %room, "joined");
-        Ok(Joined {
-            room,
-            users,
-            history,
-        })
-    })
+            if !already_in && !session.allow_join() {
+                metrics::counter!(m::RATE_LIMITED, "event" => "join_room").increment(1);
+                return Err(ChatError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many joins: at most {} a second, with bursts of {}",
+                        app.limits.joins_per_second, app.limits.join_burst
+                    ),
+                ));
+            }
+            let users = if already_in {
+                app.rooms.users(&room).await
+            } else {
+                let users = app.rooms.join(&room, &socket, &username).await?;
+                session.add_room(&room, &username);
+                users
+            };
+            let query = HistoryQuery {
+                room: room.clone(),
+                before: None,
+                after: request.since,
+                limit: if request.since.is_some() {
+                    SINCE_HISTORY_MAX
+                } else {
+                    JOIN_HISTORY_LEN
+                },
+            };
+            let history = match app.bus.history(&query).await {
+                Ok(page) => page.messages,
+                Err(e) => {
+                    // Without history a (re)joining client would silently miss messages: undo.
+                    if !already_in {
+                        session.remove_room(&room);
+                        app.rooms.leave(&room, &socket).await;
+                    }
+                    return Err(e);
+                }
+            };
+            if !already_in {
+                let welcome = Notice::new(&room, format!("Welcome {username}"));
+                emit(&socket, "receive_message", &welcome);
+            }
+            emit(&socket, "last_100_messages", &history);
+            if !already_in {
+                metrics::counter!(m::JOINS).increment(1);
+            }
+            tracing::debug!(socket_id = %socket.id, room = %room, "joined");
+            Ok(Joined {
+                room,
+                users,
+                history,
+            })
+        },
+    )
     .await;
 }
 
@@ -211,7 +230,7 @@ struct Sent {
 
 async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
     let socket_id = s.id;
-    run(s, ack, event, "send_message", |session, v| async move {
+    run(app.clone(), s, ack, event, "send_message", |session, v| async move {
         let request = payload::send(&v, &app.limits)?;
         let username = session
             .username_in(&request.room)
@@ -264,14 +283,21 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
 
 async fn leave_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
     let socket = s.clone();
-    run(s, ack, event, "leave_room", |session, v| async move {
-        let room = payload::leave(&v, &app.limits)?;
-        session
-            .remove_room(&room)
-            .ok_or_else(|| ChatError::not_in_room(&room))?;
-        app.rooms.leave(&room, &socket).await;
-        Ok(Empty {})
-    })
+    run(
+        app.clone(),
+        s,
+        ack,
+        event,
+        "leave_room",
+        |session, v| async move {
+            let room = payload::leave(&v, &app.limits)?;
+            session
+                .remove_room(&room)
+                .ok_or_else(|| ChatError::not_in_room(&room))?;
+            app.rooms.leave(&room, &socket).await;
+            Ok(Empty {})
+        },
+    )
     .await;
 }
 
@@ -305,32 +331,46 @@ pub async fn history_page(
 }
 
 async fn get_history(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
-    run(s, ack, event, "get_history", |_session, v| async move {
-        let request = payload::history(&v, &app.limits)?;
-        history_page(&app, request).await
-    })
+    run(
+        app.clone(),
+        s,
+        ack,
+        event,
+        "get_history",
+        |_session, v| async move {
+            let request = payload::history(&v, &app.limits)?;
+            history_page(&app, request).await
+        },
+    )
     .await;
 }
 
 async fn typing(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
     let socket_id = s.id.to_string();
-    run(s, ack, event, "typing", |session, v| async move {
-        let request = payload::typing(&v, &app.limits)?;
-        let username = session
-            .username_in(&request.room)
-            .ok_or_else(|| ChatError::not_in_room(&request.room))?;
-        app.bus
-            .publish_typing(&TypingEvent {
-                socket_id,
-                typing: Typing {
-                    room: request.room,
-                    username,
-                    is_typing: request.is_typing,
-                },
-            })
-            .await?;
-        Ok(Empty {})
-    })
+    run(
+        app.clone(),
+        s,
+        ack,
+        event,
+        "typing",
+        |session, v| async move {
+            let request = payload::typing(&v, &app.limits)?;
+            let username = session
+                .username_in(&request.room)
+                .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+            app.bus
+                .publish_typing(&TypingEvent {
+                    socket_id,
+                    typing: Typing {
+                        room: request.room,
+                        username,
+                        is_typing: request.is_typing,
+                    },
+                })
+                .await?;
+            Ok(Empty {})
+        },
+    )
     .await;
 }
 

@@ -8,6 +8,7 @@ pub mod connections;
 pub mod error;
 pub mod handlers;
 pub mod http;
+pub mod lifecycle;
 pub mod liveness;
 pub mod metrics;
 pub mod payload;

@@ -20,6 +20,7 @@ use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
 use crate::handlers;
 use crate::http::{self, HttpState, Origins};
+use crate::lifecycle::Lifecycle;
 use crate::rooms::Rooms;
 use crate::state::{App, AppInner};
 
@@ -71,6 +72,7 @@ impl Application {
             ),
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
+            lifecycle: Lifecycle::default(),
             connections: Arc::new(ConnectionLimiter::new(
                 settings.limits.connections_per_address,
                 &settings.limits.trusted_proxies,
@@ -155,6 +157,9 @@ impl Application {
         let drain = async {
             stop_accepting.cancel();
             let _ = liveness.await;
+            // Events already running finish and answer; new ones are refused.
+            self.app.lifecycle.stop();
+            self.app.lifecycle.idle(deadline / 2).await;
             // Disconnects every socket, then tells the other gateways they left.
             self.io.close().await;
             tracing::info!(

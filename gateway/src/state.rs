@@ -8,6 +8,7 @@ use chatify_shared::config::Limits;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
+use crate::lifecycle::Lifecycle;
 use crate::rooms::Rooms;
 
 /// Shared gateway state; cheap to clone.
@@ -25,6 +26,8 @@ pub struct AppInner {
     pub auth: Option<Authenticator>,
     /// The per-address connection cap.
     pub connections: Arc<ConnectionLimiter>,
+    /// Refuses new events and tracks running ones during shutdown.
+    pub lifecycle: Lifecycle,
 }
 
 impl App {
