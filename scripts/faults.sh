@@ -51,6 +51,11 @@ if ((${#missing[@]})); then
   exit 1
 fi
 
+# Addresses of another system (an env file sourced by the caller) would win over this run's own
+# in the harness: they are outputs of deploy/local/up.sh, never inputs, so drop them.
+unset CHATIFY_LB_URL CHATIFY_GATEWAY1_URL CHATIFY_GATEWAY2_URL CHATIFY_PERSISTER_URL CHATIFY_NATS_URL \
+  CHATIFY_NATS_MONITOR_URL CHATIFY_HARPERDB_URL
+
 step "starting a private system on free ports"
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-faults.XXXXXX")
 export CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1

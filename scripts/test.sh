@@ -44,14 +44,18 @@ cleanup() {
 }
 trap cleanup EXIT
 deploy/local/up.sh
-# shellcheck disable=SC1091
-. "$run_dir/env"
-export CHATIFY_TEST_HARPERDB_URL=$CHATIFY_HARPERDB_URL
-export CHATIFY_TEST_HARPERDB_USERNAME=$CHATIFY_HARPERDB__USERNAME
-export CHATIFY_TEST_HARPERDB_PASSWORD=$CHATIFY_HARPERDB__PASSWORD
 
 step "Rust unit and integration tests"
-CHATIFY_REQUIRE_INTEGRATION=1 cargo test --workspace --locked
+# In a subshell: this system's addresses must not leak into the later steps (the fault harness
+# starts a system of its own). The e2e suite reads them from $CHATIFY_RUN_DIR/env itself.
+(
+  # shellcheck disable=SC1091
+  . "$run_dir/env"
+  export CHATIFY_TEST_HARPERDB_URL=$CHATIFY_HARPERDB_URL
+  export CHATIFY_TEST_HARPERDB_USERNAME=$CHATIFY_HARPERDB__USERNAME
+  export CHATIFY_TEST_HARPERDB_PASSWORD=$CHATIFY_HARPERDB__PASSWORD
+  CHATIFY_REQUIRE_INTEGRATION=1 cargo test --workspace --locked
+)
 
 step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
