@@ -46,6 +46,29 @@ pub fn consumer_config() -> pull::Config {
     }
 }
 
+/// Exponential back-off between retries: each wait doubles, up to `max`.
+struct Backoff {
+    delay: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The coming wait, for logs.
+    fn next_ms(&self) -> u64 {
+        u64::try_from(self.delay.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sleeps the current delay and doubles it; false if shutdown came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(self.delay) => {}
+        }
+        self.delay = (self.delay * 2).min(self.max);
+        true
+    }
+}
+
 /// What writing some records came to.
 enum Outcome {
     Written,
@@ -235,8 +258,7 @@ impl Writer {
     ) -> Outcome {
         let started = Instant::now();
         let mut rejections = 0;
-        let mut delay = Duration::from_millis(self.settings.retry_initial_ms);
-        let max = Duration::from_millis(self.settings.retry_max_ms);
+        let mut backoff = self.backoff();
         loop {
             if started.elapsed() > ACK_WAIT / 3 {
                 self.keep_alive(messages).await;
@@ -244,7 +266,7 @@ impl Writer {
             match self.db.insert(records).await {
                 Ok(()) => return Outcome::Written,
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "writing to HarperDB failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.next_ms(), "writing to HarperDB failed; retrying");
                 }
                 Err(e) => {
                     rejections += 1;
@@ -255,11 +277,9 @@ impl Writer {
                 }
             }
             metrics::counter!(m::WRITE_RETRIES).increment(1);
-            tokio::select! {
-                () = shutdown.cancelled() => return Outcome::Stopped,
-                () = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return Outcome::Stopped;
             }
-            delay = (delay * 2).min(max);
         }
     }
 
@@ -280,7 +300,7 @@ impl Writer {
                 info.stream_sequence.to_string().as_str(),
             );
         }
-        let mut delay = Duration::from_millis(self.settings.retry_initial_ms);
+        let mut backoff = self.backoff();
         loop {
             let published = async {
                 self.js
@@ -295,11 +315,9 @@ impl Writer {
                 Ok(()) => break,
                 Err(e) => tracing::warn!(error = %e, "could not dead-letter a message; retrying"),
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return false,
-                () = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_millis(self.settings.retry_max_ms));
         }
         tracing::error!(%subject, error = %reason, "message refused by HarperDB moved to the dead-letter stream");
         metrics::counter!(m::DEAD_LETTERED).increment(1);
@@ -323,24 +341,29 @@ impl Writer {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), HarperError>>,
     {
-        let mut delay = Duration::from_millis(self.settings.retry_initial_ms);
-        let max = Duration::from_millis(self.settings.retry_max_ms);
+        let mut backoff = self.backoff();
         loop {
             match op().await {
                 Ok(()) => return true,
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.next_ms(), "{what} failed; retrying");
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} was rejected; retrying");
+                    tracing::error!(error = %e, retry_in_ms = backoff.next_ms(), "{what} was rejected; retrying");
                 }
             }
             metrics::counter!(m::WRITE_RETRIES).increment(1);
-            tokio::select! {
-                () = shutdown.cancelled() => return false,
-                () = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(max);
+        }
+    }
+
+    /// A fresh back-off from the configured initial to maximum delay.
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            delay: Duration::from_millis(self.settings.retry_initial_ms),
+            max: Duration::from_millis(self.settings.retry_max_ms),
         }
     }
 }
