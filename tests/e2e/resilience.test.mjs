@@ -81,6 +81,21 @@ async function privateStack(t, tag, gateways = 1) {
   return stack;
 }
 
+/** A private stack with two gateways, and one member of a fresh room on each. */
+async function membersOnBothGateways(t, tag, roomTag) {
+  const stack = await privateStack(t, tag, 2);
+  const [g1, g2] = stack.gws;
+  const room = roomName(roomTag);
+  const na = userName("a");
+  const nb = userName("b");
+  const a = await connect(g1.url, { transports: ["websocket"] }, t);
+  const b = await connect(g2.url, { transports: ["websocket"] }, t);
+  await join(a, room, na);
+  await join(b, room, nb);
+  await waitFor(a, "chatroom_users", sameUsers([me(a, na), me(b, nb)]));
+  return { stack, g1, g2, room, a, na, b, nb };
+}
+
 async function untilOk(s, event, payload, timeoutMs = 15_000) {
   const deadline = Date.now() + timeoutMs;
   let res;
@@ -152,16 +167,7 @@ describe("NATS outage", () => {
   });
 
   test("after a NATS restart: new joins work and members across gateways still see each other", { timeout: 60_000 }, async (t) => {
-    const stack = await privateStack(t, "e2e-rejoin", 2);
-    const [g1, g2] = stack.gws;
-    const room = roomName("after-restart");
-    const na = userName("a");
-    const nb = userName("b");
-    const a = await connect(g1.url, { transports: ["websocket"] }, t);
-    const b = await connect(g2.url, { transports: ["websocket"] }, t);
-    await join(a, room, na);
-    await join(b, room, nb);
-    await waitFor(a, "chatroom_users", sameUsers([me(a, na), me(b, nb)]));
+    const { stack, g1, room, a, na, b, nb } = await membersOnBothGateways(t, "e2e-rejoin", "after-restart");
 
     await stack.down();
     await stack.up();
@@ -178,16 +184,7 @@ describe("NATS outage", () => {
   });
 
   test("an outage longer than the gateway timeout declares nobody dead: members stay listed, no 'has left'", { timeout: 90_000 }, async (t) => {
-    const stack = await privateStack(t, "e2e-long-outage", 2);
-    const [g1, g2] = stack.gws;
-    const room = roomName("long-outage");
-    const na = userName("a");
-    const nb = userName("b");
-    const a = await connect(g1.url, { transports: ["websocket"] }, t);
-    const b = await connect(g2.url, { transports: ["websocket"] }, t);
-    await join(a, room, na);
-    await join(b, room, nb);
-    await waitFor(a, "chatroom_users", sameUsers([me(a, na), me(b, nb)]));
+    const { stack, g1, room, a, na, b, nb } = await membersOnBothGateways(t, "e2e-long-outage", "long-outage");
     const since = a.rec.events.length;
 
     await stack.down();
