@@ -16,3 +16,4 @@ pub mod rooms;
 pub mod session;
 pub mod startup;
 pub mod state;
+pub mod tcp;

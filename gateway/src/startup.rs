@@ -10,6 +10,7 @@ use std::time::Duration;
 use chatify_shared::Settings;
 use chatify_shared::bus::{self, BusError};
 use chatify_shared::subjects::GatewayId;
+use axum::serve::ListenerExt;
 use socketioxide::SocketIo;
 use socketioxide::handler::ConnectHandler;
 use tokio::net::TcpListener;
@@ -23,6 +24,7 @@ use crate::http::{self, HttpState, Origins};
 use crate::lifecycle::Lifecycle;
 use crate::rooms::Rooms;
 use crate::state::{App, AppInner};
+use crate::tcp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -44,6 +46,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     heartbeat_interval: Duration,
     gateway_timeout: Duration,
+    /// Connections whose writes stall this long are aborted (see `tcp`).
+    write_stall_limit: Duration,
     name: String,
 }
 
@@ -113,6 +117,10 @@ impl Application {
             shutdown_timeout: Duration::from_millis(gw.shutdown_timeout_ms),
             heartbeat_interval: Duration::from_millis(gw.heartbeat_interval_ms),
             gateway_timeout: Duration::from_millis(gw.gateway_timeout_ms),
+            write_stall_limit: tcp::write_stall_limit(
+                Duration::from_millis(gw.ping_interval_ms),
+                Duration::from_millis(gw.ping_timeout_ms),
+            ),
             name: gw.name.clone(),
         })
     }
@@ -131,7 +139,11 @@ impl Application {
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        let server = axum::serve(self.listener, service)
+        let stall_limit = self.write_stall_limit;
+        let listener = self
+            .listener
+            .tap_io(move |stream| tcp::abort_stalled_writes(stream, stall_limit));
+        let server = axum::serve(listener, service)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });
         let liveness = tokio::spawn(crate::liveness::run(
