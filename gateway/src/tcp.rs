@@ -45,5 +45,4 @@ mod tests {
         assert_eq!(set, Some(Duration::from_millis(45_000)));
         Ok(())
     }
-
 }
