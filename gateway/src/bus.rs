@@ -1,24 +1,22 @@
-//! The gateway's use of NATS for messages and history: store a message in JetStream and, once
-//! stored, fan it out on the room's core subject; ask the persisters for history.
+//! The gateway's use of NATS for messages and history: store a message in JetStream (which
+//! republishes it to the room); ask the persisters for history.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use chatify_shared::subjects::{HISTORY_SUBJECT, RoomToken};
-use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, TypingEvent};
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage, TypingEvent};
 use sha2::{Digest, Sha256};
 
 use crate::error::ChatError;
 
-/// What storing a message came to.
+/// What storing a message came to: the message as stored, with its id.
 #[derive(Debug)]
 pub enum Stored {
-    /// Stored now and delivered to the room.
-    New,
+    /// Stored now; the stream republishes it to the room.
+    New(ChatMessage),
     /// The same retry key was stored before: this is the first message, not delivered again.
     Duplicate(ChatMessage),
 }
@@ -31,11 +29,6 @@ pub struct Bus {
     /// The messages stream, to read a first message back when a retry is a duplicate.
     messages: Stream,
     request_timeout: Duration,
-    /// Retry keys whose store attempt failed without an answer: JetStream may have stored the
-    /// message while nobody fanned it out. When a retry then turns out a duplicate, the first
-    /// message is fanned out at last. Entries older than the duplicate window are dropped.
-    in_doubt: Arc<Mutex<HashMap<String, Instant>>>,
-    duplicate_window: Duration,
 }
 
 /// The `Nats-Msg-Id` of a retryable message: one user's `clientId` in one room. Hashed so any
@@ -50,12 +43,7 @@ pub fn dedup_key(user_scope: &str, room: &str, client_id: &str) -> String {
 }
 
 impl Bus {
-    pub fn new(
-        nats: async_nats::Client,
-        messages: Stream,
-        request_timeout: Duration,
-        duplicate_window: Duration,
-    ) -> Self {
+    pub fn new(nats: async_nats::Client, messages: Stream, request_timeout: Duration) -> Self {
         let js = jetstream::ContextBuilder::new()
             .timeout(request_timeout)
             .build(nats.clone());
@@ -64,29 +52,17 @@ impl Bus {
             js,
             messages,
             request_timeout,
-            in_doubt: Arc::new(Mutex::new(HashMap::new())),
-            duplicate_window,
         }
     }
 
-    fn in_doubt(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.in_doubt
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn mark_in_doubt(&self, key: &str) {
-        let mut in_doubt = self.in_doubt();
-        let window = self.duplicate_window;
-        in_doubt.retain(|_, at| at.elapsed() < window);
-        in_doubt.insert(key.to_owned(), Instant::now());
-    }
-
-    /// Stores `message` in JetStream (deduplicated by `dedup`) and, when it is new, publishes it
-    /// to every gateway with members in the room. Returns only after JetStream confirmed.
+    /// Stores `message` in JetStream (deduplicated by `dedup`). Returns only after JetStream
+    /// confirmed, with the id the stream sequence gives it. Delivery is not ours to do: the
+    /// stream republishes what it stored to the room, in its order, and a duplicate is not
+    /// stored, so a retry is never delivered twice, and a message stored while its sender's
+    /// wait timed out is still delivered.
     pub async fn publish_message(
         &self,
-        message: &ChatMessage,
+        message: StoredMessage,
         dedup: Option<String>,
     ) -> Result<Stored, ChatError> {
         let unavailable = |e: &dyn std::fmt::Display| {
@@ -94,56 +70,29 @@ impl Bus {
             ChatError::unavailable("the message could not be stored; try again")
         };
         let token = RoomToken::new(&message.room);
-        let payload = Bytes::from(serde_json::to_vec(message).map_err(|e| unavailable(&e))?);
+        let payload = Bytes::from(serde_json::to_vec(&message).map_err(|e| unavailable(&e))?);
         let mut headers = HeaderMap::new();
         if let Some(key) = &dedup {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
         }
-        let stored = async {
-            self.js
-                .publish_with_headers(token.store_subject(), headers, payload.clone())
-                .await
-                .map_err(|e| unavailable(&e))?
-                .await
-                .map_err(|e| unavailable(&e))
-        }
-        .await;
-        let ack = match stored {
-            Ok(ack) => ack,
-            Err(e) => {
-                if let Some(key) = &dedup {
-                    self.mark_in_doubt(key);
-                }
-                return Err(e);
-            }
-        };
+        let ack = self
+            .js
+            .publish_with_headers(token.store_subject(), headers, payload)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .await
+            .map_err(|e| unavailable(&e))?;
         if ack.duplicate {
             let first = self
                 .messages
                 .get_raw_message(ack.sequence)
                 .await
                 .map_err(|e| unavailable(&e))?;
-            let was_in_doubt = dedup
-                .as_ref()
-                .is_some_and(|k| self.in_doubt().remove(k).is_some());
-            if was_in_doubt
-                && let Err(e) = self
-                    .nats
-                    .publish(token.message_subject(), first.payload.clone())
-                    .await
-            {
-                tracing::warn!(error = %e, "a retried message could not be fanned out");
-            }
-            let first: ChatMessage =
+            let first: StoredMessage =
                 serde_json::from_slice(&first.payload).map_err(|e| unavailable(&e))?;
-            return Ok(Stored::Duplicate(first));
+            return Ok(Stored::Duplicate(first.into_message(ack.sequence)));
         }
-        // Stored: from here on the message is safe. A failed fan-out only delays delivery (the
-        // persister stores it and clients recover it with `since`), so it is logged, not failed.
-        if let Err(e) = self.nats.publish(token.message_subject(), payload).await {
-            tracing::warn!(error = %e, message_id = %message.id, "stored message could not be fanned out");
-        }
-        Ok(Stored::New)
+        Ok(Stored::New(message.into_message(ack.sequence)))
     }
 
     pub async fn publish_typing(&self, event: &TypingEvent) -> Result<(), ChatError> {

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use chatify_shared::id::new_message_id;
+use chatify_shared::id::now_millis;
 use chatify_shared::wire::{
     ChatMessage, ErrorCode, HistoryQuery, JOIN_HISTORY_LEN, Member, Notice, SINCE_HISTORY_MAX,
-    Typing, TypingEvent,
+    StoredMessage, Typing, TypingEvent,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -245,7 +245,6 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
                 ),
             ));
         }
-        let (id, created_time) = new_message_id();
         let dedup = request.client_id.as_deref().map(|client_id| {
             let scope = match &session.identity {
                 Some(identity) => format!("user:{}", identity.user_id),
@@ -253,21 +252,23 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
             };
             dedup_key(&scope, &request.room, client_id)
         });
-        let message = ChatMessage {
-            id,
+        let message = StoredMessage {
             room: request.room,
             username,
             message: request.message,
-            created_time,
+            created_time: now_millis(),
         };
         let started = std::time::Instant::now();
-        let stored = app.bus.publish_message(&message, dedup).await?;
+        let stored = app.bus.publish_message(message, dedup).await?;
         metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(match stored {
-            Stored::New => {
+            Stored::New(message) => {
                 metrics::counter!(m::MESSAGES_RECEIVED).increment(1);
-                tracing::debug!(%socket_id, message_id = %id, room = %message.room, "message stored");
-                Sent { id, created_time }
+                tracing::debug!(%socket_id, message_id = %message.id, room = %message.room, "message stored");
+                Sent {
+                    id: message.id,
+                    created_time: message.created_time,
+                }
             }
             Stored::Duplicate(first) => {
                 metrics::counter!(m::DUPLICATE_SENDS).increment(1);

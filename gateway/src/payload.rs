@@ -101,8 +101,10 @@ fn message_id(o: &Map<String, Value>, name: &str) -> Result<Option<Uuid>, ChatEr
     match string_field(o, &[name])? {
         None => Ok(None),
         Some(s) => Uuid::parse_str(s)
+            .ok()
+            .filter(|id| chatify_shared::id::sequence_of(id).is_some())
             .map(Some)
-            .map_err(|_| ChatError::invalid(format!("{name} must be a message id"))),
+            .ok_or_else(|| ChatError::invalid(format!("{name} must be a message id"))),
     }
 }
 
@@ -236,8 +238,29 @@ mod tests {
     }
 
     #[test]
+    fn cursors_must_be_message_ids() {
+        // A UUIDv7 that is not one of ours: `rand_a` set.
+        let foreign_v7 =
+            Uuid::from_u128(chatify_shared::id::message_id(1, 1).as_u128() | (0x123 << 64));
+        for since in ["x", &Uuid::new_v4().to_string(), &foreign_v7.to_string()] {
+            let v = json!({"username": "ann", "room": "r", "since": since});
+            assert_eq!(
+                code(join(&v, &limits())),
+                ErrorCode::InvalidPayload,
+                "{since}"
+            );
+            let v = json!({"room": "r", "before": since});
+            assert_eq!(
+                code(history(&v, &limits())),
+                ErrorCode::InvalidPayload,
+                "{since}"
+            );
+        }
+    }
+
+    #[test]
     fn join_accepts_both_payload_shapes() {
-        let id = Uuid::now_v7();
+        let id = chatify_shared::id::message_id(1_700_000_000_000, 7);
         assert_eq!(
             join(
                 &json!({"username": "ann", "room": "a.b", "since": id.to_string()}),

@@ -20,9 +20,10 @@ use chatify_shared::subjects::{
     GATEWAY_DEAD_SUBJECT, GatewayId, RoomEventKind, RoomToken, presence_record_gateway,
     presence_records_of, room_event_kind,
 };
-use chatify_shared::wire::{Member, Notice, PresenceChange, PresenceEvent, TypingEvent};
+use chatify_shared::wire::{
+    Member, Notice, PresenceChange, PresenceEvent, StoredMessage, TypingEvent,
+};
 use futures::StreamExt;
-use serde_json::value::RawValue;
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
@@ -506,7 +507,7 @@ impl Rooms {
                 Some(RoomEventKind::Message) => {
                     let members = room.local_count.load(Ordering::Relaxed);
                     metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
-                    deliver(io, &room.name, &message.payload).await;
+                    deliver(io, &room.name, &message).await;
                 }
                 Some(RoomEventKind::Typing) => {
                     match serde_json::from_slice::<TypingEvent>(&message.payload) {
@@ -608,19 +609,25 @@ fn except(
     }
 }
 
-/// Emits a stored message, as the JSON it was published with, to the room's local sockets.
-async fn deliver(io: &SocketIo, room: &str, payload: &[u8]) {
-    let raw = std::str::from_utf8(payload)
-        .ok()
-        .and_then(|s| RawValue::from_string(s.to_owned()).ok());
-    let Some(raw) = raw else {
+/// Emits a message the stream republished (its payload and the `Nats-Sequence` it was stored
+/// at, from which its id comes) to the room's local sockets.
+async fn deliver(io: &SocketIo, room: &str, republished: &async_nats::Message) {
+    let sequence = republished
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+        .and_then(|v| v.as_str().parse::<u64>().ok());
+    let stored = serde_json::from_slice::<StoredMessage>(&republished.payload);
+    let (Some(sequence), Ok(stored)) = (sequence, stored) else {
         tracing::warn!("undecodable chat message on the room subject");
         return;
     };
     metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
     log_emit(
         "receive_message",
-        io.to(room.to_owned()).emit("receive_message", &raw).await,
+        io.to(room.to_owned())
+            .emit("receive_message", &stored.into_message(sequence))
+            .await,
     );
 }
 

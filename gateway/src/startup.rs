@@ -68,12 +68,7 @@ impl Application {
         let rooms = Arc::new(Rooms::new(nats.clone(), js, presence, GatewayId::random()));
         let app = App::new(AppInner {
             limits: settings.limits.clone(),
-            bus: Bus::new(
-                nats.clone(),
-                messages,
-                settings.nats.request_timeout(),
-                Duration::from_secs(settings.stream.duplicate_window_secs),
-            ),
+            bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
             lifecycle: Lifecycle::default(),

@@ -2,9 +2,11 @@
 //!
 //! Table design (see `../shared/notes/harperdb-and-nats.md`): HarperDB 4.7 silently drops a
 //! `<` condition when a room filter and a time condition are combined, so the table has one
-//! index only, the primary key `pk = "<room token>|<message id>"`. Room tokens hold no `|` and
-//! message ids are UUIDv7 text, so keys sort by room, then time; every history query is one
-//! `between` on `pk`, sorted by it, with a limit. Indexing nothing else also keeps writes fast.
+//! index only, the primary key `pk = "<room token>|<stream sequence, 16 hex digits>"`. Room
+//! tokens hold no `|`, so keys sort by room, then by the room's one order (the stream's, which
+//! is also delivery order; message ids carry it, see `chatify_shared::id`); every history query
+//! is one `between` on `pk`, sorted by it, with a limit. Indexing nothing else also keeps
+//! writes fast.
 
 use std::time::Duration;
 
@@ -67,7 +69,7 @@ struct Record {
 impl Record {
     fn from_message(m: &ChatMessage) -> Self {
         Self {
-            pk: storage_key(&RoomToken::new(&m.room), &m.id.to_string()),
+            pk: storage_key(&RoomToken::new(&m.room), &sequence_key(m.sequence())),
             id: m.id,
             room: m.room.clone(),
             username: m.username.clone(),
@@ -99,7 +101,12 @@ fn storage_key(room: &RoomToken, suffix: &str) -> String {
     format!("{room}|{suffix}")
 }
 
-/// The first character after every UUID character in byte order: the upper end of a room's keys.
+/// A stream sequence as fixed-width text, so keys sort as the sequences do.
+fn sequence_key(sequence: u64) -> String {
+    format!("{sequence:016x}")
+}
+
+/// The first character after every hex digit in byte order: the upper end of a room's keys.
 const KEY_RANGE_END: &str = "~";
 
 impl HarperDb {
@@ -241,12 +248,10 @@ impl HarperDb {
     /// The newest `query.limit` messages of the room with `after < id < before`, oldest first.
     pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, HarperError> {
         let room = RoomToken::new(&query.room);
-        let lower = storage_key(
-            &room,
-            &query.after.map(|a| a.to_string()).unwrap_or_default(),
-        );
+        let (after, before) = query.sequence_bounds();
+        let lower = storage_key(&room, &sequence_key(after));
         let upper = match query.before {
-            Some(b) => storage_key(&room, &b.to_string()),
+            Some(_) => storage_key(&room, &sequence_key(before)),
             None => storage_key(&room, KEY_RANGE_END),
         };
         let wanted = query.limit as usize + 1;
@@ -286,11 +291,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_sort_by_room_then_time_and_never_cross_rooms() {
+    fn keys_sort_by_room_then_sequence_and_never_cross_rooms() {
         let a = RoomToken::new("a");
         let ab = RoomToken::new("a.b");
-        let (id1, id2) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+        let (id1, id2) = (sequence_key(9), sequence_key(10));
         assert!(storage_key(&a, &id1) < storage_key(&a, &id2));
+        assert!(storage_key(&a, &sequence_key(u64::MAX)) < storage_key(&a, KEY_RANGE_END));
         for room in [&a, &ab] {
             let (lo, hi) = (storage_key(room, ""), storage_key(room, KEY_RANGE_END));
             assert!(lo < storage_key(room, &id1) && storage_key(room, &id1) < hi);

@@ -82,6 +82,12 @@ async fn answer(
             code: 400,
         });
     }
+    if query.checked_sequence_bounds().is_none() {
+        return Err(service::error::Error {
+            status: "invalid history query: a cursor is not a message id".into(),
+            code: 400,
+        });
+    }
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::warn!(error = %e, "history query failed");
         service::error::Error {

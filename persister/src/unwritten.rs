@@ -8,7 +8,7 @@
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use chatify_shared::subjects::{PERSISTER_CONSUMER, RoomToken};
-use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage};
 
 /// The most unwritten messages of one room read for one answer; beyond that the writer is far
 /// behind (HarperDB was down) and history answers `unavailable` until it catches up.
@@ -59,8 +59,8 @@ impl Unwritten {
             {
                 Ok(m) => {
                     next = m.sequence + 1;
-                    match serde_json::from_slice::<ChatMessage>(&m.payload) {
-                        Ok(chat) => found.push(chat),
+                    match serde_json::from_slice::<StoredMessage>(&m.payload) {
+                        Ok(stored) => found.push(stored.into_message(m.sequence)),
                         Err(e) => {
                             tracing::warn!(error = %e, seq = m.sequence, "undecodable message skipped")
                         }
@@ -83,9 +83,8 @@ pub fn merge(
     stored: HistoryPage,
     unwritten: Vec<ChatMessage>,
 ) -> HistoryPage {
-    let in_bounds = |m: &ChatMessage| {
-        query.after.is_none_or(|a| m.id > a) && query.before.is_none_or(|b| m.id < b)
-    };
+    let (after, before) = query.sequence_bounds();
+    let in_bounds = |m: &ChatMessage| after < m.sequence() && m.sequence() < before;
     let mut all: Vec<ChatMessage> = stored.messages;
     let stored_count = all.len();
     all.extend(unwritten.into_iter().filter(in_bounds));
@@ -95,7 +94,7 @@ pub fn merge(
             has_more: stored.has_more,
         };
     }
-    all.sort_by_key(|m| m.id);
+    all.sort_by_key(ChatMessage::sequence);
     all.dedup_by(|a, b| a.id == b.id);
     let limit = query.limit as usize;
     let has_more = stored.has_more || all.len() > limit;
@@ -111,17 +110,18 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
+    /// Messages in stream order whose creation times run backwards (two gateways' clocks may
+    /// disagree): stream order must win.
     fn msgs(n: usize) -> Vec<ChatMessage> {
         (0..n)
             .map(|i| {
-                let (id, created_time) = chatify_shared::id::new_message_id();
-                ChatMessage {
-                    id,
+                StoredMessage {
                     room: "r".into(),
                     username: "u".into(),
                     message: format!("m{i}"),
-                    created_time,
+                    created_time: 1_700_000_000_000 - i as i64,
                 }
+                .into_message(100 + i as u64)
             })
             .collect()
     }

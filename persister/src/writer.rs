@@ -16,7 +16,7 @@ use chatify_shared::subjects::{
     DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SEQUENCE_HEADER, MESSAGES_STREAM, PERSISTER_CONSUMER,
     dead_letter_subject,
 };
-use chatify_shared::wire::ChatMessage;
+use chatify_shared::wire::{ChatMessage, StoredMessage};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -187,12 +187,21 @@ impl Writer {
         let mut decoded = Vec::with_capacity(batch.len());
         let mut ackable = Vec::with_capacity(batch.len());
         for m in batch {
-            match serde_json::from_slice::<ChatMessage>(&m.payload) {
-                Ok(chat) => {
-                    decoded.push(chat);
+            let sequence = m.info().map(|info| info.stream_sequence);
+            match (
+                sequence,
+                serde_json::from_slice::<StoredMessage>(&m.payload),
+            ) {
+                (Ok(sequence), Ok(stored)) => {
+                    decoded.push(stored.into_message(sequence));
                     ackable.push(m);
                 }
-                Err(e) => {
+                (Err(e), _) => {
+                    // Not a JetStream delivery (no sequence): nothing to ack either.
+                    tracing::error!(subject = %m.subject, error = %e, "message without stream metadata skipped");
+                    metrics::counter!(m::POISON_MESSAGES).increment(1);
+                }
+                (Ok(_), Err(e)) => {
                     // Gateways only publish valid messages; whatever this is, retrying won't fix it.
                     tracing::error!(subject = %m.subject, error = %e, "undecodable message terminated");
                     metrics::counter!(m::POISON_MESSAGES).increment(1);

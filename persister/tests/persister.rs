@@ -9,7 +9,7 @@ use chatify_persister::startup::Application;
 use chatify_shared::Settings;
 use chatify_shared::subjects::{HISTORY_SUBJECT, RoomToken};
 use chatify_shared::testing::NatsServer as Nats;
-use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage};
 use secrecy::SecretString;
 use uuid::Uuid;
 
@@ -81,29 +81,43 @@ impl Running {
     }
 }
 
-fn message(room: &str, text: &str) -> ChatMessage {
-    let (id, created_time) = chatify_shared::id::new_message_id();
-    ChatMessage {
-        id,
+fn message(room: &str, text: &str) -> StoredMessage {
+    StoredMessage {
         room: room.to_owned(),
         username: "tester".to_owned(),
         message: text.to_owned(),
-        created_time,
+        created_time: chatify_shared::id::now_millis(),
     }
 }
 
-/// Stores a message in the stream the way a gateway does.
-async fn publish(js: &async_nats::jetstream::Context, m: &ChatMessage, msg_id: &str) -> TestResult {
+/// Stores a message in the stream the way a gateway does, with a retry key: the message as
+/// clients see it (with the id its stream sequence gives it), and whether it was a duplicate.
+async fn publish_with_key(
+    js: &async_nats::jetstream::Context,
+    m: &StoredMessage,
+    msg_id: &str,
+) -> Result<(ChatMessage, bool), Box<dyn std::error::Error>> {
     let mut headers = HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
-    js.publish_with_headers(
-        RoomToken::new(&m.room).store_subject(),
-        headers,
-        serde_json::to_vec(m)?.into(),
-    )
-    .await?
-    .await?;
-    Ok(())
+    let ack = js
+        .publish_with_headers(
+            RoomToken::new(&m.room).store_subject(),
+            headers,
+            serde_json::to_vec(m)?.into(),
+        )
+        .await?
+        .await?;
+    Ok((m.clone().into_message(ack.sequence), ack.duplicate))
+}
+
+/// [`publish_with_key`] without a retry key.
+async fn publish(
+    js: &async_nats::jetstream::Context,
+    m: &StoredMessage,
+) -> Result<ChatMessage, Box<dyn std::error::Error>> {
+    Ok(publish_with_key(js, m, &Uuid::new_v4().to_string())
+        .await?
+        .0)
 }
 
 async fn history(
@@ -172,15 +186,19 @@ async fn messages_are_stored_once_and_paged_back_per_room() -> TestResult {
     let mut sent = Vec::new();
     for i in 0..120 {
         let m = message("a.b", &format!("m{i}"));
-        publish(&js, &m, &m.id.to_string()).await?;
-        sent.push(m);
+        let (stored, duplicate) = publish_with_key(&js, &m, &format!("key {i}")).await?;
+        assert!(!duplicate);
+        if i == 5 {
+            // A retry with the same key: JetStream keeps the first, so the table has it once.
+            let (again, duplicate) = publish_with_key(&js, &m, "key 5").await?;
+            assert!(duplicate);
+            assert_eq!(again.id, stored.id, "a retry is the first message");
+        }
+        sent.push(stored);
     }
     for room in ["a", "*", ">", "a.*"] {
-        let m = message(room, &format!("only in {room}"));
-        publish(&js, &m, &m.id.to_string()).await?;
+        publish(&js, &message(room, &format!("only in {room}"))).await?;
     }
-    // The same message again under another stream id: the stream holds it twice, the table once.
-    publish(&js, &sent[5], "a-different-msg-id").await?;
 
     let all = wait_for_count(&client, "a.b", 120).await?;
     assert_eq!(all.messages, sent, "every message once, oldest first");
@@ -281,11 +299,9 @@ async fn history_survives_a_restart_and_writes_resume() -> TestResult {
     let js = async_nats::jetstream::new(client.clone());
 
     let first = spawn_persister(settings.clone()).await?;
-    let before_restart: Vec<ChatMessage> = (0..10)
-        .map(|i| message("restart", &format!("before {i}")))
-        .collect();
-    for m in &before_restart {
-        publish(&js, m, &m.id.to_string()).await?;
+    let mut before_restart = Vec::new();
+    for i in 0..10 {
+        before_restart.push(publish(&js, &message("restart", &format!("before {i}"))).await?);
     }
     assert_eq!(
         wait_for_count(&client, "restart", 10).await?.messages,
@@ -294,11 +310,9 @@ async fn history_survives_a_restart_and_writes_resume() -> TestResult {
     first.stop().await;
 
     // Written while no persister runs: waits in the stream.
-    let while_down: Vec<ChatMessage> = (0..5)
-        .map(|i| message("restart", &format!("while down {i}")))
-        .collect();
-    for m in &while_down {
-        publish(&js, m, &m.id.to_string()).await?;
+    let mut while_down = Vec::new();
+    for i in 0..5 {
+        while_down.push(publish(&js, &message("restart", &format!("while down {i}"))).await?);
     }
     let second = spawn_persister(settings.clone()).await?;
     let page = wait_for_count(&client, "restart", 15).await?;
@@ -363,17 +377,14 @@ async fn history_includes_acked_messages_the_writer_has_not_written_yet() -> Tes
     let client = async_nats::connect(&nats.url).await?;
     let js = async_nats::jetstream::new(client.clone());
 
-    let first = message("tail", "first");
-    publish(&js, &first, &first.id.to_string()).await?;
+    let first = publish(&js, &message("tail", "first")).await?;
     // Let the first batch be written (it waits 5 s), then hold a second one back.
     let written = wait_for_count(&client, "tail", 1).await?;
     assert_eq!(written.messages, vec![first.clone()]);
     tokio::time::sleep(Duration::from_millis(5500)).await;
-    let pending: Vec<ChatMessage> = (0..5)
-        .map(|i| message("tail", &format!("pending {i}")))
-        .collect();
-    for m in &pending {
-        publish(&js, m, &m.id.to_string()).await?;
+    let mut pending = Vec::new();
+    for i in 0..5 {
+        pending.push(publish(&js, &message("tail", &format!("pending {i}"))).await?);
     }
     let started = Instant::now();
     let page = history(&client, &query("tail", 100)).await?;
@@ -425,11 +436,9 @@ async fn a_message_harperdb_refuses_is_dead_lettered_without_blocking_the_others
     let mut good = Vec::new();
     for i in 0..6 {
         if i == 3 {
-            publish(&js, &poison, &poison.id.to_string()).await?;
+            publish(&js, &poison).await?;
         }
-        let m = message("beside-poison", &format!("good {i}"));
-        publish(&js, &m, &m.id.to_string()).await?;
-        good.push(m);
+        good.push(publish(&js, &message("beside-poison", &format!("good {i}"))).await?);
     }
     let page = wait_for_count(&client, "beside-poison", 6).await?;
     assert_eq!(
@@ -454,7 +463,7 @@ async fn a_message_harperdb_refuses_is_dead_lettered_without_blocking_the_others
         .await
         .ok_or("nothing in the dead-letter stream")?
         .map_err(|e| e.to_string())?;
-    let stored: ChatMessage = serde_json::from_slice(&first.payload)?;
+    let stored: StoredMessage = serde_json::from_slice(&first.payload)?;
     assert_eq!(stored, poison);
     let reason = first
         .headers

@@ -6,8 +6,8 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::{NatsSettings, StreamSettings};
 use crate::subjects::{
-    DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SUBJECTS, MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS,
-    PRESENCE_STREAM, PRESENCE_STREAM_SUBJECTS,
+    DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SUBJECTS, MESSAGES_REPUBLISH_DESTINATION,
+    MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS, PRESENCE_STREAM, PRESENCE_STREAM_SUBJECTS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,10 @@ pub enum BusError {
     Stream(#[from] jetstream::context::CreateStreamError),
     #[error("could not open a JetStream stream: {0}")]
     OpenStream(#[from] jetstream::context::GetStreamError),
+    #[error(
+        "stream {MESSAGES_STREAM} exists without republishing to the rooms, and JetStream cannot add that to an existing stream: let the persister write everything (its consumer has nothing pending), then delete the stream and either recreate it with `first_seq` above its last sequence ({last_sequence}; message ids and storage keys come from sequences, so they must not start again) or also start a new HarperDB table"
+    )]
+    MessagesStreamWithoutRepublish { last_sequence: u64 },
 }
 
 /// Connects with a client name that shows in the NATS monitor, reconnecting forever after a loss.
@@ -61,6 +65,11 @@ pub fn messages_stream_config(settings: &StreamSettings) -> stream::Config {
         num_replicas: settings.replicas,
         discard: stream::DiscardPolicy::Old,
         allow_direct: true,
+        republish: Some(stream::Republish {
+            source: MESSAGES_STREAM_SUBJECTS.to_owned(),
+            destination: MESSAGES_REPUBLISH_DESTINATION.to_owned(),
+            headers_only: false,
+        }),
         ..Default::default()
     }
 }
@@ -70,8 +79,21 @@ pub async fn ensure_messages_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, BusError> {
-    js.create_or_update_stream(messages_stream_config(settings))
-        .await?;
+    let config = messages_stream_config(settings);
+    if let Ok(mut existing) = js.get_stream(MESSAGES_STREAM).await {
+        let info = existing.info().await.map_err(|e| {
+            BusError::OpenStream(jetstream::context::GetStreamError::with_source(
+                jetstream::context::GetStreamErrorKind::Request,
+                e,
+            ))
+        })?;
+        if info.config.republish != config.republish {
+            return Err(BusError::MessagesStreamWithoutRepublish {
+                last_sequence: info.state.last_sequence,
+            });
+        }
+    }
+    js.create_or_update_stream(config).await?;
     Ok(js.get_stream(MESSAGES_STREAM).await?)
 }
 

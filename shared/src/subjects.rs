@@ -15,6 +15,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 pub const MESSAGES_STREAM: &str = "CHATIFY_MESSAGES";
 /// Subjects captured by [`MESSAGES_STREAM`]: `chatify.store.<room token>`.
 pub const MESSAGES_STREAM_SUBJECTS: &str = "chatify.store.*";
+/// Where [`MESSAGES_STREAM`] republishes every message it stored: the room's
+/// [`RoomToken::message_subject`]. One publisher (the stream) in stream order, so every gateway
+/// delivers a room's messages in the order they are stored, which is also history order.
+pub const MESSAGES_REPUBLISH_DESTINATION: &str = "chatify.room.{{wildcard(1)}}.msg";
 /// The JetStream stream keeping messages HarperDB refused for good, for inspection.
 pub const DEAD_LETTER_STREAM: &str = "CHATIFY_DEAD_LETTERS";
 /// Subjects captured by [`DEAD_LETTER_STREAM`]: `chatify.deadletter.<room token>`.
@@ -64,7 +68,8 @@ impl RoomToken {
         format!("chatify.store.{}", self.0)
     }
 
-    /// Core NATS subject on which every gateway with members in the room receives stored messages.
+    /// Core NATS subject on which every gateway with members in the room receives stored
+    /// messages, republished by [`MESSAGES_STREAM`] (see [`MESSAGES_REPUBLISH_DESTINATION`]).
     pub fn message_subject(&self) -> String {
         format!("chatify.room.{}.msg", self.0)
     }

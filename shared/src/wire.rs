@@ -29,6 +29,37 @@ pub struct ChatMessage {
     pub created_time: i64,
 }
 
+impl ChatMessage {
+    /// The message's place in its room's order (its stream sequence; see [`crate::id`]).
+    pub fn sequence(&self) -> u64 {
+        crate::id::sequence_of(&self.id).unwrap_or(0)
+    }
+}
+
+/// A chat message as the messages stream holds it: everything but the id, which comes from the
+/// stream sequence it is stored at ([`StoredMessage::into_message`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredMessage {
+    pub room: String,
+    pub username: String,
+    pub message: String,
+    pub created_time: i64,
+}
+
+impl StoredMessage {
+    /// The message as clients see it, once stored at `sequence`.
+    pub fn into_message(self, sequence: u64) -> ChatMessage {
+        ChatMessage {
+            id: crate::id::message_id(self.created_time, sequence),
+            room: self.room,
+            username: self.username,
+            message: self.message,
+            created_time: self.created_time,
+        }
+    }
+}
+
 /// A `ChatBot` notice: a `receive_message` without an id, never stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -106,8 +137,8 @@ pub struct PresenceEvent {
     pub members: Vec<Member>,
 }
 
-/// A history query to the persisters' service. Returns messages with `after < id < before`,
-/// the newest `limit` of them.
+/// A history query to the persisters' service. Returns the messages stored after `after` and
+/// before `before` (in stream order: see [`crate::id`]), the newest `limit` of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryQuery {
@@ -117,6 +148,28 @@ pub struct HistoryQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<Uuid>,
     pub limit: u32,
+}
+
+impl HistoryQuery {
+    /// The stream sequences strictly between which the answer lies; `None` when a cursor is not
+    /// a message id (see [`crate::id`]).
+    pub fn checked_sequence_bounds(&self) -> Option<(u64, u64)> {
+        let after = match &self.after {
+            Some(id) => crate::id::sequence_of(id)?,
+            None => 0,
+        };
+        let before = match &self.before {
+            Some(id) => crate::id::sequence_of(id)?,
+            None => u64::MAX,
+        };
+        Some((after, before))
+    }
+
+    /// [`HistoryQuery::checked_sequence_bounds`], for a query already checked (an empty range
+    /// otherwise).
+    pub fn sequence_bounds(&self) -> (u64, u64) {
+        self.checked_sequence_bounds().unwrap_or((0, 0))
+    }
 }
 
 /// A history answer: messages oldest first, and whether older ones matched beyond `limit`.
