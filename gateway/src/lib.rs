@@ -11,6 +11,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod liveness;
 pub mod metrics;
+pub mod order;
 pub mod payload;
 pub mod rooms;
 pub mod session;

@@ -16,6 +16,7 @@ pub const PUBLISH_DURATION: &str = "chatify_gateway_publish_duration_seconds";
 pub const HISTORY_DURATION: &str = "chatify_gateway_history_duration_seconds";
 pub const MESSAGES_FANNED_OUT: &str = "chatify_gateway_messages_fanned_out_total";
 pub const MESSAGES_DELIVERED: &str = "chatify_gateway_messages_delivered_total";
+pub const ORDER_GAPS: &str = "chatify_gateway_order_gaps_total";
 pub const DELIVERY_DROPS: &str = "chatify_gateway_delivery_drops_total";
 pub const DEAD_GATEWAYS: &str = "chatify_gateway_dead_gateways_total";
 pub const ANSWER_DROPS: &str = "chatify_gateway_answer_drops_total";
@@ -73,6 +74,10 @@ pub fn describe() {
     describe_counter!(
         MESSAGES_DELIVERED,
         "Messages emitted to local sockets (one per socket)"
+    );
+    describe_counter!(
+        ORDER_GAPS,
+        "Times a room's next message never arrived from NATS and the later ones were delivered without it"
     );
     describe_counter!(
         DELIVERY_DROPS,

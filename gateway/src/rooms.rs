@@ -21,7 +21,7 @@ use chatify_shared::subjects::{
     presence_records_of, room_event_kind,
 };
 use chatify_shared::wire::{
-    Member, Notice, PresenceChange, PresenceEvent, StoredMessage, TypingEvent,
+    ChatMessage, Member, Notice, PresenceChange, PresenceEvent, StoredMessage, TypingEvent,
 };
 use futures::StreamExt;
 use socketioxide::SocketIo;
@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::ChatError;
 use crate::metrics as m;
+use crate::order::Reorder;
 
 /// The registry of rooms this gateway has members in.
 pub struct Rooms {
@@ -499,16 +500,34 @@ impl Rooms {
         }
     }
 
-    /// Delivers the room's subjects to local sockets, in the order NATS delivers them.
+    /// Delivers the room's subjects to local sockets: chat messages in stream order (see
+    /// [`Reorder`]), the rest in the order NATS delivers them.
     async fn listen(self: Arc<Self>, room: Arc<Room>, mut subscriber: async_nats::Subscriber) {
-        while let Some(message) = subscriber.next().await {
+        let mut order = Reorder::default();
+        loop {
+            let gap_deadline = order.deadline();
+            let message = tokio::select! {
+                message = subscriber.next() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+                () = sleep_until_some(gap_deadline) => {
+                    let held = order.expire();
+                    metrics::counter!(m::ORDER_GAPS).increment(1);
+                    tracing::debug!(room = %room.name, held = held.len(), "a message never arrived; delivering the ones after it");
+                    self.deliver_all(&room, held).await;
+                    continue;
+                }
+            };
             let Some(io) = self.io.get() else { continue };
             match room_event_kind(&message.subject) {
-                Some(RoomEventKind::Message) => {
-                    let members = room.local_count.load(Ordering::Relaxed);
-                    metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
-                    deliver(io, &room.name, &message).await;
-                }
+                Some(RoomEventKind::Message) => match republished(&message) {
+                    Some((sequence, previous, chat)) => {
+                        let ready = order.push(sequence, previous, chat, Instant::now());
+                        self.deliver_all(&room, ready).await;
+                    }
+                    None => tracing::warn!("undecodable chat message on the room subject"),
+                },
                 Some(RoomEventKind::Typing) => {
                     match serde_json::from_slice::<TypingEvent>(&message.payload) {
                         Ok(event) => {
@@ -528,6 +547,21 @@ impl Rooms {
                 }
                 None => {}
             }
+        }
+    }
+
+    async fn deliver_all(&self, room: &Room, messages: Vec<ChatMessage>) {
+        let Some(io) = self.io.get() else { return };
+        for message in messages {
+            let members = room.local_count.load(Ordering::Relaxed);
+            metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
+            metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
+            log_emit(
+                "receive_message",
+                io.to(room.name.clone())
+                    .emit("receive_message", &message)
+                    .await,
+            );
         }
     }
 
@@ -609,26 +643,23 @@ fn except(
     }
 }
 
-/// Emits a message the stream republished (its payload and the `Nats-Sequence` it was stored
-/// at, from which its id comes) to the room's local sockets.
-async fn deliver(io: &SocketIo, room: &str, republished: &async_nats::Message) {
-    let sequence = republished
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
-        .and_then(|v| v.as_str().parse::<u64>().ok());
-    let stored = serde_json::from_slice::<StoredMessage>(&republished.payload);
-    let (Some(sequence), Ok(stored)) = (sequence, stored) else {
-        tracing::warn!("undecodable chat message on the room subject");
-        return;
-    };
-    metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
-    log_emit(
-        "receive_message",
-        io.to(room.to_owned())
-            .emit("receive_message", &stored.into_message(sequence))
-            .await,
-    );
+/// A message the stream republished: its sequence, the sequence of the room's message before
+/// it, and the message with the id its sequence gives it.
+fn republished(message: &async_nats::Message) -> Option<(u64, u64, ChatMessage)> {
+    let headers = message.headers.as_ref()?;
+    let number = |name| headers.get(name)?.as_str().parse::<u64>().ok();
+    let sequence = number(async_nats::header::NATS_SEQUENCE)?;
+    let previous = number(async_nats::header::NATS_LAST_SEQUENCE)?;
+    let stored = serde_json::from_slice::<StoredMessage>(&message.payload).ok()?;
+    Some((sequence, previous, stored.into_message(sequence)))
+}
+
+/// Waits until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError>) {

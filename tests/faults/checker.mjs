@@ -23,8 +23,8 @@
 //               acknowledged twice)
 //   unexpected  rows that no attempt can explain: unknown text, a rejected attempt, a room or
 //               username other than the attempt's (stored − attempted)
-//   reordered   per room and sender, adjacent pairs of stored rows (in id order, which is the
-//               history order) whose send order is inverted
+//   reordered   per room and sender, adjacent pairs of stored rows (in primary key order, which
+//               is the history order) whose send order is inverted
 
 /** Number of adjacent inversions in a sequence of numbers (0 when sorted ascending). */
 export function countInversions(seqs) {
@@ -35,6 +35,26 @@ export function countInversions(seqs) {
 
 /** Compares UUIDv7 (or any fixed-width, time-sortable) id strings. */
 export const compareIds = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+
+/**
+ * The stream sequence a message id carries (see shared/src/id.rs: the low 62 bits of a UUIDv7
+ * made by Chatify), as a BigInt.
+ */
+export function sequenceOfId(id) {
+  const hex = id.replace(/-/g, "").slice(16);
+  return BigInt(`0x${hex}`) & ((1n << 62n) - 1n);
+}
+
+/**
+ * Per room, history order must be delivery order: `delivered` is one receiver's ids of one
+ * room in arrival order, `historyIds` the room's stored ids in history order. Returns the
+ * number of adjacent pairs the receiver got in another order than history has them (ids
+ * history does not hold are skipped; the loss counts catch those).
+ */
+export function historyOrderInversions(delivered, historyIds) {
+  const position = new Map(historyIds.map((id, i) => [id, i]));
+  return countInversions(delivered.filter((id) => position.has(id)).map((id) => position.get(id)));
+}
 
 /**
  * Order check of deliveries: `events` is one receiver's `receive_message` payloads in arrival
@@ -85,7 +105,7 @@ export function ackOrderInversions(attempts) {
   let n = 0;
   for (const list of bySender.values()) {
     list.sort((x, y) => x.seq - y.seq);
-    for (let i = 1; i < list.length; i++) if (compareIds(list[i].ids[0], list[i - 1].ids[0]) < 0) n++;
+    for (let i = 1; i < list.length; i++) if (sequenceOfId(list[i].ids[0]) < sequenceOfId(list[i - 1].ids[0])) n++;
   }
   return n;
 }
@@ -182,9 +202,11 @@ export function checkHistory({ attempts, rows }) {
     }
   }
 
-  // Order: per room and sender, the stored rows in id order must follow the send order.
+  // Order: per room and sender, the stored rows in history order (primary key order; rows
+  // without a key fall back to id order) must follow the send order.
   const streams = new Map();
-  for (const r of [...rows].sort((x, y) => compareIds(x.id, y.id))) {
+  const historyKey = (r) => r.pk ?? r.id;
+  for (const r of [...rows].sort((x, y) => compareIds(historyKey(x), historyKey(y)))) {
     const a = byKey.get(r.message);
     if (!a || a.room !== r.room || a.status === "rejected") continue;
     const k = `${r.room}\u0000${a.sender}`;

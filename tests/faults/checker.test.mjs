@@ -2,12 +2,13 @@
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { ackOrderInversions, checkDeliveries, checkHistory, countInversions, historyOk } from "./checker.mjs";
+import { ackOrderInversions, checkDeliveries, checkHistory, countInversions, historyOk, historyOrderInversions, sequenceOfId } from "./checker.mjs";
 
-// ids sort as text like UUIDv7s do
-const id = (n) => `0193-${String(n).padStart(6, "0")}`;
+// Chatify message ids: a UUIDv7 whose low 62 bits are the stream sequence `n`; the storage key
+// ends in the sequence as 16 hex digits
+const id = (n) => `01936b2a-1c00-7000-8000-${n.toString(16).padStart(12, "0")}`;
 const ok = (key, n, extra = {}) => ({ key, room: "r", sender: "s1", seq: n, status: "ok", ids: [id(n)], username: "ann", ...extra });
-const row = (key, n, extra = {}) => ({ pk: `cg|${id(n)}`, id: id(n), room: "r", username: "ann", message: key, ...extra });
+const row = (key, n, extra = {}) => ({ pk: `cg|${n.toString(16).padStart(16, "0")}`, id: id(n), room: "r", username: "ann", message: key, ...extra });
 
 describe("checkHistory", () => {
   test("everything acknowledged is stored once, in order: all counts zero", () => {
@@ -148,6 +149,21 @@ describe("order helpers", () => {
     assert.equal(r.reordered, 1);
     assert.equal(r.duplicates, 1);
     assert.deepEqual(Object.keys(r.bySender), ["r / a"]);
+  });
+
+  test("sequenceOfId reads the stream sequence out of a message id", () => {
+    assert.equal(sequenceOfId(id(0)), 0n);
+    assert.equal(sequenceOfId(id(123456)), 123456n);
+    // as the Rust side makes them (shared/src/id.rs: message_id(1_700_000_000_123, 42))
+    assert.equal(sequenceOfId("018bcfe5-687b-7000-8000-00000000002a"), 42n);
+  });
+
+  test("historyOrderInversions: a receiver must get a room's messages in history order", () => {
+    const history = [id(3), id(1), id(2)]; // history order, whatever the ids
+    assert.equal(historyOrderInversions([id(3), id(1), id(2)], history), 0);
+    assert.equal(historyOrderInversions([id(3), id(2)], history), 0, "gaps are not inversions");
+    assert.equal(historyOrderInversions([id(1), id(3), id(2)], history), 1);
+    assert.equal(historyOrderInversions([id(9), id(3)], history), 0, "unknown ids are skipped");
   });
 
   test("ackOrderInversions: acked ids must increase with the send order of one sender", () => {

@@ -4,11 +4,12 @@
 //   - acks: the acknowledged ids of one socket increase with its send order,
 //   - delivery: every receiver (on both gateways) gets each socket's messages in send order,
 //     each once,
-//   - storage: HarperDB's history (id order) of each room has each socket's messages in send
-//     order (checker: reordered = 0), also for those the restarted persister wrote.
-// Different sockets' messages may interleave differently (only per-socket order is promised).
+//   - storage: HarperDB's history of each room has each socket's messages in send order
+//     (checker: reordered = 0), also for those the restarted persister wrote.
+// And per room, one order for all: every receiver, on either gateway, gets the room's messages
+// (from all six senders, interleaved) in the order the room's history has them.
 
-import { ackOrderInversions, checkDeliveries } from "../checker.mjs";
+import { ackOrderInversions, checkDeliveries, countInversions, historyOrderInversions, sequenceOfId } from "../checker.mjs";
 import { originOf, runSender, unseen, until } from "../lib/load.mjs";
 
 const SENDERS = 6;
@@ -66,6 +67,16 @@ export default {
       missingOn[c.url === sys.urls.gateway1() ? "gateway1" : "gateway2"] += missing.length;
       const d = checkDeliveries(c.rooms.flatMap((r) => c.live.get(r)), originOf(ledger));
       checks.check(`${c.name} received each socket's messages in send order, once`, d.reordered === 0 && d.duplicates === 0, `reordered ${d.reordered}, duplicates ${d.duplicates}${d.reordered ? ` ${JSON.stringify(d.bySender)}` : ""}; ${missing.length} not delivered`);
+    }
+    // Per room, history order is delivery order, for every receiver.
+    await sys.waitConsumerDrained(sizes.FAULTS_SETTLE_MS);
+    for (const r of rooms) {
+      const history = (await sys.storedRows(r)).map((row) => row.id);
+      for (const c of members.filter((m) => m.rooms.includes(r))) {
+        const delivered = c.live.get(r).map((m) => m.id);
+        const inv = historyOrderInversions(delivered, history);
+        checks.check(`${c.name} received ${r}'s messages in its history order`, inv === 0 && delivered.length > 0, `${delivered.length} delivered, ${history.length} stored, ${inv} out of history order (sequence inversions: history ${countInversions(history.map(sequenceOfId))}, delivery ${countInversions(delivered.map(sequenceOfId))})`);
+      }
     }
     // Live delivery may drop for a socket whose outgoing queue is full (documented, counted);
     // at this rate it should not, and whatever was not delivered must show in the counter.
