@@ -237,7 +237,7 @@ async function hdbOperation(body, timeoutMs = 30_000) {
 const PAGE = 5000;
 
 /**
- * Every row HarperDB holds for `room`, in primary key order (= id order): { pk, id, room,
+ * Every row HarperDB holds for `room`, in primary key order (= stream order, history order): { pk, id, room,
  * username, message }. One `between` on the primary key, paged by the last key (the schema's
  * one index; conditions on other attributes are avoided, see persister/src/harperdb.rs).
  */
