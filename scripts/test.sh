@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of the project, the way CI does:
-#   1. installs what is missing (deploy/local/install.sh: nats-server, HAProxy, HarperDB 4.7.29),
+#   1. installs what is missing (deploy/local/install.sh --browser: nats-server, HAProxy,
+#      HarperDB 4.7.29, the chat page's socket.io-client, and Chromium for the browser test),
 #   2. checks formatting and lints, and that the compose file, the Kubernetes manifests and the
 #      native scripts agree (tests/deploy),
-#   3. starts a complete private system (NATS, HarperDB, persister, two gateways, HAProxy) on free
-#      loopback ports in a temporary run directory, with the same deploy/local/up.sh users run,
+#   3. starts a complete private system (NATS, HarperDB, persister, two gateways, HAProxy, the chat
+#      page) on free loopback ports in a temporary run directory, with the same deploy/local/up.sh
+#      users run,
 #   4. runs the Rust unit and integration tests (the integration tests start their own
 #      nats-server processes and use this run's HarperDB with databases of their own),
-#   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) against it, and the
+#   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) and the browser test
+#      (tests/browser: two headless Chromium pages on the chat page) against it, and the
 #      reduced fault scenarios that hold (scripts/faults.sh) on a second private system,
 #   6. stops everything it started (deploy/local/down.sh) and removes the run directory.
 # Logs of a failed run are kept in target/test-logs/.
@@ -18,7 +21,7 @@ cd "$root"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing what is missing"
-deploy/local/install.sh
+deploy/local/install.sh --browser
 
 step "formatting and lints"
 cargo fmt --all -- --check
@@ -60,6 +63,10 @@ step "Rust unit and integration tests"
 step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
 CHATIFY_SKIP_BUILD=1 node --test --test-concurrency=1 --test-reporter=spec tests/e2e/
+
+step "browser test (two headless Chromium pages on the chat page, through HAProxy)"
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+node --test --test-reporter=spec tests/browser/
 
 step "fault scenarios, reduced (a second private system; see tests/faults/README.md)"
 node --test --test-reporter=spec tests/faults/

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops what deploy/local/up.sh started in ${CHATIFY_RUN_DIR:-deploy/local/run}, by the PIDs in
-# its pid files: all components (lb gateway2 gateway1 persister harperdb nats), or only the ones
+# its pid files: all components (web lb gateway2 gateway1 persister harperdb nats), or only the ones
 # named. SIGTERM, then SIGKILL after CHATIFY_STOP_TIMEOUT seconds (15). A PID that no longer
 # belongs to the process up.sh started is left alone. Data and logs stay in the run dir.
 set -euo pipefail

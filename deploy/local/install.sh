@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what deploy/local/up.sh needs and is missing: nats-server, haproxy, curl and a C++
-# toolchain from Debian's packages, and HarperDB (pinned in harperdb/package.json) into
-# deploy/local/harperdb/node_modules with `npm ci`. Node.js 20+ and npm must already be there.
+# toolchain from Debian's packages, HarperDB (pinned in harperdb/package.json) into
+# deploy/local/harperdb/node_modules and the chat page's socket.io-client into web/node_modules,
+# both with `npm ci`. Node.js 20+ and npm must already be there. With --browser, also Debian's
+# chromium, which only the browser test (tests/browser) needs.
 # Idempotent, and quick when everything is present. The Rust binaries are built by up.sh.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -9,12 +11,13 @@ set -euo pipefail
 
 case ${1:-} in
   -h | --help)
-    sed -n '2,5s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
-  "") ;;
-  *) die "install.sh takes no arguments" ;;
+  "" | --browser) ;;
+  *) die "install.sh takes no arguments but --browser" ;;
 esac
+(($# <= 1)) || die "install.sh takes no arguments but --browser"
 
 # Two runs at once (a developer's up.sh and a test run) must not interleave apt-get or npm ci.
 exec 9<"$CHATIFY_LOCAL_DIR"
@@ -23,3 +26,7 @@ flock 9
 install_debian_packages
 check_node
 install_harperdb
+install_web
+if [[ ${1:-} == --browser ]]; then
+  install_chromium
+fi

@@ -8,16 +8,17 @@ CHATIFY_HDB_PKG_DIR=$CHATIFY_LOCAL_DIR/harperdb
 CHATIFY_HDB_BIN=$CHATIFY_HDB_PKG_DIR/node_modules/.bin/harperdb
 CHATIFY_NATS_CONF=$CHATIFY_REPO/deploy/nats/nats.conf
 CHATIFY_HAPROXY_CFG=$CHATIFY_REPO/deploy/haproxy/haproxy.cfg
+CHATIFY_WEB_DIR=$CHATIFY_REPO/web
 
 # Start order; down.sh walks it backwards.
-CHATIFY_COMPONENTS=(nats harperdb persister gateway1 gateway2 lb)
+CHATIFY_COMPONENTS=(nats harperdb persister gateway1 gateway2 lb web)
 
 # Every port variable, as recorded in $CHATIFY_RUN_DIR/env.
 CHATIFY_PORT_VARS=(
   CHATIFY_LB_PORT CHATIFY_GATEWAY1_PORT CHATIFY_GATEWAY2_PORT CHATIFY_PERSISTER_PORT
   CHATIFY_NATS_PORT CHATIFY_NATS_MONITOR_PORT
   CHATIFY_HDB_PORT CHATIFY_HDB_HTTP_PORT CHATIFY_HDB_MQTT_PORT CHATIFY_HDB_MQTTS_PORT
-  CHATIFY_HDB_REPLICATION_PORT
+  CHATIFY_HDB_REPLICATION_PORT CHATIFY_WEB_PORT
 )
 
 # Set in the environment of every process up.sh starts, so that down.sh (and a second up.sh)
@@ -143,6 +144,43 @@ install_harperdb() {
   hdb_lock_digest >"$CHATIFY_HDB_PKG_DIR/node_modules/.chatify-install-digest"
 }
 
+# The chat page (web/): socket.io-client from npm, served by web/serve.mjs.
+web_lock_digest() {
+  cat "$CHATIFY_WEB_DIR/package.json" "$CHATIFY_WEB_DIR/package-lock.json" | sha256sum | cut -d' ' -f1
+}
+
+install_web() {
+  local stamp=$CHATIFY_WEB_DIR/node_modules/.chatify-install-digest
+  if [[ -f $stamp && -f $CHATIFY_WEB_DIR/node_modules/socket.io-client/dist/socket.io.esm.min.js &&
+    $(<"$stamp") == "$(web_lock_digest)" ]]; then
+    return 0
+  fi
+  info "installing the chat page's client library into web/node_modules (npm ci)"
+  (cd "$CHATIFY_WEB_DIR" && npm ci --no-audit --no-fund --loglevel=warn) || die "npm ci failed in $CHATIFY_WEB_DIR"
+  web_lock_digest >"$stamp"
+}
+
+# Headless Chromium for the browser test (tests/browser), only with install.sh --browser:
+# Debian's package, or the browser CHATIFY_CHROMIUM names.
+chromium_path() {
+  if [[ -n ${CHATIFY_CHROMIUM:-} ]]; then
+    [[ -x $CHATIFY_CHROMIUM ]] && echo "$CHATIFY_CHROMIUM"
+    return
+  fi
+  command -v chromium 2>/dev/null
+}
+
+install_chromium() {
+  chromium_path >/dev/null && return 0
+  [[ -z ${CHATIFY_CHROMIUM:-} ]] || die "CHATIFY_CHROMIUM=$CHATIFY_CHROMIUM is not an executable"
+  command -v apt-get >/dev/null 2>&1 ||
+    die "the browser test needs Chromium and apt-get is not available: install chromium by hand (or set CHATIFY_CHROMIUM)"
+  info "installing Debian packages: chromium (for the browser test)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+  chromium_path >/dev/null || die "chromium is still missing after apt-get install"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Configuration of one set of processes (up.sh, down.sh)
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +242,7 @@ resolve_config() {
 
   : "${CHATIFY_LB_PORT:=4000}" "${CHATIFY_GATEWAY1_PORT:=4001}" "${CHATIFY_GATEWAY2_PORT:=4002}"
   : "${CHATIFY_PERSISTER_PORT:=4100}" "${CHATIFY_NATS_PORT:=4222}" "${CHATIFY_NATS_MONITOR_PORT:=8222}"
-  : "${CHATIFY_HDB_PORT:=9925}" "${CHATIFY_HDB_HTTP_PORT:=9926}"
+  : "${CHATIFY_HDB_PORT:=9925}" "${CHATIFY_HDB_HTTP_PORT:=9926}" "${CHATIFY_WEB_PORT:=3000}"
   # HarperDB's other listeners keep their usual ports next to a default operations port, and
   # follow a moved one (+10, +11, +12) so that a second set on other ports does not collide.
   if [[ $CHATIFY_HDB_PORT == 9925 ]]; then
@@ -277,6 +315,7 @@ write_env_file() {
     CHATIFY_NATS_URL "nats://127.0.0.1:$CHATIFY_NATS_PORT"
     CHATIFY_NATS_MONITOR_URL "http://127.0.0.1:$CHATIFY_NATS_MONITOR_PORT"
     CHATIFY_HARPERDB_URL "http://127.0.0.1:$CHATIFY_HDB_PORT"
+    CHATIFY_WEB_URL "http://localhost:$CHATIFY_WEB_PORT"
     CHATIFY_HARPERDB__USERNAME "$CHATIFY_HARPERDB__USERNAME"
     CHATIFY_HARPERDB__PASSWORD "$CHATIFY_HARPERDB__PASSWORD"
   )
@@ -306,6 +345,7 @@ component_program() {
     persister) echo chatify-persister ;;
     gateway1 | gateway2) echo chatify-gateway ;;
     lb) echo haproxy ;;
+    web) echo web/serve.mjs ;;
   esac
 }
 

@@ -2,7 +2,7 @@
 # Runs Chatify locally: installs what is missing, builds the binaries, starts every component in
 # the background, waits until each one is ready and prints the URLs.
 #
-#   deploy/local/up.sh                      everything: nats harperdb persister gateway1 gateway2 lb
+#   deploy/local/up.sh                      everything: nats harperdb persister gateway1 gateway2 lb web
 #   deploy/local/up.sh nats harperdb        only those (in that order)
 #   deploy/local/down.sh                    stops what up.sh started
 #
@@ -16,7 +16,9 @@
 #   CHATIFY_PERSISTER_PORT [4100]  CHATIFY_NATS_PORT [4222]  CHATIFY_NATS_MONITOR_PORT [8222]
 #   CHATIFY_HDB_PORT [9925]  CHATIFY_HDB_HTTP_PORT [9926]  CHATIFY_HDB_MQTT_PORT, CHATIFY_HDB_MQTTS_PORT,
 #   CHATIFY_HDB_REPLICATION_PORT [1883, 8883, 9933; or CHATIFY_HDB_PORT+10, +11, +12 when it is moved]
+#   CHATIFY_WEB_PORT [3000]  (the chat page, http://localhost:$CHATIFY_WEB_PORT)
 #   CHATIFY_HARPERDB__USERNAME [chatify]  CHATIFY_HARPERDB__PASSWORD [random, kept in secrets/]
+#   CHATIFY_CORS__ALLOWED_ORIGINS [http://localhost:3000 and the chat page's origins]
 # Every other CHATIFY_* variable reaches the gateways and the persister unchanged.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -59,6 +61,7 @@ component_ports() {
     gateway1) echo "$CHATIFY_GATEWAY1_PORT" ;;
     gateway2) echo "$CHATIFY_GATEWAY2_PORT" ;;
     lb) echo "$CHATIFY_LB_PORT" ;;
+    web) echo "$CHATIFY_WEB_PORT" ;;
   esac
 }
 
@@ -126,13 +129,25 @@ start_persister() {
     "$CHATIFY_BIN_DIR/chatify-persister"
 }
 
+# The browser origins the gateways accept: the caller's CHATIFY_CORS__ALLOWED_ORIGINS, or else the
+# original client's http://localhost:3000 and the chat page's own origins (web on its port).
+allowed_origins() {
+  if [[ -n ${CHATIFY_CORS__ALLOWED_ORIGINS:-} ]]; then
+    echo "$CHATIFY_CORS__ALLOWED_ORIGINS"
+    return
+  fi
+  local origins=http://localhost:3000
+  [[ $CHATIFY_WEB_PORT == 3000 ]] || origins+=",http://localhost:$CHATIFY_WEB_PORT"
+  echo "$origins,http://127.0.0.1:$CHATIFY_WEB_PORT"
+}
+
 start_gateway() {
   local name=$1 port=$2
   local -a env
   mapfile -d '' -t env < <(binary_env)
   start_background "$name" "$CHATIFY_RUN_DIR" \
     env "${env[@]}" CHATIFY_GATEWAY__HOST=127.0.0.1 CHATIFY_GATEWAY__PORT="$port" CHATIFY_GATEWAY__NAME="$name" \
-    "$CHATIFY_BIN_DIR/chatify-gateway"
+    CHATIFY_CORS__ALLOWED_ORIGINS="$(allowed_origins)" "$CHATIFY_BIN_DIR/chatify-gateway"
 }
 
 lb_env() {
@@ -149,6 +164,13 @@ start_lb() {
     env "${env[@]}" haproxy -W -f "$CHATIFY_HAPROXY_CFG" -p "$(pid_file lb)"
 }
 
+# The chat page; it sends browsers to the load balancer on the page's own host name.
+start_web() {
+  start_background web "$CHATIFY_RUN_DIR" \
+    env CHATIFY_WEB_HOST=127.0.0.1 CHATIFY_WEB_PORT="$CHATIFY_WEB_PORT" CHATIFY_LB_PORT="$CHATIFY_LB_PORT" \
+    node "$CHATIFY_WEB_DIR/serve.mjs"
+}
+
 start_component() {
   case $1 in
     nats) start_nats ;;
@@ -157,6 +179,7 @@ start_component() {
     gateway1) start_gateway gateway1 "$CHATIFY_GATEWAY1_PORT" ;;
     gateway2) start_gateway gateway2 "$CHATIFY_GATEWAY2_PORT" ;;
     lb) start_lb ;;
+    web) start_web ;;
   esac
 }
 
@@ -172,6 +195,7 @@ probe() {
     gateway1) http_ok "http://127.0.0.1:$CHATIFY_GATEWAY1_PORT/readyz" ;;
     gateway2) http_ok "http://127.0.0.1:$CHATIFY_GATEWAY2_PORT/readyz" ;;
     lb) http_ok "http://127.0.0.1:$CHATIFY_LB_PORT/healthz" ;;
+    web) http_ok "http://127.0.0.1:$CHATIFY_WEB_PORT/healthz" ;;
   esac
 }
 
@@ -179,7 +203,7 @@ ready_timeout() {
   case $1 in
     nats) echo 20 ;;
     harperdb) echo 120 ;;
-    lb) echo 30 ;;
+    lb | web) echo 30 ;;
     *) echo 60 ;;
   esac
 }
@@ -269,6 +293,10 @@ for c in "${WANTED[@]}"; do
           warn "$c needs $dep, which this run dir does not run (start it with: deploy/local/up.sh $dep)"
       done
       ;;
+    web)
+      component_pid lb >/dev/null || wants lb ||
+        warn "web sends browsers to the load balancer, which this run dir does not run (start it with: deploy/local/up.sh lb)"
+      ;;
   esac
   if [[ -n ${RUNNING[$c]:-} ]]; then
     info "$c: already running (PID ${RUNNING[$c]}), left alone"
@@ -288,6 +316,7 @@ status() {
 }
 echo
 echo "Chatify (run dir $CHATIFY_RUN_DIR):"
+echo "  chat page      $(status web "http://localhost:$CHATIFY_WEB_PORT")"
 echo "  load balancer  $(status lb "http://127.0.0.1:$CHATIFY_LB_PORT")"
 echo "  gateway1       $(status gateway1 "http://127.0.0.1:$CHATIFY_GATEWAY1_PORT")"
 echo "  gateway2       $(status gateway2 "http://127.0.0.1:$CHATIFY_GATEWAY2_PORT")"

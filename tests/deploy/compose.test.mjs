@@ -1,7 +1,9 @@
 // deploy/docker-compose.yml cannot run here (no Docker engine): these checks keep it in
 // agreement with what does run, deploy/local/up.sh and lib.sh, by parsing both — the
-// components, ports, CHATIFY_* names, and the shared HAProxy and NATS configuration files.
+// components, ports, CHATIFY_* names, the shared HAProxy and NATS configuration files, and the
+// chat page (web/serve.mjs) with the origins the gateways allow for it.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { describe, test } from "node:test";
@@ -29,6 +31,8 @@ const upSh = readRepo("deploy/local/up.sh");
 const libSh = readRepo("deploy/local/lib.sh");
 const haproxyCfg = readRepo("deploy/haproxy/haproxy.cfg");
 const natsConf = readRepo("deploy/nats/nats.conf");
+const serveMjs = readRepo("web/serve.mjs");
+const WEB_DOCKERFILE = "deploy/docker/web.Dockerfile";
 const config = readmeConfig();
 
 const components = shellArray(libSh, "CHATIFY_COMPONENTS");
@@ -77,14 +81,14 @@ describe("docker-compose.yml", () => {
   });
 
   test("has exactly the components up.sh starts, and up.sh handles each", () => {
-    assert.deepEqual(components, ["nats", "harperdb", "persister", "gateway1", "gateway2", "lb"]);
+    assert.deepEqual(components, ["nats", "harperdb", "persister", "gateway1", "gateway2", "lb", "web"]);
     for (const fn of ["start_component", "probe", "component_ports"]) {
       assert.deepEqual(caseLabels(shellFunction(upSh, fn)).sort(), [...components].sort(), `up.sh ${fn}()`);
     }
     assert.deepEqual(Object.keys(services).sort(), [...components].sort());
   });
 
-  test("publishes up.sh's default ports, on 127.0.0.1 only (lb 4000, gateway1 4001, gateway2 4002)", () => {
+  test("publishes up.sh's default ports, on 127.0.0.1 only (web 3000, lb 4000, gateway1 4001, gateway2 4002)", () => {
     const ports = shellFunction(upSh, "component_ports");
     const published = {};
     for (const [name, service] of Object.entries(services)) {
@@ -97,11 +101,16 @@ describe("docker-compose.yml", () => {
         assert.equal(Number(host), defaultPort(variable), `${name}: ${p} vs ${variable}`);
         published[name] = Number(host);
         const env = environment(service);
-        const listens = name === "lb" ? portOf(env.get("CHATIFY_LB_BIND")) : Number(env.get("CHATIFY_GATEWAY__PORT"));
+        const listens =
+          name === "lb"
+            ? portOf(env.get("CHATIFY_LB_BIND"))
+            : name === "web"
+              ? Number(env.get("CHATIFY_WEB_PORT"))
+              : Number(env.get("CHATIFY_GATEWAY__PORT"));
         assert.equal(Number(container), listens, `${name} publishes ${container} but listens on ${listens}`);
       }
     }
-    assert.deepEqual(published, { lb: 4000, gateway1: 4001, gateway2: 4002 });
+    assert.deepEqual(published, { lb: 4000, gateway1: 4001, gateway2: 4002, web: 3000 });
   });
 
   test("each binary gets the same CHATIFY_* settings from compose as from up.sh", () => {
@@ -252,8 +261,12 @@ describe("docker-compose.yml", () => {
 
   test("built services name existing Dockerfile targets and the same build context", () => {
     const { stages } = dockerfile();
-    const built = Object.entries(services).filter(([, s]) => s.build);
+    const built = Object.entries(services).filter(([, s]) => s.build && s.build.dockerfile !== WEB_DOCKERFILE);
     assert.deepEqual(built.map(([n]) => n).sort(), ["gateway1", "gateway2", "persister"]);
+    assert.deepEqual(
+      Object.entries(services).filter(([, s]) => s.build).map(([n]) => n).sort(),
+      ["gateway1", "gateway2", "persister", "web"],
+    );
     for (const [name, service] of built) {
       const context = path.resolve(repoPath("deploy"), service.build.context);
       assert.equal(context, repoPath(), `${name}: build context`);
@@ -262,5 +275,72 @@ describe("docker-compose.yml", () => {
       assert.equal(service.build.target, name.replace(/\d+$/, ""));
       assert.ok(service.healthcheck.test.includes(`chatify-${service.build.target}`));
     }
+  });
+
+  test("web serves the chat page as up.sh does: web/serve.mjs, port 3000, the load balancer's port", () => {
+    const start = shellFunction(upSh, "start_web");
+    assert.match(start, /node "\$CHATIFY_WEB_DIR\/serve\.mjs"/, "up.sh runs web/serve.mjs");
+    assert.equal(path.resolve(shellAssignment(libSh, "CHATIFY_WEB_DIR").replace("$CHATIFY_REPO", repoPath())), repoPath("web"));
+    const upEnv = shellSettings(start);
+    const env = environment(services.web);
+    assert.deepEqual([...upEnv.keys()].sort(), [...env.keys()].sort(), "the same settings");
+    assert.equal(upEnv.get("CHATIFY_WEB_HOST"), "127.0.0.1", "up.sh: loopback only");
+    assert.equal(env.get("CHATIFY_WEB_HOST"), "0.0.0.0", "compose: reachable through the published port");
+    assert.equal(Number(env.get("CHATIFY_WEB_PORT")), defaultPort("CHATIFY_WEB_PORT"));
+    assert.equal(upEnv.get("CHATIFY_WEB_PORT"), "$CHATIFY_WEB_PORT");
+    assert.equal(upEnv.get("CHATIFY_LB_PORT"), "$CHATIFY_LB_PORT");
+    // The browser reaches the load balancer on the host, so the page is given its published port.
+    const lbPublished = Number(String(services.lb.ports[0]).split(":")[1]);
+    assert.equal(Number(env.get("CHATIFY_LB_PORT")), lbPublished);
+    // serve.mjs's own defaults are lib.sh's.
+    assert.equal(Number(/parsePort\("CHATIFY_WEB_PORT", (\d+)\)/.exec(serveMjs)?.[1]), defaultPort("CHATIFY_WEB_PORT"));
+    assert.equal(Number(/parsePort\("CHATIFY_LB_PORT", (\d+)\)/.exec(serveMjs)?.[1]), defaultPort("CHATIFY_LB_PORT"));
+    // Ready means /healthz answers, in both.
+    assert.match(shellFunction(upSh, "probe"), /web\) http_ok "http:\/\/127\.0\.0\.1:\$CHATIFY_WEB_PORT\/healthz"/);
+    assert.ok(services.web.healthcheck.test.join(" ").includes(`http://127.0.0.1:${env.get("CHATIFY_WEB_PORT")}/healthz`));
+    assert.match(serveMjs, /pathname === "\/healthz"/);
+  });
+
+  test("the web image installs socket.io-client from the lock and runs serve.mjs", () => {
+    const build = services.web.build;
+    assert.equal(path.resolve(repoPath("deploy"), build.context), repoPath());
+    assert.equal(build.dockerfile, WEB_DOCKERFILE);
+    const text = readRepo(WEB_DOCKERFILE);
+    assert.match(text, /^COPY web\/package\.json web\/package-lock\.json \.\/$/m);
+    assert.match(text, /^RUN npm ci --omit=dev\b/m, "npm ci: socket.io-client from npm, as pinned");
+    assert.doesNotMatch(text, /^COPY web\/? /m, "never the whole web/ folder (its node_modules)");
+    assert.match(text, /^COPY web\/serve\.mjs /m);
+    assert.match(text, /^COPY web\/public /m);
+    assert.match(text, /^CMD \["node", "serve\.mjs"\]$/m);
+    assert.match(text, /^EXPOSE 3000$/m);
+    assert.match(text, /^USER node$/m, "not root");
+    const lock = JSON.parse(readRepo("web/package-lock.json"));
+    assert.equal(lock.packages["node_modules/socket.io-client"]?.version, JSON.parse(readRepo("web/package.json")).dependencies["socket.io-client"]);
+  });
+
+  test("the gateways allow the chat page's origin, in compose as in up.sh", () => {
+    const readmeDefault = config.get("CHATIFY_CORS__ALLOWED_ORIGINS").default;
+    assert.equal(readmeDefault, "http://localhost:3000");
+    const webPort = Number(String(services.web.ports[0]).split(":")[1]);
+    for (const name of ["gateway1", "gateway2"]) {
+      const value = environment(services[name]).get("CHATIFY_CORS__ALLOWED_ORIGINS");
+      const m = /^\$\{CHATIFY_CORS__ALLOWED_ORIGINS:-(.+)\}$/.exec(value);
+      assert.ok(m, `${name}: the caller's CHATIFY_CORS__ALLOWED_ORIGINS wins, else a default (${value})`);
+      const origins = m[1].split(",");
+      assert.ok(origins.includes(readmeDefault), `${name} keeps the original client's origin`);
+      assert.ok(origins.includes(`http://localhost:${webPort}`), `${name} allows the page on localhost:${webPort}`);
+    }
+    // up.sh's allowed_origins(), run by bash: the caller's value, else http://localhost:3000 plus
+    // the page's origins on its port; with the default port, exactly compose's default.
+    const origins = (webPort, callers = "") =>
+      execFileSync("bash", ["-c", `allowed_origins() {\n${shellFunction(upSh, "allowed_origins")}}\nallowed_origins`], {
+        env: { PATH: process.env.PATH, CHATIFY_WEB_PORT: String(webPort), CHATIFY_CORS__ALLOWED_ORIGINS: callers },
+        encoding: "utf8",
+      }).trim();
+    const composeDefault = /:-(.+)\}$/.exec(environment(services.gateway1).get("CHATIFY_CORS__ALLOWED_ORIGINS"))[1];
+    assert.equal(origins(defaultPort("CHATIFY_WEB_PORT")), composeDefault);
+    assert.deepEqual(origins(45123).split(","), ["http://localhost:3000", "http://localhost:45123", "http://127.0.0.1:45123"]);
+    assert.equal(origins(45123, "https://chat.example.test"), "https://chat.example.test", "the caller's value wins");
+    assert.match(shellFunction(upSh, "start_gateway"), /CHATIFY_CORS__ALLOWED_ORIGINS="\$\(allowed_origins\)"/);
   });
 });
