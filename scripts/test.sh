@@ -11,7 +11,7 @@
 #      nats-server processes and use this run's HarperDB with databases of their own),
 #   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) and the browser test
 #      (tests/browser: two headless Chromium pages on the chat page) against it, and the
-#      reduced fault scenarios that hold (scripts/faults.sh) on a second private system,
+#      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system,
 #   6. stops everything it started (deploy/local/down.sh) and removes the run directory.
 # Logs of a failed run are kept in target/test-logs/.
 set -euo pipefail
@@ -70,7 +70,7 @@ node --test --test-reporter=spec tests/browser/
 
 step "fault scenarios, reduced (a second private system; see tests/faults/README.md)"
 node --test --test-reporter=spec tests/faults/
-scripts/faults.sh persister-crash nats-restart harperdb-outage graceful-shutdown
+scripts/faults.sh
 
 step "benchmark reference peer (Node socket.io, alone and two processes with Redis)"
 (cd bench/reference && npm ci --no-audit --no-fund --loglevel=error)
