@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -87,6 +87,29 @@ async fn check_origin(State(origins): State<Origins>, request: Request, next: Ne
     (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
 }
 
+/// Copies the request's URI and header values out of hyper's read buffer before Socket.IO sees
+/// the request. hyper hands them out as slices of that buffer (8–16 KiB per connection), and
+/// engineioxide keeps each session's request for the life of the connection, so without the copy
+/// every idle WebSocket pins its whole read buffer: about half of an idle connection's memory
+/// (the socket.io docs' `rawSocket.request = null` advice, in Rust). A few hundred bytes copied
+/// per HTTP request.
+async fn detach_request_head(mut request: Request) -> Request {
+    if let Ok(uri) = request.uri().to_string().parse::<axum::http::Uri>() {
+        // axum's copy of the URI too, which would hold the same buffer.
+        if let Some(original) = request.extensions_mut().get_mut::<OriginalUri>() {
+            original.0 = uri.clone();
+        }
+        *request.uri_mut() = uri;
+    }
+    for value in request.headers_mut().values_mut() {
+        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
+    }
+    request
+}
+
 pub fn router(state: HttpState, socket_io: SocketIoLayer, origins: Origins) -> Router {
     Router::new()
         .route(
@@ -99,6 +122,7 @@ pub fn router(state: HttpState, socket_io: SocketIoLayer, origins: Origins) -> R
         .route("/api/rooms/{room}/messages", get(room_messages))
         .with_state(state)
         .layer(socket_io)
+        .layer(middleware::map_request(detach_request_head))
         .layer(origins.cors())
         .layer(middleware::from_fn_with_state(origins, check_origin))
 }
@@ -174,5 +198,43 @@ mod tests {
             allowed_origins: vec!["*".into()],
         });
         assert!(any.allows(Some(&HeaderValue::from_static("https://anything"))));
+    }
+
+    /// The request a session keeps must not share hyper's read buffer: after the copy, nothing
+    /// but the buffer's own handle refers to it.
+    #[tokio::test]
+    async fn the_kept_request_no_longer_holds_the_read_buffer() {
+        let head = bytes::Bytes::from(
+            b"/socket.io/?EIO=4&transport=websocket secret-token"
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(b' ', 16 * 1024))
+                .collect::<Vec<u8>>(),
+        );
+        let uri = axum::http::Uri::from_maybe_shared(head.slice(0..37)).unwrap_or_default();
+        let value = HeaderValue::from_maybe_shared(head.slice(38..50))
+            .unwrap_or(HeaderValue::from_static("x"));
+        let mut request = axum::http::Request::builder()
+            .uri(uri.clone())
+            .header(header::AUTHORIZATION, value)
+            .body(axum::body::Body::empty())
+            .unwrap_or_default();
+        request.extensions_mut().insert(OriginalUri(uri));
+        if let Some(v) = request.headers_mut().get_mut(header::AUTHORIZATION) {
+            v.set_sensitive(true);
+        }
+        assert!(!head.is_unique(), "the request shares the buffer");
+
+        let request = detach_request_head(request).await;
+        assert!(head.is_unique(), "the request still shares the buffer");
+        assert_eq!(request.uri(), "/socket.io/?EIO=4&transport=websocket");
+        let original = request
+            .extensions()
+            .get::<OriginalUri>()
+            .map(|o| o.0.clone());
+        assert_eq!(original, Some(request.uri().clone()));
+        let auth = request.headers().get(header::AUTHORIZATION);
+        assert_eq!(auth.map(HeaderValue::as_bytes), Some(&b"secret-token"[..]));
+        assert!(auth.is_some_and(HeaderValue::is_sensitive));
     }
 }

@@ -37,6 +37,9 @@ pub enum StartError {
     },
 }
 
+/// Initial read buffer of a WebSocket connection.
+const WS_READ_BUFFER_BYTES: usize = 1024;
+
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
@@ -85,6 +88,9 @@ impl Application {
             .max_payload(max_payload)
             .ws_max_message_size(max_ws)
             .ws_max_frame_size(max_ws)
+            // Engine.IO frames are small; a bigger one grows the buffer as it is read. Every
+            // idle WebSocket holds this buffer (4 KiB by default).
+            .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
             .max_buffer_size(gw.max_buffer_size)
             .ping_interval(Duration::from_millis(gw.ping_interval_ms))
             .ping_timeout(Duration::from_millis(gw.ping_timeout_ms))
