@@ -78,6 +78,13 @@ enum Outcome {
     Stopped,
 }
 
+/// A batch task that panicked left its messages unacked: JetStream redelivers them.
+fn report_join(done: Option<Result<(), tokio::task::JoinError>>) {
+    if let Some(Err(e)) = done {
+        tracing::error!(error = %e, "a batch write task failed; its messages will be redelivered");
+    }
+}
+
 /// Acks a written message. A lost ack only means a redelivery, which the insert skips.
 async fn ack(message: &jetstream::Message) {
     if let Err(e) = message.ack().await {
@@ -85,7 +92,13 @@ async fn ack(message: &jetstream::Message) {
     }
 }
 
-/// Runs the write loop until `shutdown`, finishing (and acking) the batch in hand first.
+/// Batches written at once. HarperDB takes a second insert while the first is being indexed,
+/// and the next batch is usually waiting in the consumer already; storage keys are stream
+/// sequences, so the order batches land in changes nothing a reader sees.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Runs the write loop until `shutdown`, finishing (and acking) the batches in hand first.
+#[derive(Clone)]
 pub struct Writer {
     /// Where messages come from.
     stream: jetstream::stream::Stream,
@@ -143,6 +156,7 @@ impl Writer {
         );
 
         let batch_wait = Duration::from_millis(self.settings.batch_wait_ms);
+        let mut in_flight = tokio::task::JoinSet::new();
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -167,7 +181,14 @@ impl Writer {
                     Ok(None) | Err(_) => break,
                 }
             }
-            self.write_batch(batch, &shutdown).await;
+            while in_flight.len() >= BATCHES_IN_FLIGHT {
+                report_join(in_flight.join_next().await);
+            }
+            let (writer, shutdown) = (self.clone(), shutdown.clone());
+            in_flight.spawn(async move { writer.write_batch(batch, &shutdown).await });
+        }
+        while let Some(done) = in_flight.join_next().await {
+            report_join(Some(done));
         }
         self.ready.store(false, Ordering::Relaxed);
         Ok(())
