@@ -96,13 +96,13 @@ async fn answer(
         }
     };
     // The floor first: whatever is at or below it is in HarperDB by the time we query it.
+    // Then HarperDB and the stream at once: a message written meanwhile is in both answers,
+    // and merging counts it once.
     let floor = unwritten.floor().await.map_err(|e| unavailable(&e))?;
-    let stored = db.history(&query).await;
+    let (stored, recent) =
+        tokio::join!(db.history(&query), unwritten.room_after(&query.room, floor));
     let recent = match &stored {
-        Ok(_) => unwritten
-            .room_after(&query.room, floor)
-            .await
-            .map_err(|e| unavailable(&e))?,
+        Ok(_) => recent.map_err(|e| unavailable(&e))?,
         Err(_) => Vec::new(),
     };
     match stored.map(|page| unwritten::merge(&query, page, recent)) {
