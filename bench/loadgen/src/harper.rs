@@ -1,0 +1,204 @@
+//! HarperDB's operations API, for seeding, reading back and the direct-insert ceiling; and the
+//! persister's /metrics counter.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+
+#[derive(Clone)]
+pub struct Harper {
+    http: reqwest::Client,
+    url: String,
+    user: String,
+    pass: String,
+}
+
+/// The persister's storage key: `<base64url(room)>|<message id>` (persister/src/harperdb.rs).
+pub fn storage_key(room: &str, id: &str) -> String {
+    format!("{}|{id}", URL_SAFE_NO_PAD.encode(room.as_bytes()))
+}
+
+/// One stored message in the persister's record shape.
+pub fn record(room: &str, id: &uuid::Uuid, text: &str) -> Value {
+    let created = id
+        .get_timestamp()
+        .map(|t| {
+            let (s, n) = t.to_unix();
+            s * 1000 + u64::from(n / 1_000_000)
+        })
+        .unwrap_or_default();
+    json!({
+        "pk": storage_key(room, &id.to_string()),
+        "id": id.to_string(),
+        "room": room,
+        "username": "seed",
+        "message": text,
+        "createdTime": created,
+    })
+}
+
+impl Harper {
+    pub fn new(url: &str, user: &str, pass: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            url: url.trim_end_matches('/').to_owned(),
+            user: user.to_owned(),
+            pass: pass.to_owned(),
+        })
+    }
+
+    pub async fn op(&self, body: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(&self.url)
+            .basic_auth(&self.user, Some(&self.pass))
+            .json(body)
+            .send()
+            .await
+            .context("HarperDB request")?;
+        let status = r.status();
+        let text = r.text().await.context("HarperDB answer")?;
+        if !status.is_success() {
+            bail!(
+                "HarperDB {status}: {}",
+                text.chars().take(200).collect::<String>()
+            );
+        }
+        serde_json::from_str(&text).context("HarperDB answer is not JSON")
+    }
+
+    /// Creates `db.table` with the persister's schema (primary key `pk`, nothing else indexed).
+    pub async fn ensure_table(&self, db: &str, table: &str) -> anyhow::Result<()> {
+        if self
+            .op(&json!({"operation": "describe_table", "database": db, "table": table}))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let _ = self
+            .op(&json!({"operation": "create_database", "database": db}))
+            .await;
+        let _ = self
+            .op(&json!({
+                "operation": "create_table", "database": db, "table": table,
+                "primary_key": "pk", "audit": false,
+                "attributes": [
+                    {"name": "pk", "type": "String"}, {"name": "id", "type": "String"},
+                    {"name": "room", "type": "String"}, {"name": "username", "type": "String"},
+                    {"name": "message", "type": "String"}, {"name": "createdTime", "type": "Float"},
+                ],
+            }))
+            .await;
+        for _ in 0..100 {
+            if self
+                .op(&json!({"operation": "describe_table", "database": db, "table": table}))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("table {db}.{table} did not appear")
+    }
+
+    pub async fn insert(
+        &self,
+        db: &str,
+        table: &str,
+        records: Vec<Value>,
+    ) -> anyhow::Result<usize> {
+        let n = records.len();
+        let answer = self
+            .op(&json!({"operation": "insert", "database": db, "table": table, "records": records}))
+            .await?;
+        let done = answer
+            .get("inserted_hashes")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len)
+            + answer
+                .get("skipped_hashes")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+        if done != n {
+            bail!("insert confirmed {done} of {n} records");
+        }
+        Ok(n)
+    }
+
+    /// The message ids stored for `room` (a `between` on the primary key, as the persister reads).
+    pub async fn room_ids(&self, db: &str, table: &str, room: &str) -> anyhow::Result<Vec<String>> {
+        let lo = storage_key(room, "");
+        let hi = storage_key(room, "~");
+        let answer = self
+            .op(&json!({
+                "operation": "search_by_conditions", "database": db, "table": table,
+                "get_attributes": ["id"],
+                "conditions": [{"search_attribute": "pk", "search_type": "between", "search_value": [lo, hi]}],
+            }))
+            .await?;
+        Ok(answer
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.get("id").and_then(Value::as_str).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// `chatify_persister_messages_stored_total` from a Prometheus text page (0 when absent: the
+/// counter appears only after the first write).
+pub fn stored_total(metrics: &str) -> Option<u64> {
+    let mut found = None;
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("chatify_persister_messages_stored_total") {
+            let value = rest.split_ascii_whitespace().last()?;
+            found = Some(found.unwrap_or(0) + value.parse::<f64>().ok()? as u64);
+        }
+    }
+    Some(found.unwrap_or(0))
+}
+
+pub async fn fetch_stored_total(http: &reqwest::Client, metrics_url: &str) -> anyhow::Result<u64> {
+    let text = http
+        .get(metrics_url)
+        .send()
+        .await
+        .context("persister /metrics")?
+        .text()
+        .await?;
+    stored_total(&text).context("unparsable /metrics")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_the_persister() {
+        assert_eq!(storage_key("a b", "x"), "YSBi|x");
+        let id = uuid::Uuid::now_v7();
+        let r = record("r", &id, "hi");
+        assert_eq!(r["pk"], format!("cg|{id}"));
+        assert!(r["createdTime"].as_u64().unwrap_or_default() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn metrics_counter() {
+        let page = "# HELP x\nchatify_persister_messages_stored_total 1234\nother 5\n";
+        assert_eq!(stored_total(page), Some(1234));
+        assert_eq!(stored_total("other 1\n"), Some(0));
+        assert_eq!(
+            stored_total("chatify_persister_messages_stored_total nope"),
+            None
+        );
+    }
+}

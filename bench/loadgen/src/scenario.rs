@@ -1,0 +1,1183 @@
+//! The scenarios: connect a fleet, drive it, read the servers' /proc figures, summarise.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::MissedTickBehavior;
+
+use crate::client::{self, AckedSend, Cmd, ConnConfig, Target};
+use crate::harper::{self, Harper};
+use crate::stats::{self, Percentiles, ProcDelta, Stats, new_histogram, now_ns};
+use crate::{Common, parse_sources};
+
+/// Options of the scenarios that send at a fixed rate.
+#[derive(Args, Clone, Debug)]
+pub struct Load {
+    /// Aggregate `send_message` rate, messages/s (open loop: a late send is not skipped, and its
+    /// latency counts from when it was due).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Message text bytes (the send timestamp plus padding).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Measured seconds of sending.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of sending at the same rate before the measurement (not counted).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Highest send rate of one connection (the servers allow 20/s, bursts of 40).
+    #[arg(long, default_value_t = 15.0)]
+    pub per_sender_rate: f64,
+}
+
+/// Where HarperDB is (defaults from the `env` file of deploy/local/up.sh).
+#[derive(Args, Clone, Debug)]
+pub struct DbArgs {
+    #[arg(long, env = "CHATIFY_HARPERDB_URL")]
+    pub harperdb_url: Option<String>,
+    #[arg(long, env = "CHATIFY_HARPERDB__USERNAME", default_value = "chatify")]
+    pub harperdb_user: String,
+    #[arg(long, env = "CHATIFY_HARPERDB__PASSWORD", hide_env_values = true)]
+    pub harperdb_password: Option<String>,
+    #[arg(long, default_value = "chatify")]
+    pub database: String,
+    #[arg(long, default_value = "messages")]
+    pub table: String,
+}
+
+impl DbArgs {
+    fn client(&self) -> anyhow::Result<Harper> {
+        let url = self
+            .harperdb_url
+            .as_deref()
+            .context("--harperdb-url (or CHATIFY_HARPERDB_URL) is needed")?;
+        Harper::new(
+            url,
+            &self.harperdb_user,
+            self.harperdb_password.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Fleet of connections, progress, counters
+// ------------------------------------------------------------------------------------------
+
+struct Fleet {
+    txs: Vec<mpsc::UnboundedSender<Cmd>>,
+    stats: Arc<Stats>,
+}
+
+impl Fleet {
+    /// Starts `n` connection tasks; connection `i` goes to `urls[url_of(i)]`.
+    fn spawn(
+        common: &Common,
+        stats: &Arc<Stats>,
+        n: usize,
+        url_of: impl Fn(usize) -> usize,
+        room_of: impl Fn(usize) -> Arc<str>,
+        msg_size: usize,
+        acked_sink: Option<mpsc::UnboundedSender<AckedSend>>,
+    ) -> anyhow::Result<Self> {
+        let targets: Vec<Arc<Target>> = common
+            .urls
+            .iter()
+            .map(|u| Target::parse(u).map(Arc::new))
+            .collect::<anyhow::Result<_>>()?;
+        let sources = parse_sources(&common.sources)?;
+        let gate = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
+        let token: Option<Arc<str>> = common.auth_token.as_deref().map(Arc::from);
+        let join_gate = Arc::new(Semaphore::new(common.join_concurrency.max(1)));
+        let mut txs = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let cfg = ConnConfig {
+                index: i,
+                target: targets[url_of(i) % targets.len()].clone(),
+                source: (!sources.is_empty()).then(|| sources[i % sources.len()]),
+                auth_token: token.clone(),
+                msg_size,
+                acked_sink: acked_sink.clone(),
+                join: Some((room_of(i), join_gate.clone())),
+            };
+            tokio::spawn(client::run(cfg, stats.clone(), rx, gate.clone()));
+            txs.push(tx);
+        }
+        Ok(Self {
+            txs,
+            stats: stats.clone(),
+        })
+    }
+
+    fn cmd(&self, i: usize, cmd: Cmd) {
+        let _ = self.txs[i].send(cmd);
+    }
+
+    /// Waits until every connection is up or failed, then until `joins` join acks arrived.
+    async fn wait_joined(&self, joins: u64, timeout: Duration) -> anyhow::Result<()> {
+        let s = &self.stats;
+        let n = self.txs.len() as u64;
+        let done = wait_for(timeout, || {
+            let failed = Stats::get(&s.connect_errors);
+            failed > 0 || Stats::get(&s.joined) + Stats::get(&s.join_errors) >= joins
+        })
+        .await;
+        let failed = Stats::get(&s.connect_errors);
+        if failed > 0 {
+            bail!("{failed} of {n} connections failed: {:?}", s.errors());
+        }
+        if !done || Stats::get(&s.join_errors) > 0 {
+            bail!(
+                "joins: {} ok, {} failed of {joins} (connected {}): {:?}",
+                Stats::get(&s.joined),
+                Stats::get(&s.join_errors),
+                Stats::get(&s.connected),
+                s.errors()
+            );
+        }
+        Ok(())
+    }
+}
+
+async fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Counter values at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    sent: u64,
+    acked: u64,
+    ack_errors: u64,
+    delivered: u64,
+    history_ok: u64,
+    history_errors: u64,
+    protocol_errors: u64,
+    disconnects: u64,
+}
+
+impl Counts {
+    fn of(s: &Stats) -> Self {
+        Self {
+            sent: Stats::get(&s.sent),
+            acked: Stats::get(&s.acked),
+            ack_errors: Stats::get(&s.ack_errors),
+            delivered: Stats::get(&s.delivered),
+            history_ok: Stats::get(&s.history_ok),
+            history_errors: Stats::get(&s.history_errors),
+            protocol_errors: Stats::get(&s.protocol_errors),
+            disconnects: Stats::get(&s.disconnects),
+        }
+    }
+
+    fn minus(self, o: Self) -> Self {
+        Self {
+            sent: self.sent - o.sent,
+            acked: self.acked - o.acked,
+            ack_errors: self.ack_errors - o.ack_errors,
+            delivered: self.delivered - o.delivered,
+            history_ok: self.history_ok - o.history_ok,
+            history_errors: self.history_errors - o.history_errors,
+            protocol_errors: self.protocol_errors - o.protocol_errors,
+            disconnects: self.disconnects - o.disconnects,
+        }
+    }
+}
+
+struct Totals {
+    delivery: Histogram<u64>,
+    ack: Histogram<u64>,
+    history: Histogram<u64>,
+}
+
+/// Collects the latency recorders every second, prints a progress line, keeps the totals.
+struct Monitor {
+    stats: Arc<Stats>,
+    totals: Mutex<Totals>,
+    phase: Mutex<String>,
+    quiet: bool,
+    stop: AtomicBool,
+}
+
+impl Monitor {
+    fn start(stats: &Arc<Stats>, quiet: bool, name: &str) -> Arc<Self> {
+        let m = Arc::new(Self {
+            stats: stats.clone(),
+            totals: Mutex::new(Totals {
+                delivery: new_histogram(),
+                ack: new_histogram(),
+                history: new_histogram(),
+            }),
+            phase: Mutex::new("connecting".into()),
+            quiet,
+            stop: AtomicBool::new(false),
+        });
+        let me = m.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut last = Counts::of(&me.stats);
+            let mut last_at = Instant::now();
+            while !me.stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let now = Counts::of(&me.stats);
+                let dt = last_at.elapsed().as_secs_f64().max(1e-3);
+                let (d99, a99, h99) = me.collect();
+                if !me.quiet {
+                    let phase = me.phase.lock().map(|p| p.clone()).unwrap_or_default();
+                    let s = &me.stats;
+                    eprintln!(
+                        "[{name} {:>4.0}s {phase}] conns {} (failed {}) joined {} | sends/s {:.0} acks/s {:.0} deliveries/s {:.0} history/s {:.0} | p99 delivery {:.1} ms ack {:.1} ms history {:.1} ms | errors: ack {} protocol {} disconnects {}",
+                        started.elapsed().as_secs_f64(),
+                        Stats::get(&s.connected),
+                        Stats::get(&s.connect_errors),
+                        Stats::get(&s.joined),
+                        (now.sent - last.sent) as f64 / dt,
+                        (now.acked - last.acked) as f64 / dt,
+                        (now.delivered - last.delivered) as f64 / dt,
+                        (now.history_ok - last.history_ok) as f64 / dt,
+                        d99,
+                        a99,
+                        h99,
+                        now.ack_errors,
+                        now.protocol_errors,
+                        now.disconnects,
+                    );
+                }
+                last = now;
+                last_at = Instant::now();
+            }
+        });
+        m
+    }
+
+    fn phase(&self, p: &str) {
+        if let Ok(mut ph) = self.phase.lock() {
+            p.clone_into(&mut ph);
+        }
+    }
+
+    /// Moves the recorders into the totals; returns the p99 (ms) of what was new.
+    fn collect(&self) -> (f64, f64, f64) {
+        let mut d = new_histogram();
+        let mut a = new_histogram();
+        let mut h = new_histogram();
+        self.stats.delivery.drain_into(&mut d);
+        self.stats.ack.drain_into(&mut a);
+        self.stats.history.drain_into(&mut h);
+        if let Ok(mut t) = self.totals.lock() {
+            let _ = t.delivery.add(&d);
+            let _ = t.ack.add(&a);
+            let _ = t.history.add(&h);
+        }
+        (
+            Percentiles::of(&d).p99_ms,
+            Percentiles::of(&a).p99_ms,
+            Percentiles::of(&h).p99_ms,
+        )
+    }
+
+    /// Forgets everything recorded so far (the warm-up).
+    fn reset(&self) {
+        self.collect();
+        if let Ok(mut t) = self.totals.lock() {
+            t.delivery.reset();
+            t.ack.reset();
+            t.history.reset();
+        }
+    }
+
+    fn percentiles(&self) -> (Percentiles, Percentiles, Percentiles) {
+        self.collect();
+        self.totals
+            .lock()
+            .map(|t| {
+                (
+                    Percentiles::of(&t.delivery),
+                    Percentiles::of(&t.ack),
+                    Percentiles::of(&t.history),
+                )
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Calls `dispatch(k, due_ns)` for k = 0.. at `rate` per second for `secs` (open loop: the k-th
+/// send is due at start + k/rate whatever happened before; late ones go out at once, in bursts).
+/// Returns how many were dispatched.
+async fn paced(rate: f64, secs: f64, mut dispatch: impl FnMut(u64, u64)) -> u64 {
+    if rate <= 0.0 || secs <= 0.0 {
+        return 0;
+    }
+    let total = (rate * secs).round() as u64;
+    let start = Instant::now();
+    let start_ns = now_ns();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut k = 0u64;
+    while k < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate).floor() as u64 + 1).min(total);
+        while k < due {
+            dispatch(k, start_ns + (k as f64 * 1e9 / rate) as u64);
+            k += 1;
+        }
+    }
+    k
+}
+
+fn run_id(common: &Common) -> String {
+    common
+        .run_id
+        .clone()
+        .unwrap_or_else(|| format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+}
+
+/// This process's own CPU and RSS (to show the load generator is not the bottleneck).
+fn self_sample(ticks: u64) -> stats::ProcSample {
+    stats::sample(std::process::id(), ticks).unwrap_or_default()
+}
+
+struct Window {
+    started: Instant,
+    procs: Vec<Option<stats::ProcSample>>,
+    me: stats::ProcSample,
+    counts: Counts,
+}
+
+impl Window {
+    fn open(common: &Common, s: &Stats, ticks: u64) -> Self {
+        Self {
+            started: Instant::now(),
+            procs: stats::sample_all(&common.pids, ticks),
+            me: self_sample(ticks),
+            counts: Counts::of(s),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary(
+    scenario: &str,
+    common: &Common,
+    params: Value,
+    connections: u64,
+    window: &Window,
+    send_secs: f64,
+    counts: Counts,
+    expected: u64,
+    mon: &Monitor,
+    ticks: u64,
+) -> Value {
+    let elapsed = window.started.elapsed().as_secs_f64();
+    let after = stats::sample_all(&common.pids, ticks);
+    let procs: Vec<ProcDelta> = stats::deltas(&common.pids, &window.procs, &after);
+    let me = self_sample(ticks);
+    let cpu: u64 = procs.iter().map(|p| p.cpu_us).sum();
+    let rss: u64 = procs.iter().map(|p| p.rss_after_kib).sum();
+    let (delivery, ack, history) = mon.percentiles();
+    let lost = expected.saturating_sub(counts.delivered);
+    let s = &mon.stats;
+    let ok = lost == 0
+        && counts.ack_errors == 0
+        && counts.protocol_errors == 0
+        && counts.disconnects == 0
+        && counts.history_errors == 0
+        && Stats::get(&s.connect_errors) == 0
+        && counts.acked == counts.sent;
+    json!({
+        "scenario": scenario,
+        "label": common.label,
+        "params": params,
+        "urls": common.urls,
+        "pids": common.pids,
+        "connections": connections,
+        "window_s": elapsed,
+        "send_s": send_secs,
+        "sent": counts.sent,
+        "acked": counts.acked,
+        "ack_errors": counts.ack_errors,
+        "delivered": counts.delivered,
+        "expected_deliveries": expected,
+        "lost_deliveries": lost,
+        "send_rate": counts.sent as f64 / send_secs.max(1e-9),
+        "delivery_rate": counts.delivered as f64 / send_secs.max(1e-9),
+        "delivery_latency": delivery,
+        "ack_latency": ack,
+        "history_ok": counts.history_ok,
+        "history_errors": counts.history_errors,
+        "history_latency": history,
+        "protocol_errors": counts.protocol_errors,
+        "disconnects": counts.disconnects,
+        "connect_errors": Stats::get(&s.connect_errors),
+        "errors": s.errors(),
+        "server": {
+            "processes": procs,
+            "cpu_us": cpu,
+            "cpu_percent": cpu as f64 / 1e4 / elapsed.max(1e-9),
+            "cpu_us_per_delivery": if counts.delivered > 0 { cpu as f64 / counts.delivered as f64 } else { f64::NAN },
+            "rss_kib": rss,
+        },
+        "loadgen": {
+            "cpu_percent": me.cpu_us.saturating_sub(window.me.cpu_us) as f64 / 1e4 / elapsed.max(1e-9),
+            "rss_kib": me.rss_kib,
+        },
+        "ok": ok,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// idle
+// ------------------------------------------------------------------------------------------
+
+pub async fn idle(common: Common, conns: usize, rooms: usize, hold: f64) -> anyhow::Result<Value> {
+    let ticks = stats::clock_ticks();
+    let stats = Arc::new(Stats::default());
+    let mon = Monitor::start(&stats, common.quiet, "idle");
+    let run = run_id(&common);
+    let before = stats::sample_all(&common.pids, ticks);
+    let rooms = rooms.max(1);
+    let room_names: Vec<Arc<str>> = (0..rooms)
+        .map(|r| Arc::from(format!("{run}-i{r}")))
+        .collect();
+    // Room r's members alternate over the URLs too.
+    let fleet = Fleet::spawn(
+        &common,
+        &stats,
+        conns,
+        |i| i % rooms + i / rooms,
+        |i| room_names[i % rooms].clone(),
+        16,
+        None,
+    )?;
+    fleet
+        .wait_joined(conns as u64, Duration::from_secs(60 + conns as u64 / 50))
+        .await?;
+    mon.phase("holding");
+    let window = Window::open(&common, &stats, ticks);
+    tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+    let counts = Counts::of(&stats).minus(window.counts);
+    let after = stats::sample_all(&common.pids, ticks);
+    let mut v = summary(
+        "idle",
+        &common,
+        json!({"conns": conns, "rooms": rooms, "hold_s": hold, "run_id": run}),
+        Stats::get(&stats.connected),
+        &window,
+        hold,
+        counts,
+        0,
+        &mon,
+        ticks,
+    );
+    let grown: i64 = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.unwrap_or_default().rss_kib as i64 - b.unwrap_or_default().rss_kib as i64)
+        .sum();
+    v["server"]["rss_before_kib"] = json!(
+        before
+            .iter()
+            .map(|b| b.unwrap_or_default().rss_kib)
+            .sum::<u64>()
+    );
+    v["server"]["rss_kib_per_connection"] = json!(grown as f64 / conns.max(1) as f64);
+    v["server"]["idle_cpu_us_per_connection_second"] =
+        json!(v["server"]["cpu_us"].as_f64().unwrap_or(0.0) / conns.max(1) as f64 / hold.max(1e-9));
+    Ok(v)
+}
+
+// ------------------------------------------------------------------------------------------
+// room / rooms
+// ------------------------------------------------------------------------------------------
+
+/// Other rooms kept busy on another server while the measured rooms run ("cost follows
+/// interest": the measured server's CPU should not grow with rooms it has no member in).
+#[derive(Args, Clone, Debug, Default)]
+pub struct Background {
+    /// Rooms of one member each on --bg-url, active during the whole run.
+    #[arg(long, default_value_t = 0)]
+    pub bg_rooms: usize,
+    /// Aggregate send rate over the background rooms, messages/s.
+    #[arg(long, default_value_t = 0.0)]
+    pub bg_rate: f64,
+    #[arg(long)]
+    pub bg_url: Option<String>,
+}
+
+pub async fn rooms(
+    common: Common,
+    load: Load,
+    rooms: usize,
+    members: usize,
+    name: &str,
+    bg: Background,
+) -> anyhow::Result<Value> {
+    let ticks = stats::clock_ticks();
+    let stats = Arc::new(Stats::default());
+    let mon = Monitor::start(&stats, common.quiet, name);
+    let run = run_id(&common);
+    let (rooms, members) = (rooms.max(1), members.max(1));
+    let total = rooms * members;
+    let room_names: Vec<Arc<str>> = (0..rooms)
+        .map(|r| Arc::from(format!("{run}-r{r}")))
+        .collect();
+    // Connection i: room i / members, member i % members; members of a room alternate URLs.
+    let fleet = Fleet::spawn(
+        &common,
+        &stats,
+        total,
+        |i| i / members + i % members,
+        |i| room_names[i / members].clone(),
+        load.size,
+        None,
+    )?;
+    fleet
+        .wait_joined(total as u64, Duration::from_secs(120 + total as u64 / 20))
+        .await?;
+    let bg_stats = Arc::new(Stats::default());
+    let bg_names: Vec<Arc<str>> = (0..bg.bg_rooms)
+        .map(|r| Arc::from(format!("{run}-bg{r}")))
+        .collect();
+    let bg_fleet = if bg.bg_rooms > 0 {
+        let mut c = common.clone();
+        c.urls = vec![bg.bg_url.clone().context("--bg-rooms needs --bg-url")?];
+        mon.phase("background joins");
+        let f = Fleet::spawn(
+            &c,
+            &bg_stats,
+            bg.bg_rooms,
+            |_| 0,
+            |i| bg_names[i].clone(),
+            load.size,
+            None,
+        )?;
+        f.wait_joined(
+            bg.bg_rooms as u64,
+            Duration::from_secs(120 + bg.bg_rooms as u64 / 20),
+        )
+        .await?;
+        Some(f)
+    } else {
+        None
+    };
+    let bg_send = |k: u64, due: u64| {
+        if let Some(f) = &bg_fleet {
+            let r = (k % bg_names.len() as u64) as usize;
+            f.cmd(
+                r,
+                Cmd::Send {
+                    room: bg_names[r].clone(),
+                    sched_ns: due,
+                },
+            );
+        }
+    };
+    let bg_rate = if bg_fleet.is_some() { bg.bg_rate } else { 0.0 };
+    // Let the join notices settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let per_room_rate = load.rate / rooms as f64;
+    let senders =
+        ((per_room_rate / load.per_sender_rate.max(0.1)).ceil() as usize).clamp(1, members);
+    let send = |k: u64, due: u64| {
+        let r = (k % rooms as u64) as usize;
+        let s = ((k / rooms as u64) % senders as u64) as usize;
+        fleet.cmd(
+            r * members + s,
+            Cmd::Send {
+                room: room_names[r].clone(),
+                sched_ns: due,
+            },
+        );
+    };
+    if load.warmup > 0.0 {
+        mon.phase("warm-up");
+        tokio::join!(
+            paced(load.rate, load.warmup, send),
+            paced(bg_rate, load.warmup, bg_send)
+        );
+        let base = Counts::of(&stats);
+        wait_for(Duration::from_secs_f64(common.drain), || {
+            let c = Counts::of(&stats);
+            c.acked + c.ack_errors >= c.sent && c.delivered >= c.acked * members as u64
+        })
+        .await;
+        let _ = base;
+    }
+    mon.reset();
+    mon.phase("measuring");
+    let window = Window::open(&common, &stats, ticks);
+    let started = Instant::now();
+    let bg_base = Counts::of(&bg_stats);
+    tokio::join!(
+        paced(load.rate, load.duration, send),
+        paced(bg_rate, load.duration, bg_send)
+    );
+    let send_secs = started.elapsed().as_secs_f64();
+    mon.phase("draining");
+    wait_for(Duration::from_secs_f64(common.drain), || {
+        let c = Counts::of(&stats).minus(window.counts);
+        c.acked + c.ack_errors >= c.sent && c.delivered >= c.acked * members as u64 && {
+            let all = Counts::of(&bg_stats);
+            all.acked + all.ack_errors >= all.sent && all.delivered >= all.acked
+        }
+    })
+    .await;
+    let counts = Counts::of(&stats).minus(window.counts);
+    let expected = counts.acked * members as u64;
+    let b = Counts::of(&bg_stats).minus(bg_base);
+    // Losses of the background are counted over its whole run (warm-up included): a window
+    // boundary falls between some sends and their deliveries.
+    let b_all = Counts::of(&bg_stats);
+    let mut v = summary(
+        name,
+        &common,
+        json!({
+            "rooms": rooms, "members": members, "rate": load.rate, "size": load.size,
+            "duration_s": load.duration, "warmup_s": load.warmup, "senders_per_room": senders,
+            "urls": common.urls.len(), "run_id": run,
+            "bg_rooms": bg.bg_rooms, "bg_rate": bg_rate,
+        }),
+        Stats::get(&stats.connected),
+        &window,
+        send_secs,
+        counts,
+        expected,
+        &mon,
+        ticks,
+    );
+    if bg_fleet.is_some() {
+        let lost = b_all.acked.saturating_sub(b_all.delivered);
+        v["background"] = json!({
+            "url": bg.bg_url, "rooms": bg.bg_rooms, "rate": bg_rate, "sent": b.sent, "acked": b.acked,
+            "ack_errors": b.ack_errors, "delivered": b.delivered, "lost_deliveries": lost,
+            "connect_errors": Stats::get(&bg_stats.connect_errors), "errors": bg_stats.errors(),
+            "whole_run": {"sent": b_all.sent, "acked": b_all.acked, "delivered": b_all.delivered},
+        });
+        let ok = v["ok"].as_bool().unwrap_or(false)
+            && lost == 0
+            && b_all.ack_errors == 0
+            && b_all.acked == b_all.sent;
+        v["ok"] = json!(ok);
+    }
+    Ok(v)
+}
+
+// ------------------------------------------------------------------------------------------
+// persister
+// ------------------------------------------------------------------------------------------
+
+pub struct PersisterArgs {
+    pub common: Common,
+    pub load: Load,
+    pub db: DbArgs,
+    pub senders: usize,
+    pub rooms: usize,
+    pub persister_url: String,
+    pub poll_ms: u64,
+    pub pause_cmd: Option<String>,
+    pub resume_cmd: Option<String>,
+    pub store_timeout: f64,
+}
+
+async fn shell(cmd: &str) -> anyhow::Result<()> {
+    let st = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running {cmd}"))?;
+    if !st.success() {
+        bail!("`{cmd}` failed: {st}");
+    }
+    Ok(())
+}
+
+pub async fn persister(a: PersisterArgs) -> anyhow::Result<Value> {
+    let ticks = stats::clock_ticks();
+    let common = &a.common;
+    let stats = Arc::new(Stats::default());
+    let mon = Monitor::start(&stats, common.quiet, "persister");
+    let run = run_id(common);
+    let db = a.db.client()?;
+    let http = reqwest::Client::new();
+    let metrics_url = format!("{}/metrics", a.persister_url.trim_end_matches('/'));
+    let rooms = if a.rooms == 0 {
+        a.senders.max(1)
+    } else {
+        a.rooms.clamp(1, a.senders.max(1))
+    };
+    let room_names: Vec<Arc<str>> = (0..rooms)
+        .map(|r| Arc::from(format!("{run}-p{r}")))
+        .collect();
+    let (sink, mut acked_rx) = mpsc::unbounded_channel::<AckedSend>();
+    let fleet = Fleet::spawn(
+        common,
+        &stats,
+        a.senders,
+        |i| i,
+        |i| room_names[i % rooms].clone(),
+        a.load.size,
+        Some(sink),
+    )?;
+    fleet
+        .wait_joined(a.senders as u64, Duration::from_secs(120))
+        .await?;
+    if let Some(cmd) = &a.pause_cmd {
+        mon.phase("pausing");
+        shell(cmd).await?;
+    }
+    let stored_base = if a.pause_cmd.is_some() {
+        0
+    } else {
+        harper::fetch_stored_total(&http, &metrics_url).await?
+    };
+    // The stored counter, read every poll_ms: (unix ns, stored since the start).
+    let timeline: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    // With a pause, the persister restarts and its counter starts again at 0.
+    let polling = Arc::new(AtomicBool::new(a.pause_cmd.is_none()));
+    let poller = {
+        let (timeline, polling, http, url) = (
+            timeline.clone(),
+            polling.clone(),
+            http.clone(),
+            metrics_url.clone(),
+        );
+        let poll = Duration::from_millis(a.poll_ms.max(1));
+        tokio::spawn(async move {
+            let base = stored_base;
+            loop {
+                tokio::time::sleep(poll).await;
+                if !polling.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Ok(n) = harper::fetch_stored_total(&http, &url).await
+                    && let Ok(mut t) = timeline.lock()
+                {
+                    t.push((now_ns(), n.saturating_sub(base)));
+                }
+            }
+        })
+    };
+    mon.reset();
+    mon.phase("sending");
+    let window = Window::open(common, &stats, ticks);
+    let started = Instant::now();
+    let first_due = now_ns();
+    let per_room = a.senders.div_ceil(rooms);
+    paced(a.load.rate, a.load.duration, |k, due| {
+        // Round-robin over all senders, each sending in its own room.
+        let i = (k % a.senders as u64) as usize;
+        let _ = per_room;
+        fleet.cmd(
+            i,
+            Cmd::Send {
+                room: room_names[i % rooms].clone(),
+                sched_ns: due,
+            },
+        );
+    })
+    .await;
+    let send_secs = started.elapsed().as_secs_f64();
+    mon.phase("waiting for acks");
+    wait_for(Duration::from_secs_f64(common.drain), || {
+        let c = Counts::of(&stats).minus(window.counts);
+        c.acked + c.ack_errors >= c.sent
+    })
+    .await;
+    let mut acked: Vec<AckedSend> = Vec::new();
+    while let Ok(x) = acked_rx.try_recv() {
+        acked.push(x);
+    }
+    let resumed_at = now_ns();
+    if let Some(cmd) = &a.resume_cmd {
+        mon.phase("resuming");
+        polling.store(true, Ordering::Relaxed);
+        shell(cmd).await?;
+    }
+    mon.phase("waiting for storage");
+    let want = acked.len() as u64;
+    let stored_all = wait_for(Duration::from_secs_f64(a.store_timeout), || {
+        timeline
+            .lock()
+            .map(|t| t.last().is_some_and(|&(_, n)| n >= want))
+            .unwrap_or(false)
+    })
+    .await;
+    poller.abort();
+    let timeline = timeline.lock().map(|t| t.clone()).unwrap_or_default();
+
+    // Lag: the k-th acked message (in ack order, which is the stream's order per gateway) is
+    // taken as stored when the counter first exceeds k.
+    acked.sort_by_key(|x| x.acked_ns);
+    let mut lag = new_histogram();
+    let mut j = 0;
+    let mut last_stored_ns = 0;
+    for (k, m) in acked.iter().enumerate() {
+        while j < timeline.len() && timeline[j].1 <= k as u64 {
+            j += 1;
+        }
+        if let Some(&(t, _)) = timeline.get(j) {
+            let _ = lag.record((t.saturating_sub(m.sched_ns) / 1000).max(1));
+            last_stored_ns = t;
+        }
+    }
+    // The drain's throughput: from the first movement of the counter to the last message.
+    let first_move = timeline.iter().find(|&&(_, n)| n > 0).map(|&(t, _)| t);
+    let stored_rate = match (a.pause_cmd.is_some(), first_move) {
+        (true, Some(t0)) if last_stored_ns > t0 => {
+            // The first poll that saw movement saw up to one poll interval of work.
+            let first_n = timeline
+                .iter()
+                .find(|&&(_, n)| n > 0)
+                .map_or(0, |&(_, n)| n);
+            (want.saturating_sub(first_n)) as f64 / ((last_stored_ns - t0) as f64 / 1e9)
+        }
+        (false, _) if last_stored_ns > first_due => {
+            want as f64 / ((last_stored_ns - first_due) as f64 / 1e9)
+        }
+        _ => f64::NAN,
+    };
+
+    // Read back: every acked id must be in HarperDB.
+    mon.phase("reading back");
+    let mut by_room: HashMap<&str, Vec<&str>> = HashMap::new();
+    for m in &acked {
+        by_room.entry(&*m.room).or_default().push(&m.id);
+    }
+    let mut missing = 0u64;
+    for (room, ids) in &by_room {
+        let stored: HashSet<String> = db
+            .room_ids(&a.db.database, &a.db.table, room)
+            .await?
+            .into_iter()
+            .collect();
+        missing += ids.iter().filter(|id| !stored.contains(**id)).count() as u64;
+    }
+    let counts = Counts::of(&stats).minus(window.counts);
+    let mut v = summary(
+        "persister",
+        common,
+        json!({
+            "senders": a.senders, "rooms": rooms, "rate": a.load.rate, "size": a.load.size,
+            "duration_s": a.load.duration, "backlog": a.pause_cmd.is_some(), "run_id": run,
+        }),
+        Stats::get(&stats.connected),
+        &window,
+        send_secs,
+        counts,
+        counts.acked,
+        &mon,
+        ticks,
+    );
+    let p = Percentiles::of(&lag);
+    v["stored"] = json!(want - missing);
+    v["missing_in_harperdb"] = json!(missing);
+    v["stored_all"] = json!(stored_all);
+    v["stored_per_s"] = json!(stored_rate);
+    v["store_lag"] = json!(if a.pause_cmd.is_some() {
+        Percentiles::default()
+    } else {
+        p
+    });
+    v["resume_to_stored_s"] = json!(if a.pause_cmd.is_some() {
+        last_stored_ns.saturating_sub(resumed_at) as f64 / 1e9
+    } else {
+        f64::NAN
+    });
+    let ok = v["ok"].as_bool().unwrap_or(false) && missing == 0 && stored_all;
+    v["ok"] = json!(ok);
+    Ok(v)
+}
+
+// ------------------------------------------------------------------------------------------
+// harperdb-direct
+// ------------------------------------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+pub async fn harperdb_direct(
+    db: DbArgs,
+    records: usize,
+    batch: usize,
+    concurrency: usize,
+    size: usize,
+    rooms: usize,
+    table: &str,
+    label: &str,
+    pids: &[u32],
+) -> anyhow::Result<Value> {
+    let ticks = stats::clock_ticks();
+    let h = db.client()?;
+    h.ensure_table(&db.database, table).await?;
+    let run = format!("d{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut text = String::new();
+    crate::proto::stamped_text(&mut text, now_ns(), size);
+    let batch = batch.max(1);
+    let rooms = rooms.max(1);
+    // Records are built before the clock starts: the figure is HarperDB's, not ours.
+    let mut batches: Vec<Vec<Value>> = Vec::new();
+    let mut made = 0;
+    while made < records {
+        let n = batch.min(records - made);
+        batches.push(
+            (made..made + n)
+                .map(|i| {
+                    harper::record(
+                        &format!("{run}-p{}", i % rooms),
+                        &uuid::Uuid::now_v7(),
+                        &text,
+                    )
+                })
+                .collect(),
+        );
+        made += n;
+    }
+    let before = stats::sample_all(pids, ticks);
+    let started = Instant::now();
+    let queue = Arc::new(Mutex::new(batches));
+    let mut workers = Vec::new();
+    let lat = Arc::new(Mutex::new(new_histogram()));
+    for _ in 0..concurrency.max(1) {
+        let (q, h, lat, dbn, t) = (
+            queue.clone(),
+            h.clone(),
+            lat.clone(),
+            db.database.clone(),
+            table.to_owned(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            loop {
+                let next = q.lock().ok().and_then(|mut q| q.pop());
+                let Some(b) = next else { break };
+                let t0 = Instant::now();
+                done += h.insert(&dbn, &t, b).await?;
+                if let Ok(mut l) = lat.lock() {
+                    let _ = l.record((t0.elapsed().as_micros() as u64).max(1));
+                }
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut inserted = 0;
+    for w in workers {
+        inserted += w.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let after = stats::sample_all(pids, ticks);
+    let procs = stats::deltas(pids, &before, &after);
+    let batch_latency = lat.lock().map(|l| Percentiles::of(&l)).unwrap_or_default();
+    Ok(json!({
+        "scenario": "harperdb-direct",
+        "label": label,
+        "params": {"records": records, "batch": batch, "concurrency": concurrency, "size": size, "rooms": rooms, "table": table},
+        "inserted": inserted,
+        "window_s": secs,
+        "stored_per_s": inserted as f64 / secs.max(1e-9),
+        "batch_latency": batch_latency,
+        "server": {"processes": procs},
+        "ok": inserted == records,
+    }))
+}
+
+// ------------------------------------------------------------------------------------------
+// history
+// ------------------------------------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+pub async fn history(
+    common: Common,
+    db: DbArgs,
+    rate: f64,
+    duration: f64,
+    limit: u32,
+    conns: usize,
+    room: Option<String>,
+    seed: usize,
+    seed_via: &str,
+) -> anyhow::Result<Value> {
+    let ticks = stats::clock_ticks();
+    let stats = Arc::new(Stats::default());
+    let mon = Monitor::start(&stats, common.quiet, "history");
+    let run = run_id(&common);
+    let room: Arc<str> = Arc::from(room.unwrap_or_else(|| format!("{run}-history")));
+    let conns = conns.max(1);
+    let fleet = Fleet::spawn(&common, &stats, conns, |i| i, |_| room.clone(), 100, None)?;
+    fleet
+        .wait_joined(conns as u64, Duration::from_secs(60))
+        .await?;
+    let seed_started = Instant::now();
+    if seed > 0 {
+        mon.phase("seeding");
+        match seed_via {
+            "harperdb" => {
+                let h = db.client()?;
+                h.ensure_table(&db.database, &db.table).await?;
+                let mut text = String::new();
+                crate::proto::stamped_text(&mut text, now_ns(), 100);
+                let mut done = 0;
+                let mut last_print = Instant::now();
+                while done < seed {
+                    // Two batches in flight.
+                    let mut pending = Vec::new();
+                    for _ in 0..2 {
+                        let n = 1000.min(seed - done);
+                        if n == 0 {
+                            break;
+                        }
+                        let recs: Vec<Value> = (0..n)
+                            .map(|_| harper::record(&room, &uuid::Uuid::now_v7(), &text))
+                            .collect();
+                        done += n;
+                        let (h, d, t) = (h.clone(), db.database.clone(), db.table.clone());
+                        pending.push(tokio::spawn(async move { h.insert(&d, &t, recs).await }));
+                    }
+                    for p in pending {
+                        p.await??;
+                    }
+                    if !common.quiet && last_print.elapsed() > Duration::from_secs(5) {
+                        eprintln!("[history] seeded {done} of {seed}");
+                        last_print = Instant::now();
+                    }
+                }
+            }
+            "sends" => {
+                let rate = (conns as f64 * 15.0).max(1.0);
+                paced(rate, seed as f64 / rate, |k, due| {
+                    fleet.cmd(
+                        (k % conns as u64) as usize,
+                        Cmd::Send {
+                            room: room.clone(),
+                            sched_ns: due,
+                        },
+                    );
+                })
+                .await;
+                wait_for(Duration::from_secs(60), || {
+                    let c = Counts::of(&stats);
+                    c.acked + c.ack_errors >= c.sent
+                })
+                .await;
+                // Deliveries of the seed go to every member; wait for them to pass.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => bail!("--seed-via must be harperdb or sends, not {other}"),
+        }
+    }
+    let seed_secs = seed_started.elapsed().as_secs_f64();
+    mon.reset();
+    mon.phase("measuring");
+    let window = Window::open(&common, &stats, ticks);
+    let started = Instant::now();
+    paced(rate, duration, |k, due| {
+        fleet.cmd(
+            (k % conns as u64) as usize,
+            Cmd::History {
+                room: room.clone(),
+                limit,
+                sched_ns: due,
+            },
+        );
+    })
+    .await;
+    let send_secs = started.elapsed().as_secs_f64();
+    let want = (rate * duration).round() as u64;
+    wait_for(Duration::from_secs_f64(common.drain), || {
+        let c = Counts::of(&stats).minus(window.counts);
+        c.history_ok + c.history_errors >= want
+    })
+    .await;
+    let counts = Counts::of(&stats).minus(window.counts);
+    let mut v = summary(
+        "history",
+        &common,
+        json!({"rate": rate, "duration_s": duration, "limit": limit, "conns": conns, "seed": seed, "seed_via": seed_via, "room": &*room}),
+        Stats::get(&stats.connected),
+        &window,
+        send_secs,
+        counts,
+        0,
+        &mon,
+        ticks,
+    );
+    v["seed_s"] = json!(seed_secs);
+    v["requests"] = json!(want);
+    let ok = v["ok"].as_bool().unwrap_or(false) && counts.history_ok == want;
+    v["ok"] = json!(ok);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn paced_is_open_loop() {
+        let mut due = Vec::new();
+        let t0 = now_ns();
+        let n = paced(1000.0, 0.05, |k, d| {
+            due.push((k, d));
+            if k == 10 {
+                // A stall of the dispatcher: the sends that fell due meanwhile go out at once,
+                // keeping their due times (latency counts from then).
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await;
+        assert_eq!(n, 50);
+        assert_eq!(due.len(), 50);
+        for (i, pair) in due.windows(2).enumerate() {
+            assert_eq!(pair[0].0 + 1, pair[1].0);
+            let gap = pair[1].1 - pair[0].1;
+            assert!((999_000..=1_001_000).contains(&gap), "gap {gap} ns at {i}");
+        }
+        assert!(due[0].1 >= t0);
+        assert_eq!(paced(0.0, 1.0, |_, _| {}).await, 0);
+    }
+
+    #[test]
+    fn counts_subtract() {
+        let a = Counts {
+            sent: 10,
+            acked: 9,
+            delivered: 90,
+            ..Counts::default()
+        };
+        let b = Counts {
+            sent: 4,
+            acked: 4,
+            delivered: 40,
+            ..Counts::default()
+        };
+        let d = a.minus(b);
+        assert_eq!((d.sent, d.acked, d.delivered), (6, 5, 50));
+    }
+}
