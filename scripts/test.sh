@@ -12,7 +12,8 @@
 #   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) and the browser test
 #      (tests/browser: two headless Chromium pages on the chat page) against it, and the
 #      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system,
-#   6. stops everything it started (deploy/local/down.sh) and removes the run directory.
+#   6. runs the benchmark tool's smoke mode (bench/run.sh --smoke, tiny sizes, no figures),
+#   7. stops everything it started (deploy/local/down.sh) and removes the run directory.
 # Logs of a failed run are kept in target/test-logs/.
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -75,5 +76,8 @@ scripts/faults.sh
 step "benchmark reference peer (Node socket.io, alone and two processes with Redis)"
 (cd bench/reference && npm ci --no-audit --no-fund --loglevel=error)
 node --test --test-reporter=spec bench/reference/
+
+step "benchmark smoke (bench/run.sh --smoke: the load generator against Chatify and the reference)"
+bench/run.sh --smoke
 
 status=0
