@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,15 @@ struct Room {
     local_count: AtomicUsize,
     /// Serializes membership changes of this room on this gateway.
     state: tokio::sync::Mutex<RoomState>,
+    /// Set while a `chatroom_users` emission is scheduled (see [`USERS_COALESCE`]).
+    users_pending: AtomicBool,
 }
+
+/// How long a membership change waits for others before the room gets `chatroom_users`. Each
+/// emission carries the whole list to every member, so a join storm of n members would send n
+/// lists of up to n entries to each of them (n² entries per member) and overflow their outgoing
+/// queues, join acks included; coalesced, a storm sends one list per interval.
+const USERS_COALESCE: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct RoomState {
@@ -183,15 +191,13 @@ impl Rooms {
         let rooms: Vec<Arc<Room>> = self.registry().values().cloned().collect();
         let Some(io) = self.io.get() else { return };
         for room in rooms {
-            let (gone, users) = {
+            let gone = {
                 let mut state = room.state.lock().await;
                 if state.closed {
                     continue;
                 }
                 match state.remote.remove(gateway) {
-                    Some(snapshot) if !snapshot.members.is_empty() => {
-                        (snapshot.members, state.users())
-                    }
+                    Some(snapshot) if !snapshot.members.is_empty() => snapshot.members,
                     _ => continue,
                 }
             };
@@ -207,12 +213,7 @@ impl Rooms {
                         .await,
                 );
             }
-            log_emit(
-                "chatroom_users",
-                io.to(room.name.clone())
-                    .emit("chatroom_users", &users)
-                    .await,
-            );
+            users_changed(io, &room);
         }
     }
 
@@ -248,6 +249,7 @@ impl Rooms {
                     token: RoomToken::new(name),
                     local_count: AtomicUsize::new(0),
                     state: tokio::sync::Mutex::new(RoomState::default()),
+                    users_pending: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -565,8 +567,8 @@ impl Rooms {
         }
     }
 
-    async fn on_presence(&self, io: &SocketIo, room: &Room, event: PresenceEvent) {
-        let users = {
+    async fn on_presence(&self, io: &SocketIo, room: &Arc<Room>, event: PresenceEvent) {
+        {
             let mut state = room.state.lock().await;
             if state.closed {
                 return;
@@ -587,8 +589,7 @@ impl Rooms {
                     );
                 }
             }
-            state.users()
-        };
+        }
         let (text, joiner) = match &event.change {
             PresenceChange::Joined {
                 socket_id,
@@ -601,12 +602,7 @@ impl Rooms {
                 (format!("{username} has left the chat room"), None)
             }
             PresenceChange::Refresh => {
-                log_emit(
-                    "chatroom_users",
-                    io.to(room.name.clone())
-                        .emit("chatroom_users", &users)
-                        .await,
-                );
+                users_changed(io, room);
                 return;
             }
         };
@@ -619,13 +615,34 @@ impl Rooms {
             "receive_message",
             to_others.emit("receive_message", &notice).await,
         );
+        users_changed(io, room);
+    }
+}
+
+/// Sends the room's local sockets `chatroom_users` within [`USERS_COALESCE`], with the list as
+/// it is then; changes until then share the one emission.
+fn users_changed(io: &SocketIo, room: &Arc<Room>) {
+    if room.users_pending.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (io, room) = (io.clone(), room.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(USERS_COALESCE).await;
+        room.users_pending.store(false, Ordering::Release);
+        let users = {
+            let state = room.state.lock().await;
+            if state.closed {
+                return;
+            }
+            state.users()
+        };
         log_emit(
             "chatroom_users",
             io.to(room.name.clone())
                 .emit("chatroom_users", &users)
                 .await,
         );
-    }
+    });
 }
 
 /// Everyone in the room on this gateway but `socket_id` (when that socket is here).

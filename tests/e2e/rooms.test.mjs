@@ -145,3 +145,29 @@ describe("rooms per socket", () => {
     assert.equal(r?.error?.code, "not_in_room", show(r));
   });
 });
+
+describe("join storms", () => {
+  test("40 members joining at once on two gateways: every member ends with the full list, sent a few times, not once per join", async (t) => {
+    const room = `e2e-storm-${uid()}`;
+    const observer = await connect(gw1Url(), {}, t);
+    const observerName = userName("watch");
+    await join(observer, room, observerName);
+    const since = observer.rec.events.length;
+    const members = await Promise.all(Array.from({ length: 40 }, (_, i) => connect(i % 2 ? gw2Url() : gw1Url(), {}, t)));
+    const names = members.map((_, i) => userName(`storm${i}`));
+    const acks = await Promise.all(members.map((s, i) => join(s, room, names[i])));
+    for (const ack of acks) assert.equal(ack.ok, true, show(ack));
+    const everyone = [me(observer, observerName), ...members.map((s, i) => me(s, names[i]))];
+    // the latest list anyone holds ends up complete
+    for (const s of [observer, ...members.slice(0, 4), ...members.slice(-4)]) {
+      await waitFor(s, "chatroom_users", (users) => Array.isArray(users) && users.length === everyone.length);
+      const lists = received(s, "chatroom_users");
+      assertUsers(lists.at(-1), everyone, `the last chatroom_users of ${s.id}`);
+    }
+    // one list per coalescing interval, not one per join (40 lists of up to 41 entries each)
+    await sleep(QUIET_MS);
+    const lists = received(observer, "chatroom_users", () => true, since);
+    assert.ok(lists.length < 20, `the observer got ${lists.length} chatroom_users for 40 joins`);
+    assert.equal(received(observer, "receive_message", (m) => isChatBot(m) && / has joined the chat room$/.test(m.message), since).length, 40, "one notice per join");
+  });
+});
