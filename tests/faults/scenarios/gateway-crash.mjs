@@ -83,8 +83,11 @@ export default {
       const firstClean = o.notices.find((n) => n.at >= killedAt && n.event === "chatroom_users" && !n.payload.some((u) => stale.has(u.id)));
       const ms = firstClean ? firstClean.at - killedAt : undefined;
       checks.check(`${o.name}'s chatroom_users dropped the crashed gateway's sockets within ${DROP_WITHIN_MS / 1000} s`, firstClean && ms <= DROP_WITHIN_MS, firstClean ? `after ${ms} ms` : "never");
-      const last = o.notices.filter((n) => n.event === "chatroom_users").at(-1)?.payload ?? [];
       const want = [...mine.map((v) => v.socket?.id), ...senders.concat(observers).filter((c) => c.rooms[0] === r).map((c) => c.socket.id)].sort();
+      const lastList = () => o.notices.filter((n) => n.event === "chatroom_users").at(-1)?.payload ?? [];
+      // (a rejoin's chatroom_users follows it by up to 50 ms: the gateway coalesces it per room)
+      await until(() => JSON.stringify(lastList().map((u) => u.id).sort()) === JSON.stringify(want), 2000, "").catch(() => {});
+      const last = lastList();
       checks.check(`${o.name}'s last chatroom_users is exactly the room's current members`, JSON.stringify(last.map((u) => u.id).sort()) === JSON.stringify(want), `got ${JSON.stringify(last)}; want ids ${JSON.stringify(want)}`);
     }
 

@@ -245,10 +245,11 @@ export default {
     const deadline = stoppedAt + pingInterval + pingTimeout + 5000;
     const stuckNames = new Set(stuck.map((c) => c.username));
     const leftOf = (u) => normal.notices.find((x) => x.at >= stoppedAt && x.event === "receive_message" && x.payload.message === `${u} has left the chat room`);
-    await until(() => [...stuckNames].every((u) => leftOf(u)), Math.max(0, deadline - Date.now()), "").catch(() => {});
+    // (chatroom_users follows the notices by up to 50 ms: the gateway coalesces it per room)
+    const ghostsNow = () => (normal.notices.filter((x) => x.event === "chatroom_users").at(-1)?.payload ?? []).filter((u) => stuckNames.has(u.username)).map((u) => u.username);
+    await until(() => [...stuckNames].every((u) => leftOf(u)) && ghostsNow().length === 0, Math.max(0, deadline - Date.now()), "").catch(() => {});
     const left = [...stuckNames].filter((u) => leftOf(u));
-    const lastUsers = normal.notices.filter((x) => x.event === "chatroom_users").at(-1)?.payload ?? [];
-    const ghosts = lastUsers.filter((u) => stuckNames.has(u.username)).map((u) => u.username);
+    const ghosts = ghostsNow();
     const sockets = await sys.metric("gateway1", "chatify_gateway_connected_sockets");
     checks.check(
       `clients that never read again were disconnected and announced as gone within ping interval + timeout + 5 s (${pingInterval + pingTimeout + 5000} ms)`,
