@@ -140,3 +140,28 @@ pub async fn ensure_dead_letter_stream(
     .await?;
     Ok(())
 }
+
+/// Why [`drain`] could not finish cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("could not flush to NATS: {0}")]
+    Flush(#[from] async_nats::client::FlushError),
+    #[error("could not drain the NATS connection: {0}")]
+    Drain(#[from] async_nats::client::DrainError),
+}
+
+/// Ends a client's work before the process exits: flushes what was published (the server has
+/// it once this returns), then drains subscriptions and waits, up to `wait`, for the connection
+/// to close. `Client::drain` only starts that: a process that exits right after it can lose
+/// its last publishes (a gateway's last departure notices, a persister's last acks).
+pub async fn drain(client: &async_nats::Client, wait: Duration) -> Result<(), DrainError> {
+    client.flush().await?;
+    client.drain().await?;
+    let closed = async {
+        while client.connection_state() == async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = tokio::time::timeout(wait, closed).await;
+    Ok(())
+}

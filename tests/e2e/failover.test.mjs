@@ -39,7 +39,9 @@ describe("a gateway stops", () => {
     const reason = await Promise.race([disconnected, new Promise((r) => setTimeout(() => r("(no disconnect event)"), 3000))]);
     t.diagnostic(`client of the stopped gateway: disconnect reason ${reason}`);
     assert.notEqual(reason, "(no disconnect event)", "the client of a stopped gateway sees a disconnect");
-    const left = await waitFor(a, "receive_message", isChatBot(room, `${nx} has left the chat room`), { since, what: "left notice after a graceful stop" });
+    const left = await waitFor(a, "receive_message", isChatBot(room, `${nx} has left the chat room`), { since, what: "left notice after a graceful stop" }).catch((e) => {
+      throw new Error(`${e.message}\n--- the stopped gateway's log ---\n${extra.proc.logTail()}`);
+    });
     assertChatBot(left, room, `${nx} has left the chat room`);
     await waitFor(a, "chatroom_users", sameUsers([me(a, na)]), { since });
   });
