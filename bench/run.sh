@@ -200,6 +200,15 @@ json_field() { # json_field FILE EXPR (a JS expression on s)
   node -e 'const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8").trim().split("\n").pop()); const v = eval(process.argv[2]); console.log(v === undefined || v === null ? "" : v)' "$1" "$2" 2>/dev/null || true
 }
 
+# Ports and addresses of another system (scripts/test.sh exports its own, and an env file a
+# caller sourced would do the same) would win over the ones this run's system records, so a
+# component restarted here would collide with that system: they are not inputs of this run.
+unset CHATIFY_LB_PORT CHATIFY_GATEWAY1_PORT CHATIFY_GATEWAY2_PORT CHATIFY_PERSISTER_PORT \
+  CHATIFY_NATS_PORT CHATIFY_NATS_MONITOR_PORT CHATIFY_HDB_PORT CHATIFY_HDB_HTTP_PORT \
+  CHATIFY_HDB_MQTT_PORT CHATIFY_HDB_MQTTS_PORT CHATIFY_HDB_REPLICATION_PORT CHATIFY_WEB_PORT \
+  CHATIFY_LB_URL CHATIFY_GATEWAY1_URL CHATIFY_GATEWAY2_URL CHATIFY_PERSISTER_URL CHATIFY_NATS_URL \
+  CHATIFY_NATS_MONITOR_URL CHATIFY_HARPERDB_URL CHATIFY_WEB_URL
+
 # --- build and start ----------------------------------------------------------------------------
 say "building (release): chatify-loadgen, chatify-gateway, chatify-persister"
 cargo build --release --locked -p chatify-loadgen -p chatify-gateway -p chatify-persister >&2
