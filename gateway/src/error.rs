@@ -3,7 +3,8 @@
 
 use chatify_shared::wire::{ErrorBody, ErrorCode};
 use serde::Serialize;
-use socketioxide::extract::{AckSender, SocketRef};
+
+use crate::answer::Answer;
 
 /// A refused or failed client event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,34 +63,32 @@ pub struct Empty {}
 
 /// Sends the outcome of `event` to the client: the ack if it asked for one, else an `error`
 /// event on failure. Server-side failures are logged as warnings, client mistakes at debug.
-pub fn reply<T: Serialize>(
-    socket: &SocketRef,
-    ack: AckSender,
-    wants_ack: bool,
-    event: &'static str,
-    result: Result<T, ChatError>,
-) {
+pub fn reply<T: Serialize>(answer: Answer, event: &'static str, result: Result<T, ChatError>) {
     if let Err(e) = &result {
         metrics::counter!(crate::metrics::EVENT_ERRORS, "event" => event, "code" => e.code.as_str())
             .increment(1);
         if e.code.is_client_error() {
-            tracing::debug!(socket_id = %socket.id, event, code = e.code.as_str(), error = %e.message, "event refused");
+            tracing::debug!(socket_id = %answer.socket_id(), event, code = e.code.as_str(), error = %e.message, "event refused");
         } else {
-            tracing::warn!(socket_id = %socket.id, event, code = e.code.as_str(), error = %e.message, "event failed");
+            tracing::warn!(socket_id = %answer.socket_id(), event, code = e.code.as_str(), error = %e.message, "event failed");
         }
     }
-    let sent = match (result, wants_ack) {
-        (Ok(fields), true) => ack.send(&OkAck { ok: true, fields }),
-        (Err(e), true) => ack.send(&ErrAck {
+    let encoded = match (result, answer.wants_ack()) {
+        (Ok(fields), true) => serde_json::to_value(OkAck { ok: true, fields }),
+        (Err(e), true) => serde_json::to_value(ErrAck {
             ok: false,
             error: e.body(),
         }),
-        (Ok(_), false) => Ok(()),
-        (Err(e), false) => socket.emit("error", &e.body()),
+        (Ok(_), false) => return,
+        (Err(e), false) => {
+            return match serde_json::to_value(e.body()) {
+                Ok(body) => answer.error_event(event, body),
+                Err(e) => tracing::error!(event, error = %e, "could not encode an error event"),
+            };
+        }
     };
-    if let Err(e) = sent {
-        // The socket's outgoing queue is full (it stopped reading) or it is gone.
-        metrics::counter!(crate::metrics::ANSWER_DROPS, "event" => event).increment(1);
-        tracing::warn!(socket_id = %socket.id, event, error = %e, "could not answer the client");
+    match encoded {
+        Ok(value) => answer.ack(event, value),
+        Err(e) => tracing::error!(event, error = %e, "could not encode an ack"),
     }
 }

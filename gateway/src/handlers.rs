@@ -13,7 +13,7 @@ use chatify_shared::wire::{
 };
 use serde::Serialize;
 use serde_json::Value;
-use socketioxide::extract::{AckSender, SocketRef, State, TryData};
+use socketioxide::extract::{SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -82,27 +82,21 @@ pub async fn on_connect(s: SocketRef) {
 }
 
 /// Runs one event in its turn: decode, check auth expiry, `work`, answer.
-async fn run<T, F, Fut>(
-    app: App,
-    s: SocketRef,
-    ack: AckSender,
-    event: Ordered,
-    name: &'static str,
-    work: F,
-) where
+async fn run<T, F, Fut>(app: App, s: SocketRef, event: Ordered, name: &'static str, work: F)
+where
     T: Serialize,
     F: FnOnce(Arc<Session>, Value) -> Fut,
     Fut: Future<Output = Result<T, ChatError>>,
 {
     let Ordered {
         payload,
-        wants_ack,
+        answer,
         session,
         ticket,
     } = event;
     let (Some(session), Some(ticket)) = (session, ticket) else {
         let e = ChatError::unavailable("the connection is not set up yet; try again");
-        return reply::<Empty>(&s, ack, wants_ack, name, Err(e));
+        return reply::<Empty>(answer, name, Err(e));
     };
     // Counted from arrival, so shutdown waits for events queued behind a running one too.
     let running = app.lifecycle.begin();
@@ -112,7 +106,7 @@ async fn run<T, F, Fut>(
     }
     let Some(_running) = running else {
         let e = ChatError::unavailable("the gateway is shutting down; reconnect and try again");
-        return reply::<Empty>(&s, ack, wants_ack, name, Err(e));
+        return reply::<Empty>(answer, name, Err(e));
     };
     metrics::counter!(m::EVENTS, "event" => name).increment(1);
     // Every log line of the event carries the socket and the event.
@@ -127,7 +121,7 @@ async fn run<T, F, Fut>(
         )),
         Ok(v) => work(session, v).instrument(span.clone()).await,
     };
-    span.in_scope(|| reply(&s, ack, wants_ack, name, result));
+    span.in_scope(|| reply(answer, name, result));
 }
 
 #[derive(Serialize)]
@@ -137,12 +131,11 @@ struct Joined {
     history: Vec<ChatMessage>,
 }
 
-async fn join_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
     let socket = s.clone();
     run(
         app.clone(),
         s,
-        ack,
         event,
         "join_room",
         |session, v| async move {
@@ -228,9 +221,9 @@ struct Sent {
     created_time: i64,
 }
 
-async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
     let socket_id = s.id;
-    run(app.clone(), s, ack, event, "send_message", |session, v| async move {
+    run(app.clone(), s, event, "send_message", |session, v| async move {
         let request = payload::send(&v, &app.limits)?;
         let username = session
             .username_in(&request.room)
@@ -282,12 +275,11 @@ async fn send_message(s: SocketRef, ack: AckSender, State(app): State<App>, even
     .await;
 }
 
-async fn leave_room(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+async fn leave_room(s: SocketRef, State(app): State<App>, event: Ordered) {
     let socket = s.clone();
     run(
         app.clone(),
         s,
-        ack,
         event,
         "leave_room",
         |session, v| async move {
@@ -331,11 +323,10 @@ pub async fn history_page(
     })
 }
 
-async fn get_history(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+async fn get_history(s: SocketRef, State(app): State<App>, event: Ordered) {
     run(
         app.clone(),
         s,
-        ack,
         event,
         "get_history",
         |_session, v| async move {
@@ -346,32 +337,25 @@ async fn get_history(s: SocketRef, ack: AckSender, State(app): State<App>, event
     .await;
 }
 
-async fn typing(s: SocketRef, ack: AckSender, State(app): State<App>, event: Ordered) {
+async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
     let socket_id = s.id.to_string();
-    run(
-        app.clone(),
-        s,
-        ack,
-        event,
-        "typing",
-        |session, v| async move {
-            let request = payload::typing(&v, &app.limits)?;
-            let username = session
-                .username_in(&request.room)
-                .ok_or_else(|| ChatError::not_in_room(&request.room))?;
-            app.bus
-                .publish_typing(&TypingEvent {
-                    socket_id,
-                    typing: Typing {
-                        room: request.room,
-                        username,
-                        is_typing: request.is_typing,
-                    },
-                })
-                .await?;
-            Ok(Empty {})
-        },
-    )
+    run(app.clone(), s, event, "typing", |session, v| async move {
+        let request = payload::typing(&v, &app.limits)?;
+        let username = session
+            .username_in(&request.room)
+            .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+        app.bus
+            .publish_typing(&TypingEvent {
+                socket_id,
+                typing: Typing {
+                    room: request.room,
+                    username,
+                    is_typing: request.is_typing,
+                },
+            })
+            .await?;
+        Ok(Empty {})
+    })
     .await;
 }
 

@@ -2,6 +2,7 @@
 //! messages in NATS JetStream, and fans them out to its own sockets in each room; every other
 //! gateway with members in the room does the same, so no chat state lives only here.
 
+pub mod answer;
 pub mod auth;
 pub mod bus;
 pub mod connections;

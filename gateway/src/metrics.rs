@@ -20,6 +20,7 @@ pub const ORDER_GAPS: &str = "chatify_gateway_order_gaps_total";
 pub const DELIVERY_DROPS: &str = "chatify_gateway_delivery_drops_total";
 pub const DEAD_GATEWAYS: &str = "chatify_gateway_dead_gateways_total";
 pub const ANSWER_DROPS: &str = "chatify_gateway_answer_drops_total";
+pub const ANSWERS_DELAYED: &str = "chatify_gateway_answers_delayed_total";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
@@ -89,7 +90,11 @@ pub fn describe() {
     );
     describe_counter!(
         ANSWER_DROPS,
-        "Acks and error events that could not be sent (full outgoing queue or closed socket)"
+        "Acks and error events that could not be sent: the socket closed first (or its queue stayed full for 60 s)"
+    );
+    describe_counter!(
+        ANSWERS_DELAYED,
+        "Acks and error events that found the socket's outgoing queue full and waited for room"
     );
     // Gauges show from the start, not only after their first change.
     metrics::gauge!(ROOMS).set(0.0);

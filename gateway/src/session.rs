@@ -21,6 +21,7 @@ use socketioxide::handler::FromMessageParts;
 use socketioxide::socket::Socket;
 use tokio::sync::watch;
 
+use crate::answer::Answer;
 use crate::auth::Identity;
 use crate::connections::ConnectionPermit;
 
@@ -155,10 +156,10 @@ impl Session {
 }
 
 /// The last argument of every event handler: the payload (or why it could not be decoded),
-/// whether the client asked for an ack, and the socket's ticket for this event.
+/// how to answer it, and the socket's ticket for this event.
 pub struct Ordered {
     pub payload: Result<Value, String>,
-    pub wants_ack: bool,
+    pub answer: Answer,
     pub session: Option<Arc<Session>>,
     pub ticket: Option<Ticket>,
 }
@@ -176,7 +177,7 @@ impl FromMessageParts<LocalAdapter> for Ordered {
         let ticket = session.as_ref().map(|s| s.sequencer.ticket());
         Ok(Self {
             payload: payload.map_err(|e| e.to_string()),
-            wants_ack: ack_id.is_some(),
+            answer: Answer::new(s.clone(), *ack_id),
             session,
             ticket,
         })

@@ -8,7 +8,8 @@
 //   - a normal client in the same room (on the same gateway) receives every message in order
 //     and stays connected; a normal pair in another room is unaffected too,
 //   - half the slow clients read again (within the ping interval): they are still connected,
-//     get what was buffered in order, and then new messages,
+//     get what was buffered in order, and then new messages; a message each of them sent while
+//     its queue was full is acknowledged once it reads again (the ack waited, it was not dropped),
 //   - the other half never read again: the heartbeat ends them within ping interval + ping
 //     timeout, and the room hears that they left (no ghost members, nothing held for them).
 
@@ -193,8 +194,37 @@ export default {
     const half = Math.ceil(slow.length / 2);
     const resumed = slow.slice(0, half);
     const stuck = slow.slice(half);
+    // Before they read again, the resumed ones send a message each, with an ack: their queues
+    // are full, so the ack has to wait for room in it rather than be dropped.
+    const delayedBefore = await sys.metric("gateway1", "chatify_gateway_answers_delayed_total", { event: "send_message" });
+    const pendingAcks = resumed.map((c) => {
+      const a = ledger.attempt({ key: `${tag}.${c.name}.0`, room: roomA, sender: c.name, seq: 0, username: c.username });
+      const at = Date.now();
+      return c.emitWithAck("send_message", { room: roomA, message: a.key, clientId: a.key }, 60_000).then(
+        (res) => {
+          ledger.record(a, res?.ok === true && typeof res.id === "string" ? "ok" : (res?.error?.code ?? "bad_ack"), Date.now() - at, res, at);
+          return res;
+        },
+        (e) => {
+          ledger.record(a, c.closed ? "disconnected" : "timeout", Date.now() - at, undefined, at);
+          return { ok: false, error: { code: "no_ack", message: e.message } };
+        },
+      );
+    });
+    await until(
+      async () => (await sys.metric("gateway1", "chatify_gateway_answers_delayed_total", { event: "send_message" })) - delayedBefore >= resumed.length,
+      10_000,
+      "",
+    ).catch(() => {});
+    const delayed = (await sys.metric("gateway1", "chatify_gateway_answers_delayed_total", { event: "send_message" })) - delayedBefore;
     const slowPhaseMs = Date.now() - stoppedAt;
     for (const c of resumed) c.resume();
+    const acks = await Promise.all(pendingAcks);
+    checks.check(
+      "acks to sockets whose queue was full waited for room and arrived once the clients read again",
+      delayed >= resumed.length && acks.every((r) => r?.ok === true),
+      `chatify_gateway_answers_delayed_total{event="send_message"} +${delayed}; acks: ${JSON.stringify(acks.map((r) => (r?.ok ? "ok" : r?.error?.code)))}`,
+    );
     const counts = () => resumed.map((c) => c.messages).join(",");
     let before = "";
     await until(
