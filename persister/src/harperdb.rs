@@ -8,6 +8,8 @@
 //! is one `between` on `pk`, sorted by it, with a limit. Indexing nothing else also keeps
 //! writes fast.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chatify_shared::config::HarperDbSettings;
@@ -47,6 +49,9 @@ impl HarperError {
 pub struct HarperDb {
     /// Keep-alive connection pool to the operations API.
     http: reqwest::Client,
+    /// Whether HarperDB answered the last operation (shared by the clones): history answered
+    /// from memory is given only while it does (see [`HarperDb::answering`]).
+    answering: Arc<AtomicBool>,
     url: String,
     username: String,
     password: SecretString,
@@ -119,6 +124,7 @@ impl HarperDb {
             .map_err(|e| HarperError::Unreachable(e.without_url()))?;
         Ok(Self {
             http,
+            answering: Arc::new(AtomicBool::new(true)),
             url: settings.url.trim_end_matches('/').to_owned(),
             username: settings.username.clone(),
             password: settings.password.clone(),
@@ -127,7 +133,25 @@ impl HarperDb {
         })
     }
 
+    /// False from a failed operation (unreachable, failing, refusing the credentials) until
+    /// one succeeds again: HarperDB is down, and history is to answer `unavailable`.
+    pub fn answering(&self) -> bool {
+        self.answering.load(Ordering::Relaxed)
+    }
+
     async fn operation(&self, body: &Value) -> Result<Value, HarperError> {
+        let result = self.operation_once(body).await;
+        let down = matches!(
+            result,
+            Err(HarperError::Unreachable(_)
+                | HarperError::Server { .. }
+                | HarperError::Unauthorized)
+        );
+        self.answering.store(!down, Ordering::Relaxed);
+        result
+    }
+
+    async fn operation_once(&self, body: &Value) -> Result<Value, HarperError> {
         let response = self
             .http
             .post(&self.url)

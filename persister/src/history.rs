@@ -6,11 +6,12 @@ use std::sync::Arc;
 use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
 use chatify_shared::subjects::{HISTORY_SERVICE, HISTORY_SUBJECT};
-use chatify_shared::wire::{HistoryQuery, SINCE_HISTORY_MAX};
+use chatify_shared::wire::{HistoryPage, HistoryQuery, SINCE_HISTORY_MAX};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::harperdb::{HarperDb, HarperError};
+use crate::recent::{KEEP_PER_ROOM, Recent};
 use crate::unwritten::{self, Unwritten};
 
 /// Requests answered at once by one persister; more wait in the subscription.
@@ -22,11 +23,20 @@ pub enum HistoryServiceError {
     Register(String),
 }
 
+/// What answers a query: HarperDB, the stream's unwritten tail, and the recent messages.
+struct Sources {
+    db: HarperDb,
+    unwritten: Unwritten,
+    recent: Recent,
+}
+
 /// Serves history queries until `shutdown`; queries in flight are finished first.
+/// `cache_bytes` bounds the recent messages kept in memory (see [`crate::recent`]).
 pub async fn serve(
     client: async_nats::Client,
     db: HarperDb,
     unwritten: Unwritten,
+    cache_bytes: usize,
     shutdown: CancellationToken,
 ) -> Result<(), HistoryServiceError> {
     let service = client
@@ -41,14 +51,18 @@ pub async fn serve(
         .add(HISTORY_SUBJECT)
         .await
         .map_err(|e| HistoryServiceError::Register(e.to_string()))?;
-    let db = Arc::new((db, unwritten));
+    let sources = Arc::new(Sources {
+        db,
+        unwritten,
+        recent: Recent::new(cache_bytes),
+    });
     endpoint
         .take_until(shutdown.cancelled())
         .for_each_concurrent(CONCURRENT_QUERIES, |request| {
-            let db = db.clone();
+            let sources = sources.clone();
             async move {
                 let started = std::time::Instant::now();
-                let answer = answer(&db.0, &db.1, &request.message.payload).await;
+                let answer = answer(&sources, &request.message.payload).await;
                 let outcome = if answer.is_ok() { "ok" } else { "error" };
                 metrics::histogram!(crate::metrics::HISTORY_DURATION, "outcome" => outcome)
                     .record(started.elapsed().as_secs_f64());
@@ -66,11 +80,7 @@ pub async fn serve(
 
 /// Decodes, checks and runs one query. Errors are service errors with HTTP-like codes:
 /// 400 for a bad query, 503 when HarperDB can't answer.
-async fn answer(
-    db: &HarperDb,
-    unwritten: &Unwritten,
-    payload: &[u8],
-) -> Result<Bytes, service::error::Error> {
+async fn answer(sources: &Sources, payload: &[u8]) -> Result<Bytes, service::error::Error> {
     let query: HistoryQuery =
         serde_json::from_slice(payload).map_err(|e| service::error::Error {
             status: format!("invalid history query: {e}"),
@@ -88,41 +98,104 @@ async fn answer(
             code: 400,
         });
     }
-    let unavailable = |e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, "history query failed");
-        service::error::Error {
-            status: "message history is unavailable".into(),
-            code: 503,
+    let page = match cached(sources, &query).await? {
+        Some(page) => {
+            metrics::counter!(crate::metrics::HISTORY_CACHE, "outcome" => "hit").increment(1);
+            page
         }
+        None => {
+            metrics::counter!(crate::metrics::HISTORY_CACHE, "outcome" => "miss").increment(1);
+            uncached(sources, &query).await?
+        }
+    };
+    metrics::gauge!(crate::metrics::HISTORY_CACHE_BYTES).set(sources.recent.size().1 as f64);
+    serde_json::to_vec(&page)
+        .map(Bytes::from)
+        .map_err(|e| service::error::Error {
+            status: format!("could not encode the answer: {e}"),
+            code: 500,
+        })
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> service::error::Error {
+    tracing::warn!(error = %e, "history query failed");
+    service::error::Error {
+        status: "message history is unavailable".into(),
+        code: 503,
+    }
+}
+
+/// The answer from the recent messages, brought up to date from the stream, when they hold
+/// all of it. Only while HarperDB answers: during an outage history is `unavailable`, as the
+/// guarantees promise, cached or not.
+async fn cached(
+    sources: &Sources,
+    query: &HistoryQuery,
+) -> Result<Option<HistoryPage>, service::error::Error> {
+    if !sources.db.answering() {
+        return Ok(None);
+    }
+    let Some(from) = sources.recent.newest(&query.room) else {
+        return Ok(None);
+    };
+    let later = sources
+        .unwritten
+        .room_after(&query.room, from)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok(sources.recent.extend_and_answer(query, from, later))
+}
+
+/// The answer from HarperDB and the unwritten tail. A room's latest page is read
+/// [`KEEP_PER_ROOM`] long and kept in the recent messages.
+async fn uncached(
+    sources: &Sources,
+    query: &HistoryQuery,
+) -> Result<HistoryPage, service::error::Error> {
+    let latest = query.after.is_none() && query.before.is_none();
+    let wanted = query.limit as usize;
+    let query = &HistoryQuery {
+        limit: if latest {
+            query.limit.max(KEEP_PER_ROOM as u32)
+        } else {
+            query.limit
+        },
+        ..query.clone()
     };
     // The floor first: whatever is at or below it is in HarperDB by the time we query it.
     // Then HarperDB and the stream at once: a message written meanwhile is in both answers,
     // and merging counts it once.
-    let floor = unwritten.floor().await.map_err(|e| unavailable(&e))?;
-    let (stored, recent) =
-        tokio::join!(db.history(&query), unwritten.room_after(&query.room, floor));
-    let recent = match &stored {
-        Ok(_) => recent.map_err(|e| unavailable(&e))?,
-        Err(_) => Vec::new(),
-    };
-    match stored.map(|page| unwritten::merge(&query, page, recent)) {
-        Ok(page) => serde_json::to_vec(&page)
-            .map(Bytes::from)
-            .map_err(|e| service::error::Error {
-                status: format!("could not encode the answer: {e}"),
-                code: 500,
-            }),
-        Err(e) => {
-            tracing::warn!(error = %e, room_len = query.room.len(), "history query failed");
-            Err(service::error::Error {
-                status: match e {
-                    HarperError::Unreachable(_)
-                    | HarperError::Server { .. }
-                    | HarperError::Unauthorized => "message history is unavailable".into(),
-                    other => format!("history query failed: {other}"),
-                },
-                code: 503,
-            })
+    let floor = sources
+        .unwritten
+        .floor()
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let (stored, recent) = tokio::join!(
+        sources.db.history(query),
+        sources.unwritten.room_after(&query.room, floor)
+    );
+    let stored = stored.map_err(|e| {
+        tracing::warn!(error = %e, room_len = query.room.len(), "history query failed");
+        service::error::Error {
+            status: match e {
+                HarperError::Unreachable(_)
+                | HarperError::Server { .. }
+                | HarperError::Unauthorized => "message history is unavailable".into(),
+                other => format!("history query failed: {other}"),
+            },
+            code: 503,
+        }
+    })?;
+    let recent = recent.map_err(|e| unavailable(&e))?;
+    let mut page = unwritten::merge(query, stored, recent);
+    if latest {
+        sources.recent.fill(&query.room, &page, floor);
+        // Back to the limit asked for.
+        let skip = page.messages.len().saturating_sub(wanted);
+        if skip > 0 {
+            page.messages.drain(..skip);
+            page.has_more = true;
         }
     }
+    Ok(page)
 }

@@ -5,6 +5,7 @@ pub mod harperdb;
 pub mod history;
 pub mod http;
 pub mod metrics;
+pub mod recent;
 pub mod startup;
 pub mod unwritten;
 pub mod writer;

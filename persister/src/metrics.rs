@@ -9,6 +9,8 @@ pub const POISON_MESSAGES: &str = "chatify_persister_poison_messages_total";
 pub const DEAD_LETTERED: &str = "chatify_persister_dead_lettered_total";
 pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages";
 pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
+pub const HISTORY_CACHE: &str = "chatify_persister_history_cache_total";
+pub const HISTORY_CACHE_BYTES: &str = "chatify_persister_history_cache_bytes";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
@@ -33,6 +35,14 @@ pub fn describe() {
     describe_gauge!(
         CONSUMER_PENDING,
         "Messages in JetStream not yet written (pending plus unacked)"
+    );
+    describe_counter!(
+        HISTORY_CACHE,
+        "History queries by where their answer came from: hit (recent messages in memory) or miss (HarperDB)"
+    );
+    describe_gauge!(
+        HISTORY_CACHE_BYTES,
+        "Bytes of recent messages the history service keeps in memory"
     );
     describe_histogram!(
         HISTORY_DURATION,

@@ -106,8 +106,10 @@ impl Application {
         let writer_shutdown = shutdown.child_token();
         tasks.spawn(async move { Ok(writer.run(writer_shutdown).await?) });
         let (nats, db, history_shutdown) = (self.nats.clone(), self.db, shutdown.child_token());
-        tasks
-            .spawn(async move { Ok(history::serve(nats, db, unwritten, history_shutdown).await?) });
+        let cache_bytes = self.settings.persister.history_cache_bytes;
+        tasks.spawn(async move {
+            Ok(history::serve(nats, db, unwritten, cache_bytes, history_shutdown).await?)
+        });
         tasks.spawn(async move {
             axum::serve(self.listener, router)
                 .with_graceful_shutdown(http_shutdown.cancelled_owned())

@@ -508,3 +508,88 @@ async fn a_message_harperdb_refuses_is_dead_lettered_without_blocking_the_others
     drop_database(&settings).await;
     Ok(())
 }
+
+/// The sum of a counter's series in the persister's /metrics whose labels include `label`.
+async fn counter(
+    http: std::net::SocketAddr,
+    name: &str,
+    label: &str,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+#[tokio::test]
+async fn history_from_recent_messages_in_memory_is_exactly_the_stored_history() -> TestResult {
+    let nats = Nats::start().await?;
+    let Some(settings) = settings(&nats) else {
+        return Ok(());
+    };
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut all = Vec::new();
+    for i in 0..150 {
+        all.push(publish(&js, &message("cached", &format!("m{i}"))).await?);
+    }
+    let hits = |http| {
+        counter(
+            http,
+            "chatify_persister_history_cache_total",
+            "outcome=\"hit\"",
+        )
+    };
+    let hits_before = hits(persister.http).await?;
+
+    // The first latest page reads HarperDB (and keeps the newest 100 in memory).
+    let page = history(&client, &query("cached", 50)).await?;
+    assert_eq!(page.messages, all[100..].to_vec());
+    assert!(page.has_more);
+    // Messages stored since are in the next answers at once.
+    for i in 150..180 {
+        all.push(publish(&js, &message("cached", &format!("m{i}"))).await?);
+    }
+    let page = history(&client, &query("cached", 50)).await?;
+    assert_eq!(page.messages, all[130..].to_vec());
+    assert!(page.has_more);
+    let page = history(&client, &query("cached", 100)).await?;
+    assert_eq!(page.messages, all[80..].to_vec());
+    assert!(page.has_more);
+    let since = history(
+        &client,
+        &HistoryQuery {
+            after: Some(all[170].id),
+            ..query("cached", 1000)
+        },
+    )
+    .await?;
+    assert_eq!(since.messages, all[171..].to_vec());
+    assert!(!since.has_more);
+    let hits_after = hits(persister.http).await?;
+    assert!(
+        hits_after - hits_before >= 3.0,
+        "answered from memory: hits {hits_before} -> {hits_after}"
+    );
+    // Older than what is kept: from HarperDB, just as exact.
+    let older = history(
+        &client,
+        &HistoryQuery {
+            before: Some(all[100].id),
+            ..query("cached", 50)
+        },
+    )
+    .await?;
+    assert_eq!(older.messages, all[50..100].to_vec());
+    assert!(older.has_more);
+
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}

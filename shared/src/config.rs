@@ -176,6 +176,9 @@ pub struct PersisterSettings {
     /// How many times a message HarperDB refuses (not a failure, a refusal) is tried before it
     /// is moved to the dead-letter stream.
     pub max_attempts: u32,
+    /// Most bytes of recent messages the history service keeps in memory (the newest 100 of the
+    /// rooms asked for lately); 0 turns the cache off.
+    pub history_cache_bytes: usize,
     /// How long shutdown may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
 }
@@ -190,6 +193,7 @@ impl Default for PersisterSettings {
             retry_initial_ms: 100,
             retry_max_ms: 5000,
             max_attempts: 3,
+            history_cache_bytes: 64 * 1024 * 1024,
             shutdown_timeout_ms: 10_000,
         }
     }

@@ -1,0 +1,374 @@
+//! The newest messages of the rooms history was recently asked for, kept in memory, so that the
+//! common queries — a room's latest page (every `join_room` asks for it), `since` a recent
+//! message (every reconnect), the first pages back — need no HarperDB query.
+//!
+//! An entry holds a contiguous run of a room's order: every message of the room from its first
+//! one up to its newest, none left out. It is filled from a complete answer (HarperDB plus the
+//! unwritten tail, see [`crate::unwritten`]) and brought up to date before each use by reading
+//! the stream forward from its newest message — one JetStream direct get when nothing is new —
+//! so a cached answer is as current as an uncached one. Entries are dropped least recently used
+//! first beyond a byte budget, and refilled after [`MAX_AGE`] (a message moved to the
+//! dead-letter stream stays visible in a cached room's history until then, as it stayed in
+//! its live delivery).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+use lru::LruCache;
+
+/// Messages kept per room: the longest latest page a client asks for (`join_room`'s 100).
+pub const KEEP_PER_ROOM: usize = 100;
+/// How long an entry is used before it is filled again from HarperDB.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+/// What one message is counted as beyond its text, name and room (the struct, the queue slot).
+const MESSAGE_OVERHEAD: usize = 96;
+
+/// The cache of all rooms (shared by the history service's concurrent queries).
+pub struct Recent {
+    /// Rooms by name, least recently used first out.
+    rooms: Mutex<Rooms>,
+    /// Most bytes of messages kept over all rooms; 0 turns the cache off.
+    budget: usize,
+}
+
+struct Rooms {
+    entries: LruCache<String, Entry>,
+    /// Bytes of all entries' messages (see [`cost`]).
+    bytes: usize,
+}
+
+/// One room's newest messages.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Oldest first, contiguous in the room's order, at most [`KEEP_PER_ROOM`].
+    messages: VecDeque<ChatMessage>,
+    /// Whether `messages` starts with the room's first message (nothing older exists).
+    complete: bool,
+    /// The sequence the stream has been read up to for this room: the newest message's, or
+    /// what the filling answer was current to when the room had none.
+    newest: u64,
+    /// When the entry was filled from HarperDB.
+    filled: Instant,
+    /// Bytes of `messages`.
+    bytes: usize,
+}
+
+fn cost(m: &ChatMessage) -> usize {
+    m.message.len() + m.username.len() + m.room.len() + MESSAGE_OVERHEAD
+}
+
+impl Recent {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            rooms: Mutex::new(Rooms {
+                entries: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            budget,
+        }
+    }
+
+    fn rooms(&self) -> std::sync::MutexGuard<'_, Rooms> {
+        // A panic elsewhere while holding the lock leaves consistent data (every change is
+        // one assignment or one push/pop): keep serving.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the stream must be read from to bring `room`'s entry up to date: the entry's
+    /// newest sequence, or `None` when the room is not cached (or its entry is too old).
+    pub fn newest(&self, room: &str) -> Option<u64> {
+        if self.budget == 0 {
+            return None;
+        }
+        let mut rooms = self.rooms();
+        let (filled, newest) = rooms.entries.get(room).map(|e| (e.filled, e.newest))?;
+        if filled.elapsed() > MAX_AGE {
+            rooms.take(room);
+            return None;
+        }
+        Some(newest)
+    }
+
+    /// Adds what the stream holds after `from` (read after [`Recent::newest`] gave `from`),
+    /// then answers `query` from the entry if it holds everything the answer needs.
+    pub fn extend_and_answer(
+        &self,
+        query: &HistoryQuery,
+        from: u64,
+        later: Vec<ChatMessage>,
+    ) -> Option<HistoryPage> {
+        let mut rooms = self.rooms();
+        let mut entry = rooms.take(&query.room)?;
+        // Another query may have extended the entry meanwhile: its run and ours overlap.
+        if entry.newest < from {
+            // Refilled from an older answer meanwhile (cannot happen: fills never go back).
+            return None;
+        }
+        for m in later {
+            let sequence = m.sequence();
+            if sequence > entry.newest {
+                entry.newest = sequence;
+                entry.bytes += cost(&m);
+                entry.messages.push_back(m);
+            }
+        }
+        entry.trim();
+        let page = entry.answer(query);
+        rooms.put(query.room.clone(), entry, self.budget);
+        page
+    }
+
+    /// Keeps the room's newest messages from a complete answer to a latest-page query of
+    /// [`KEEP_PER_ROOM`] (oldest first), current to stream sequence `current_to` at least.
+    pub fn fill(&self, room: &str, page: &HistoryPage, current_to: u64) {
+        if self.budget == 0 {
+            return;
+        }
+        let messages: VecDeque<ChatMessage> = page.messages.iter().cloned().collect();
+        let newest = messages
+            .back()
+            .map(ChatMessage::sequence)
+            .unwrap_or(0)
+            .max(current_to);
+        let mut rooms = self.rooms();
+        // Never replace an entry with an older view of the room.
+        if rooms
+            .entries
+            .peek(room)
+            .is_some_and(|existing| existing.newest >= newest)
+        {
+            return;
+        }
+        let mut entry = Entry {
+            bytes: messages.iter().map(cost).sum(),
+            messages,
+            complete: !page.has_more,
+            newest,
+            filled: Instant::now(),
+        };
+        entry.trim();
+        rooms.take(room);
+        rooms.put(room.to_owned(), entry, self.budget);
+    }
+
+    /// Rooms and bytes cached now.
+    pub fn size(&self) -> (usize, usize) {
+        let rooms = self.rooms();
+        (rooms.entries.len(), rooms.bytes)
+    }
+}
+
+impl Rooms {
+    fn take(&mut self, room: &str) -> Option<Entry> {
+        let entry = self.entries.pop(room)?;
+        self.bytes -= entry.bytes;
+        Some(entry)
+    }
+
+    /// Inserts (as most recently used), then drops least recently used rooms beyond `budget`.
+    fn put(&mut self, room: String, entry: Entry, budget: usize) {
+        self.bytes += entry.bytes;
+        self.entries.put(room, entry);
+        while self.bytes > budget {
+            match self.entries.pop_lru() {
+                Some((_, dropped)) => self.bytes -= dropped.bytes,
+                None => break,
+            }
+        }
+    }
+}
+
+impl Entry {
+    fn trim(&mut self) {
+        while self.messages.len() > KEEP_PER_ROOM {
+            if let Some(dropped) = self.messages.pop_front() {
+                self.bytes -= cost(&dropped);
+                self.complete = false;
+            }
+        }
+    }
+
+    /// The answer to `query` if this entry holds all of it (what HarperDB would say, merged
+    /// with the unwritten tail), else `None`.
+    fn answer(&self, query: &HistoryQuery) -> Option<HistoryPage> {
+        let (after, before) = query.checked_sequence_bounds()?;
+        let limit = query.limit as usize;
+        let matching: Vec<&ChatMessage> = self
+            .messages
+            .iter()
+            .filter(|m| after < m.sequence() && m.sequence() < before)
+            .collect();
+        // Whether every message of the room in (after, before) is in the entry: nothing older
+        // than the entry's first message matches.
+        let first = self.messages.front().map(ChatMessage::sequence);
+        let all_here = self.complete || first.is_some_and(|first| after >= first);
+        let has_more = if matching.len() > limit {
+            true
+        } else if all_here {
+            false
+        } else if matching.len() == limit && after == 0 {
+            // A full page, and the room has older messages (the entry is not complete), which
+            // match too with no lower bound.
+            true
+        } else {
+            // Older matches may exist, and may be needed for the page: HarperDB knows.
+            return None;
+        };
+        let skip = matching.len().saturating_sub(limit);
+        Some(HistoryPage {
+            messages: matching[skip..].iter().map(|m| (*m).clone()).collect(),
+            has_more,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chatify_shared::wire::StoredMessage;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    /// A room's messages at sequences `seqs` (increasing).
+    fn room(seqs: &[u64]) -> Vec<ChatMessage> {
+        seqs.iter()
+            .map(|&s| {
+                StoredMessage {
+                    room: "r".into(),
+                    username: "u".into(),
+                    message: format!("m{s}"),
+                    created_time: 1_700_000_000_000,
+                }
+                .into_message(s)
+            })
+            .collect()
+    }
+
+    fn query(limit: u32, after: Option<Uuid>, before: Option<Uuid>) -> HistoryQuery {
+        HistoryQuery {
+            room: "r".into(),
+            before,
+            after,
+            limit,
+        }
+    }
+
+    /// What HarperDB plus the unwritten tail answer: the newest `limit` in bounds.
+    fn truth(all: &[ChatMessage], q: &HistoryQuery) -> HistoryPage {
+        let (after, before) = q.sequence_bounds();
+        let matching: Vec<ChatMessage> = all
+            .iter()
+            .filter(|m| after < m.sequence() && m.sequence() < before)
+            .cloned()
+            .collect();
+        let skip = matching.len().saturating_sub(q.limit as usize);
+        HistoryPage {
+            has_more: skip > 0,
+            messages: matching[skip..].to_vec(),
+        }
+    }
+
+    /// The latest-page answer the history service fills an entry from.
+    fn latest(all: &[ChatMessage]) -> HistoryPage {
+        truth(all, &query(KEEP_PER_ROOM as u32, None, None))
+    }
+
+    #[test]
+    fn a_filled_room_answers_its_latest_page_and_new_messages_join_it() {
+        let all = room(&(1..=150).collect::<Vec<_>>());
+        let recent = Recent::new(1 << 20);
+        recent.fill("r", &latest(&all[..120]), 0);
+        assert_eq!(recent.newest("r"), Some(120));
+        let q = query(50, None, None);
+        let page = recent.extend_and_answer(&q, 120, all[120..].to_vec());
+        assert_eq!(page, Some(truth(&all, &q)));
+        assert_eq!(recent.newest("r"), Some(150));
+        // The entry kept only the newest 100.
+        let older = query(100, None, Some(all[60].id));
+        assert_eq!(recent.extend_and_answer(&older, 150, Vec::new()), None);
+    }
+
+    #[test]
+    fn an_empty_room_is_cached_as_empty_and_complete() {
+        let recent = Recent::new(1 << 20);
+        recent.fill("r", &latest(&[]), 7);
+        assert_eq!(recent.newest("r"), Some(7));
+        let q = query(50, None, None);
+        let page = recent.extend_and_answer(&q, 7, room(&[9]));
+        assert_eq!(page, Some(truth(&room(&[9]), &q)));
+    }
+
+    #[test]
+    fn an_uncached_room_and_a_disabled_cache_answer_nothing() {
+        let recent = Recent::new(1 << 20);
+        assert_eq!(recent.newest("r"), None);
+        let off = Recent::new(0);
+        off.fill("r", &latest(&room(&[1, 2])), 0);
+        assert_eq!(off.newest("r"), None);
+    }
+
+    #[test]
+    fn a_fill_never_replaces_a_newer_entry() {
+        let all = room(&[1, 2, 3, 4]);
+        let recent = Recent::new(1 << 20);
+        recent.fill("r", &latest(&all), 0);
+        recent.fill("r", &latest(&all[..2]), 0);
+        assert_eq!(recent.newest("r"), Some(4));
+    }
+
+    #[test]
+    fn rooms_beyond_the_byte_budget_go_least_recently_used_first() {
+        let one = latest(&room(&[1, 2, 3]));
+        let per_room: usize = one.messages.iter().map(cost).sum();
+        let recent = Recent::new(per_room * 2);
+        recent.fill("a", &one, 0);
+        recent.fill("b", &one, 0);
+        assert!(recent.newest("a").is_some()); // a is now more recent than b
+        recent.fill("c", &one, 0);
+        assert_eq!(recent.size(), (2, per_room * 2));
+        assert!(recent.newest("b").is_none());
+        assert!(recent.newest("a").is_some() && recent.newest("c").is_some());
+    }
+
+    proptest! {
+        /// Whatever the room, the filling point, the messages added later and the query: a
+        /// cached answer, when there is one, is exactly the uncached answer.
+        #[test]
+        fn cached_answers_are_the_uncached_answers(
+            gaps in prop::collection::vec(1u64..4, 0..260),
+            filled_at in 0usize..260,
+            limit in 1u32..=120,
+            after in prop::option::of(0usize..260),
+            before in prop::option::of(0usize..260),
+        ) {
+            let mut seq = 0;
+            let seqs: Vec<u64> = gaps.iter().map(|g| { seq += g; seq }).collect();
+            let all = room(&seqs);
+            let split = filled_at.min(all.len());
+            let recent = Recent::new(1 << 24);
+            let current_to = all[..split].last().map(ChatMessage::sequence).unwrap_or(0);
+            recent.fill("r", &latest(&all[..split]), current_to);
+            let id = |i: usize| all.get(i).map(|m| m.id);
+            let q = query(limit, after.and_then(id), before.and_then(id));
+            let from = recent.newest("r");
+            prop_assert!(from.is_some(), "just filled");
+            let from = from.unwrap_or_default();
+            let later: Vec<ChatMessage> =
+                all.iter().filter(|m| m.sequence() > from).cloned().collect();
+            if let Some(page) = recent.extend_and_answer(&q, from, later) {
+                prop_assert_eq!(page, truth(&all, &q));
+            }
+            // The latest page itself is always answered from the cache.
+            let latest_q = query(limit.min(KEEP_PER_ROOM as u32), None, None);
+            let from = recent.newest("r");
+            prop_assert!(from.is_some(), "still cached");
+            let from = from.unwrap_or_default();
+            prop_assert_eq!(
+                recent.extend_and_answer(&latest_q, from, Vec::new()),
+                Some(truth(&all, &latest_q))
+            );
+        }
+    }
+}
