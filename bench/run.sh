@@ -364,11 +364,11 @@ if wants history; then
     seed=0
     ((rep == 1)) && seed=$HIST_SEED
     run_one chatify history "$rep" with_db lg_free history --url "$G1" --pid "$(cpid gateway1)" --pid "$(cpid persister)" \
-      --pid "$(cpid harperdb)" --pid "$(cpid nats)" --room "$room" --seed "$seed" --seed-via harperdb "${HIST[@]}" || true
+      --pid "$(cpid harperdb)" --pid "$(cpid nats)" --room "$room" --seed "$seed" --seed-via harperdb --room-holds "$HIST_SEED" "${HIST[@]}" || true
     seed=0
     ((rep == 1)) && seed=$HIST_REF_SEED
     run_one reference history "$rep" lg_free history --url "$R1" --pid "$(ref "$ref1_dir" REF_PIDS)" \
-      --room "$room" --seed "$seed" --seed-via sends "${HIST[@]}" || true
+      --room "$room" --seed "$seed" --seed-via sends --room-holds "$HIST_REF_SEED" "${HIST[@]}" || true
   done
   server_pids_pinned
 fi

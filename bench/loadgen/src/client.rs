@@ -58,6 +58,8 @@ pub enum Cmd {
     History {
         room: Arc<str>,
         limit: u32,
+        /// Fewest messages a correct answer holds.
+        expect: usize,
         sched_ns: u64,
     },
 }
@@ -89,7 +91,7 @@ const JOIN_RETRY: Duration = Duration::from_secs(10);
 enum Pending {
     Join,
     Send { room: Arc<str>, sched_ns: u64 },
-    History { sched_ns: u64 },
+    History { sched_ns: u64, expect: usize },
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -303,10 +305,15 @@ pub async fn run(
                         pending.insert(id, Pending::Send { room, sched_ns });
                         Stats::inc(&stats.sent);
                     }
-                    Cmd::History { room, limit, sched_ns } => {
+                    Cmd::History {
+                        room,
+                        limit,
+                        expect,
+                        sched_ns,
+                    } => {
                         let data = serde_json::json!({ "room": &*room, "limit": limit });
                         proto::event_with_ack(&mut out, id, "get_history", &data.to_string());
-                        pending.insert(id, Pending::History { sched_ns });
+                        pending.insert(id, Pending::History { sched_ns, expect });
                     }
                 }
                 if ws.send(Message::text(out.as_str())).await.is_err() {
@@ -374,15 +381,22 @@ fn on_ack(cfg: &ConnConfig, stats: &Stats, shard: usize, p: Pending, args: &str)
                 stats.error(format!("send_message: {}", proto::ack_error_code(args)));
             }
         }
-        Pending::History { sched_ns } => {
-            if ok && proto::history_len(args).is_some() {
+        Pending::History { sched_ns, expect } => match proto::history_len(args) {
+            Some(n) if ok && n >= expect => {
                 Stats::inc(&stats.history_ok);
                 stats.history.record_ns(shard, sched_ns, now_ns());
-            } else {
+            }
+            Some(n) if ok => {
+                Stats::inc(&stats.history_errors);
+                stats.error(format!(
+                    "get_history: short page ({n} of {expect} messages)"
+                ));
+            }
+            _ => {
                 Stats::inc(&stats.history_errors);
                 stats.error(format!("get_history: {}", proto::ack_error_code(args)));
             }
-        }
+        },
     }
 }
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chatify_shared::id::{message_id, now_millis};
+use chatify_shared::subjects::RoomToken;
 use serde_json::{Value, json};
 
 #[derive(Clone)]
@@ -16,23 +16,19 @@ pub struct Harper {
     pass: String,
 }
 
-/// The persister's storage key: `<base64url(room)>|<message id>` (persister/src/harperdb.rs).
-pub fn storage_key(room: &str, id: &str) -> String {
-    format!("{}|{id}", URL_SAFE_NO_PAD.encode(room.as_bytes()))
+/// The persister's storage key: `<room token>|<stream sequence, 16 hex digits>`
+/// (persister/src/harperdb.rs).
+pub fn storage_key(room: &str, sequence: u64) -> String {
+    format!("{}|{sequence:016x}", RoomToken::new(room))
 }
 
-/// One stored message in the persister's record shape.
-pub fn record(room: &str, id: &uuid::Uuid, text: &str) -> Value {
-    let created = id
-        .get_timestamp()
-        .map(|t| {
-            let (s, n) = t.to_unix();
-            s * 1000 + u64::from(n / 1_000_000)
-        })
-        .unwrap_or_default();
+/// One stored message in the persister's record shape, as if it had been stored at stream
+/// `sequence` just now (its id carries the sequence, as Chatify's ids do).
+pub fn record(room: &str, sequence: u64, text: &str) -> Value {
+    let created = now_millis();
     json!({
-        "pk": storage_key(room, &id.to_string()),
-        "id": id.to_string(),
+        "pk": storage_key(room, sequence),
+        "id": message_id(created, sequence).to_string(),
         "room": room,
         "username": "seed",
         "message": text,
@@ -134,8 +130,8 @@ impl Harper {
 
     /// The message ids stored for `room` (a `between` on the primary key, as the persister reads).
     pub async fn room_ids(&self, db: &str, table: &str, room: &str) -> anyhow::Result<Vec<String>> {
-        let lo = storage_key(room, "");
-        let hi = storage_key(room, "~");
+        let token = RoomToken::new(room);
+        let (lo, hi) = (format!("{token}|"), format!("{token}|~"));
         let answer = self
             .op(&json!({
                 "operation": "search_by_conditions", "database": db, "table": table,
@@ -181,13 +177,19 @@ pub async fn fetch_stored_total(http: &reqwest::Client, metrics_url: &str) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatify_shared::id::sequence_of;
 
     #[test]
-    fn keys_match_the_persister() {
-        assert_eq!(storage_key("a b", "x"), "YSBi|x");
-        let id = uuid::Uuid::now_v7();
-        let r = record("r", &id, "hi");
-        assert_eq!(r["pk"], format!("cg|{id}"));
+    fn records_match_the_persister() {
+        assert_eq!(storage_key("a b", 0x2a), "YSBi|000000000000002a");
+        let r = record("r", 7, "hi");
+        assert_eq!(r["pk"], "cg|0000000000000007");
+        let id: uuid::Uuid = r["id"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or_default();
+        assert_eq!(sequence_of(&id), Some(7));
         assert!(r["createdTime"].as_u64().unwrap_or_default() > 1_700_000_000_000);
     }
 

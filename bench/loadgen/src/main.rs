@@ -172,9 +172,14 @@ enum Command {
         /// Messages to store in the room first.
         #[arg(long, default_value_t = 0)]
         seed: usize,
-        /// How: `harperdb` (direct inserts, Chatify only) or `sends` (through the server).
+        /// How: `harperdb` (direct inserts, Chatify only; done before any client joins, as
+        /// if the messages had been stored long ago) or `sends` (through the server).
         #[arg(long, default_value = "harperdb")]
         seed_via: String,
+        /// Messages the room is known to hold (default: --seed): an answer with fewer than
+        /// min(--limit, this) messages counts as an error, not as a fast answer.
+        #[arg(long)]
+        room_holds: Option<usize>,
     },
     /// Medians and ratios of the summaries in a directory: writes the results table.
     Report {
@@ -322,9 +327,11 @@ fn main() -> anyhow::Result<()> {
                 room,
                 seed,
                 seed_via,
+                room_holds,
             } => {
+                let holds = room_holds.unwrap_or(seed);
                 scenario::history(
-                    common, db, rate, duration, limit, conns, room, seed, &seed_via,
+                    common, db, rate, duration, limit, conns, room, seed, &seed_via, holds,
                 )
                 .await
             }

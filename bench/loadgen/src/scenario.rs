@@ -949,13 +949,7 @@ pub async fn harperdb_direct(
         let n = batch.min(records - made);
         batches.push(
             (made..made + n)
-                .map(|i| {
-                    harper::record(
-                        &format!("{run}-p{}", i % rooms),
-                        &uuid::Uuid::now_v7(),
-                        &text,
-                    )
-                })
+                .map(|i| harper::record(&format!("{run}-p{}", i % rooms), i as u64 + 1, &text))
                 .collect(),
         );
         made += n;
@@ -1023,6 +1017,7 @@ pub async fn history(
     room: Option<String>,
     seed: usize,
     seed_via: &str,
+    room_holds: usize,
 ) -> anyhow::Result<Value> {
     let ticks = stats::clock_ticks();
     let stats = Arc::new(Stats::default());
@@ -1030,45 +1025,48 @@ pub async fn history(
     let run = run_id(&common);
     let room: Arc<str> = Arc::from(room.unwrap_or_else(|| format!("{run}-history")));
     let conns = conns.max(1);
+    let seed_started = Instant::now();
+    // Stored before anyone joins: as messages of long ago, never seen by the servers.
+    if seed > 0 && seed_via == "harperdb" {
+        mon.phase("seeding");
+        let h = db.client()?;
+        h.ensure_table(&db.database, &db.table).await?;
+        let mut text = String::new();
+        crate::proto::stamped_text(&mut text, now_ns(), 100);
+        let mut done = 0;
+        let mut last_print = Instant::now();
+        while done < seed {
+            // Two batches in flight.
+            let mut pending = Vec::new();
+            for _ in 0..2 {
+                let n = 1000.min(seed - done);
+                if n == 0 {
+                    break;
+                }
+                // Sequences 1..=seed: the room's order, as if the stream had stored them.
+                let recs: Vec<Value> = (done..done + n)
+                    .map(|i| harper::record(&room, i as u64 + 1, &text))
+                    .collect();
+                done += n;
+                let (h, d, t) = (h.clone(), db.database.clone(), db.table.clone());
+                pending.push(tokio::spawn(async move { h.insert(&d, &t, recs).await }));
+            }
+            for p in pending {
+                p.await??;
+            }
+            if !common.quiet && last_print.elapsed() > Duration::from_secs(5) {
+                eprintln!("[history] seeded {done} of {seed}");
+                last_print = Instant::now();
+            }
+        }
+    }
     let fleet = Fleet::spawn(&common, &stats, conns, |i| i, |_| room.clone(), 100, None)?;
     fleet
         .wait_joined(conns as u64, Duration::from_secs(60))
         .await?;
-    let seed_started = Instant::now();
-    if seed > 0 {
+    if seed > 0 && seed_via != "harperdb" {
         mon.phase("seeding");
         match seed_via {
-            "harperdb" => {
-                let h = db.client()?;
-                h.ensure_table(&db.database, &db.table).await?;
-                let mut text = String::new();
-                crate::proto::stamped_text(&mut text, now_ns(), 100);
-                let mut done = 0;
-                let mut last_print = Instant::now();
-                while done < seed {
-                    // Two batches in flight.
-                    let mut pending = Vec::new();
-                    for _ in 0..2 {
-                        let n = 1000.min(seed - done);
-                        if n == 0 {
-                            break;
-                        }
-                        let recs: Vec<Value> = (0..n)
-                            .map(|_| harper::record(&room, &uuid::Uuid::now_v7(), &text))
-                            .collect();
-                        done += n;
-                        let (h, d, t) = (h.clone(), db.database.clone(), db.table.clone());
-                        pending.push(tokio::spawn(async move { h.insert(&d, &t, recs).await }));
-                    }
-                    for p in pending {
-                        p.await??;
-                    }
-                    if !common.quiet && last_print.elapsed() > Duration::from_secs(5) {
-                        eprintln!("[history] seeded {done} of {seed}");
-                        last_print = Instant::now();
-                    }
-                }
-            }
             "sends" => {
                 let rate = (conns as f64 * 15.0).max(1.0);
                 paced(rate, seed as f64 / rate, |k, due| {
@@ -1103,6 +1101,7 @@ pub async fn history(
             Cmd::History {
                 room: room.clone(),
                 limit,
+                expect: room_holds.min(limit as usize),
                 sched_ns: due,
             },
         );
