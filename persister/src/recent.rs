@@ -227,9 +227,9 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unwritten::tests::query;
     use chatify_shared::wire::StoredMessage;
     use proptest::prelude::*;
-    use uuid::Uuid;
 
     /// A room's messages at sequences `seqs` (increasing).
     fn room(seqs: &[u64]) -> Vec<ChatMessage> {
@@ -244,15 +244,6 @@ mod tests {
                 .into_message(s)
             })
             .collect()
-    }
-
-    fn query(limit: u32, after: Option<Uuid>, before: Option<Uuid>) -> HistoryQuery {
-        HistoryQuery {
-            room: "r".into(),
-            before,
-            after,
-            limit,
-        }
     }
 
     /// What HarperDB plus the unwritten tail answer: the newest `limit` in bounds.

@@ -106,7 +106,7 @@ pub fn merge(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use uuid::Uuid;
 
@@ -126,7 +126,8 @@ mod tests {
             .collect()
     }
 
-    fn query(limit: u32, after: Option<Uuid>, before: Option<Uuid>) -> HistoryQuery {
+    /// A query of room `r` (shared with [`crate::recent`]'s tests).
+    pub(crate) fn query(limit: u32, after: Option<Uuid>, before: Option<Uuid>) -> HistoryQuery {
         HistoryQuery {
             room: "r".into(),
             before,
