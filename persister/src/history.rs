@@ -98,7 +98,7 @@ async fn answer(sources: &Sources, payload: &[u8]) -> Result<Bytes, service::err
             code: 400,
         });
     }
-    let page = match cached(sources, &query).await? {
+    let page = match cached(sources, &query).await {
         Some(page) => {
             metrics::counter!(crate::metrics::HISTORY_CACHE, "outcome" => "hit").increment(1);
             page
@@ -128,22 +128,21 @@ fn unavailable(e: &dyn std::fmt::Display) -> service::error::Error {
 /// The answer from the recent messages, brought up to date from the stream, when they hold
 /// all of it. Only while HarperDB answers: during an outage history is `unavailable`, as the
 /// guarantees promise, cached or not.
-async fn cached(
-    sources: &Sources,
-    query: &HistoryQuery,
-) -> Result<Option<HistoryPage>, service::error::Error> {
+async fn cached(sources: &Sources, query: &HistoryQuery) -> Option<HistoryPage> {
     if !sources.db.answering() {
-        return Ok(None);
+        return None;
     }
-    let Some(from) = sources.recent.newest(&query.room) else {
-        return Ok(None);
-    };
-    let later = sources
-        .unwritten
-        .room_after(&query.room, from)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    Ok(sources.recent.extend_and_answer(query, from, later))
+    let from = sources.recent.newest(&query.room)?;
+    match sources.unwritten.room_after(&query.room, from).await {
+        Ok(later) => sources.recent.extend_and_answer(query, from, later),
+        // Too far behind (thousands of messages since the entry's newest) or the stream did
+        // not answer: the entry goes, and the uncached path answers (a latest page refills it).
+        Err(e) => {
+            tracing::debug!(error = %e, "recent messages could not be brought up to date");
+            sources.recent.forget(&query.room);
+            None
+        }
+    }
 }
 
 /// The answer from HarperDB and the unwritten tail. A room's latest page is read

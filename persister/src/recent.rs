@@ -153,6 +153,11 @@ impl Recent {
         rooms.put(room.to_owned(), entry, self.budget);
     }
 
+    /// Drops `room`'s entry.
+    pub fn forget(&self, room: &str) {
+        self.rooms().take(room);
+    }
+
     /// Rooms and bytes cached now.
     pub fn size(&self) -> (usize, usize) {
         let rooms = self.rooms();
@@ -298,6 +303,15 @@ mod tests {
         let off = Recent::new(0);
         off.fill("r", &latest(&room(&[1, 2])), 0);
         assert_eq!(off.newest("r"), None);
+    }
+
+    #[test]
+    fn a_forgotten_room_is_not_cached() {
+        let recent = Recent::new(1 << 20);
+        recent.fill("r", &latest(&room(&[1, 2])), 0);
+        recent.forget("r");
+        assert_eq!(recent.newest("r"), None);
+        assert_eq!(recent.size(), (0, 0));
     }
 
     #[test]
