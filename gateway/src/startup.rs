@@ -181,7 +181,8 @@ impl Application {
             );
             rooms.leave_everyone().await;
             tracing::info!("draining NATS");
-            if let Err(e) = chatify_shared::bus::drain(&self.nats).await {
+            if let Err(e) = chatify_shared::bus::drain(&self.nats, Duration::from_millis(200)).await
+            {
                 tracing::warn!(error = %e, "NATS drain failed");
             }
             server.await

@@ -128,7 +128,8 @@ impl Application {
             while let Some(done) = tasks.join_next().await {
                 result = std::mem::replace(&mut result, Ok(())).and(flatten(done));
             }
-            if let Err(e) = chatify_shared::bus::drain(&self.nats).await {
+            if let Err(e) = chatify_shared::bus::drain(&self.nats, Duration::from_millis(200)).await
+            {
                 tracing::warn!(error = %e, "NATS drain failed");
             }
         };
