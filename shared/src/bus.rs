@@ -153,7 +153,11 @@ pub enum DrainError {
 /// Ends a client's work before the process exits: flushes what was published (the server has
 /// it once this returns), then drains subscriptions and waits, up to `wait`, for the connection
 /// to close. `Client::drain` only starts that: a process that exits right after it can lose
-/// its last publishes (a gateway's last departure notices, a persister's last acks).
+/// its last publishes (a gateway's last departure notices, a persister's last acks). The
+/// connection has been seen to stay open through the whole `wait`, so it is in effect a grace
+/// period, and the gateway needs one: its sockets' writers send the Socket.IO disconnect
+/// packets meanwhile (without it, clients of a stopping gateway saw the connection drop
+/// instead of being told).
 pub async fn drain(client: &async_nats::Client, wait: Duration) -> Result<(), DrainError> {
     client.flush().await?;
     client.drain().await?;
