@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::Value;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::AckSender;
@@ -62,21 +63,27 @@ impl Answer {
     }
 
     /// Sends `value` as the event's ack (a no-op when the client asked for none).
-    pub fn ack(self, event: &'static str, value: Value) {
+    pub fn ack<T: Serialize + ?Sized>(self, event: &'static str, value: &T) {
         self.send(Kind::Ack, event, value);
     }
 
     /// Sends `value` as an `error` event.
-    pub fn error_event(self, event: &'static str, value: Value) {
+    pub fn error_event<T: Serialize + ?Sized>(self, event: &'static str, value: &T) {
         self.send(Kind::ErrorEvent, event, value);
     }
 
-    fn send(self, kind: Kind, event: &'static str, value: Value) {
-        match self.try_send(kind, &value) {
+    /// Sends at once; only an answer that has to wait is encoded into a [`Value`] to keep.
+    fn send<T: Serialize + ?Sized>(self, kind: Kind, event: &'static str, value: &T) {
+        match self.try_send(kind, value) {
             Ok(()) => {}
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                metrics::counter!(m::ANSWERS_DELAYED, "event" => event).increment(1);
-                tokio::spawn(self.wait_and_send(kind, event, value));
+                match serde_json::to_value(value) {
+                    Ok(kept) => {
+                        metrics::counter!(m::ANSWERS_DELAYED, "event" => event).increment(1);
+                        tokio::spawn(self.wait_and_send(kind, event, kept));
+                    }
+                    Err(e) => self.dropped(event, &e),
+                }
             }
             Err(e) => self.dropped(event, &e),
         }
@@ -100,7 +107,7 @@ impl Answer {
         }
     }
 
-    fn try_send(&self, kind: Kind, value: &Value) -> Result<(), SendError> {
+    fn try_send<T: Serialize + ?Sized>(&self, kind: Kind, value: &T) -> Result<(), SendError> {
         match kind {
             Kind::Ack => self.ack_sender().send(value),
             Kind::ErrorEvent => self.socket.emit("error", value),

@@ -73,22 +73,16 @@ pub fn reply<T: Serialize>(answer: Answer, event: &'static str, result: Result<T
             tracing::warn!(socket_id = %answer.socket_id(), event, code = e.code.as_str(), error = %e.message, "event failed");
         }
     }
-    let encoded = match (result, answer.wants_ack()) {
-        (Ok(fields), true) => serde_json::to_value(OkAck { ok: true, fields }),
-        (Err(e), true) => serde_json::to_value(ErrAck {
-            ok: false,
-            error: e.body(),
-        }),
-        (Ok(_), false) => return,
-        (Err(e), false) => {
-            return match serde_json::to_value(e.body()) {
-                Ok(body) => answer.error_event(event, body),
-                Err(e) => tracing::error!(event, error = %e, "could not encode an error event"),
-            };
-        }
-    };
-    match encoded {
-        Ok(value) => answer.ack(event, value),
-        Err(e) => tracing::error!(event, error = %e, "could not encode an ack"),
+    match (result, answer.wants_ack()) {
+        (Ok(fields), true) => answer.ack(event, &OkAck { ok: true, fields }),
+        (Err(e), true) => answer.ack(
+            event,
+            &ErrAck {
+                ok: false,
+                error: e.body(),
+            },
+        ),
+        (Ok(_), false) => {}
+        (Err(e), false) => answer.error_event(event, &e.body()),
     }
 }
