@@ -101,9 +101,10 @@ impl Recent {
     ) -> Option<HistoryPage> {
         let mut rooms = self.rooms();
         let mut entry = rooms.take(&query.room)?;
-        // Another query may have extended the entry meanwhile: its run and ours overlap.
+        // Another query may have extended the entry meanwhile: its run and ours overlap. An
+        // entry behind `from` (fills never go back, so this should not happen) would leave a
+        // hole between its newest and `later`: it stays out, and the next query refills it.
         if entry.newest < from {
-            // Refilled from an older answer meanwhile (cannot happen: fills never go back).
             return None;
         }
         for m in later {
