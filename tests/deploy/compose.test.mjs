@@ -4,7 +4,8 @@
 // chat page (web/serve.mjs) with the origins the gateways allow for it.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { describe, test } from "node:test";
 import {
@@ -282,6 +283,39 @@ describe("docker-compose.yml", () => {
       assert.ok(stages.has(service.build.target), `${name}: no Dockerfile stage ${service.build.target}`);
       assert.equal(service.build.target, name.replace(/\d+$/, ""));
       assert.ok(service.healthcheck.test.includes(`chatify-${service.build.target}`));
+    }
+  });
+
+  test("each Rust build stage copies a workspace cargo can load (every member and path dependency)", () => {
+    const text = readRepo("deploy/docker/Dockerfile");
+    const copied = new Map(); // stage -> sources copied from the build context
+    let stage = null;
+    for (const line of text.split("\n")) {
+      const from = /^FROM\s+\S+\s+AS\s+(\S+)/i.exec(line);
+      if (from) stage = from[1];
+      const copy = /^COPY\s+(?!--from)(.+)$/i.exec(line);
+      if (copy && stage) {
+        const parts = copy[1].trim().split(/\s+/);
+        copied.set(stage, [...(copied.get(stage) ?? []), ...parts.slice(0, -1)]);
+      }
+    }
+    assert.deepEqual([...copied.keys()].sort(), ["builder", "planner"]);
+    for (const [name, sources] of copied) {
+      const dir = mkdtempSync(path.join(os.tmpdir(), `chatify-docker-${name}-`));
+      try {
+        for (const source of sources) cpSync(repoPath(source), path.join(dir, source), { recursive: true });
+        // What `cargo chef prepare` and `cargo build --locked` do first: load the whole workspace
+        // and resolve it (path patches included). Offline: the test command's clippy step has
+        // fetched every crate already.
+        execFileSync("cargo", ["tree", "--locked", "--offline", "--edges", "normal,build"], {
+          cwd: dir,
+          stdio: ["ignore", "ignore", "pipe"],
+        });
+      } catch (e) {
+        assert.fail(`${name} stage: cargo cannot load the copied workspace: ${e.stderr ?? e.message}`);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
     }
   });
 
