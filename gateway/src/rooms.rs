@@ -26,6 +26,7 @@ use chatify_shared::wire::{
 use futures::StreamExt;
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
+use socketioxide::operators::BroadcastOperators;
 use socketioxide::socket::Sid;
 use tokio::task::JoinHandle;
 
@@ -202,15 +203,16 @@ impl Rooms {
                 }
             };
             for member in gone {
+                let Some(to_room) = local_room(io, &room.name) else {
+                    return;
+                };
                 let notice = Notice::new(
                     &room.name,
                     format!("{} has left the chat room", member.username),
                 );
                 log_emit(
                     "receive_message",
-                    io.to(room.name.clone())
-                        .emit("receive_message", &notice)
-                        .await,
+                    to_room.emit("receive_message", &notice).await,
                 );
             }
             users_changed(io, &room);
@@ -533,10 +535,9 @@ impl Rooms {
                 Some(RoomEventKind::Typing) => {
                     match serde_json::from_slice::<TypingEvent>(&message.payload) {
                         Ok(event) => {
-                            let result = except(io, &room.name, &event.socket_id)
-                                .emit("typing", &event.typing)
-                                .await;
-                            log_emit("typing", result);
+                            if let Some(others) = except(io, &room.name, &event.socket_id) {
+                                log_emit("typing", others.emit("typing", &event.typing).await);
+                            }
                         }
                         Err(e) => tracing::warn!(error = %e, "undecodable typing event"),
                     }
@@ -555,14 +556,15 @@ impl Rooms {
     async fn deliver_all(&self, room: &Room, messages: Vec<ChatMessage>) {
         let Some(io) = self.io.get() else { return };
         for message in messages {
+            let Some(to_room) = local_room(io, &room.name) else {
+                return;
+            };
             let members = room.local_count.load(Ordering::Relaxed);
             metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
             metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
             log_emit(
                 "receive_message",
-                io.to(room.name.clone())
-                    .emit("receive_message", &message)
-                    .await,
+                to_room.emit("receive_message", &message).await,
             );
         }
     }
@@ -609,8 +611,9 @@ impl Rooms {
         let notice = Notice::new(&room.name, text);
         let to_others = match joiner {
             Some(joiner) => except(io, &room.name, joiner),
-            None => io.to(room.name.clone()),
+            None => local_room(io, &room.name),
         };
+        let Some(to_others) = to_others else { return };
         log_emit(
             "receive_message",
             to_others.emit("receive_message", &notice).await,
@@ -636,28 +639,36 @@ fn users_changed(io: &SocketIo, room: &Arc<Room>) {
             }
             state.users()
         };
+        let Some(to_room) = local_room(&io, &room.name) else {
+            return;
+        };
         log_emit(
             "chatroom_users",
-            io.to(room.name.clone())
-                .emit("chatroom_users", &users)
-                .await,
+            to_room.emit("chatroom_users", &users).await,
         );
     });
 }
 
-/// Everyone in the room on this gateway but `socket_id` (when that socket is here).
-fn except(
-    io: &SocketIo,
-    room: &str,
-    socket_id: &str,
-) -> socketioxide::operators::BroadcastOperators {
-    match Sid::from_str(socket_id)
-        .ok()
-        .and_then(|sid| io.get_socket(sid))
-    {
-        Some(socket) => socket.to(room.to_owned()),
-        None => io.to(room.to_owned()),
-    }
+/// The room's sockets on this gateway; `None` once the server is closed. `SocketIo::close`
+/// removes the namespace, and `SocketIo::to` panics without it, while the room listeners still
+/// run during shutdown.
+fn local_room(io: &SocketIo, room: &str) -> Option<BroadcastOperators> {
+    Some(io.of("/")?.to(room.to_owned()))
+}
+
+/// Everyone in the room on this gateway but `socket_id` (when that socket is here); `None` once
+/// the server is closed, as [`local_room`].
+fn except(io: &SocketIo, room: &str, socket_id: &str) -> Option<BroadcastOperators> {
+    let namespace = io.of("/")?;
+    Some(
+        match Sid::from_str(socket_id)
+            .ok()
+            .and_then(|sid| namespace.get_socket(sid))
+        {
+            Some(socket) => socket.to(room.to_owned()),
+            None => namespace.to(room.to_owned()),
+        },
+    )
 }
 
 /// A message the stream republished: its sequence, the sequence of the room's message before
@@ -688,5 +699,23 @@ fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError
         };
         metrics::counter!(m::DELIVERY_DROPS, "event" => event).increment(sockets as u64);
         tracing::debug!(event, sockets, error = %e, "some sockets could not be sent to");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The room listeners outlive `SocketIo::close` during shutdown: what they deliver then
+    /// finds no room (it used to panic in `SocketIo::to`).
+    #[tokio::test]
+    async fn a_closed_server_has_no_rooms_to_deliver_to() {
+        let (_layer, io) = SocketIo::new_layer();
+        io.ns("/", |_: SocketRef| async {});
+        assert!(local_room(&io, "general").is_some());
+        assert!(except(&io, "general", "not-a-socket-id").is_some());
+        io.close().await;
+        assert!(local_room(&io, "general").is_none());
+        assert!(except(&io, "general", "not-a-socket-id").is_none());
     }
 }
