@@ -82,7 +82,7 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
         match res {
             Ok(_) => {
                 #[cfg(feature = "tracing")]
-                tracing::debug!(?sid, "ws closed")
+                tracing::debug!(?sid, "ws connection set up")
             }
             Err(Error::MultipleWebsocketRequests) => {}
             Err(_e) => {
@@ -169,7 +169,22 @@ where
     // Pipe between websocket and internal socket channel.
     tokio::spawn(forward_to_socket::<H, S>(socket.clone(), tx));
 
-    // pipe between internal socket channel and websocket
+    // Pipe between the websocket and the handler. (Chatify patch, see vendor/README.md.) It runs
+    // in a task of its own: awaited here, it kept this whole future for the life of the
+    // connection, upgrade and handshake state included (about 2 KiB a connection).
+    tokio::spawn(read_until_closed(engine, rx, socket));
+    Ok(())
+}
+
+/// Forwards what the client sends to the handler until the connection or the session closes,
+/// then closes the session with the reason.
+async fn read_until_closed<H: EngineIoHandler, S>(
+    engine: Arc<EngineIo<H>>,
+    rx: SplitStream<WebSocketStream<S>>,
+    socket: Arc<Socket<H::Data>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match forward_to_handler(&engine, rx, &socket)
         .with_cancellation_token(&socket.cancellation_token)
         .await
@@ -192,7 +207,6 @@ where
             tracing::debug!(sid = %socket.id, "socket is closing");
         }
     }
-    Ok(())
 }
 
 /// Forwards all packets received from a websocket to a EngineIo [`Socket`]
