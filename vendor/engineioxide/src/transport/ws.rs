@@ -262,9 +262,17 @@ where
     Ok(())
 }
 
+/// Most packets a writer wakeup takes from the queue before it writes and flushes them.
+const MAX_PACKETS_PER_FLUSH: usize = 64;
+
 /// Forwards all packets waiting to be sent to the websocket
 ///
-/// The websocket stream is flushed only when the internal channel is drained
+/// The websocket stream is flushed only when the internal channel is drained (or after
+/// [`MAX_PACKETS_PER_FLUSH`] packets).
+///
+/// (Chatify patch, see vendor/README.md.) The packets of a wakeup are turned into websocket
+/// messages first and written from one place: with a write in each branch, this future (kept
+/// for the life of the connection) held a slot for every branch's state, 1.8 KiB.
 async fn forward_to_socket<H: EngineIoHandler, S>(
     socket: Arc<Socket<H::Data>>,
     mut tx: SplitSink<WebSocketStream<S>, Message>,
@@ -286,54 +294,20 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         volatile_rx,
         ..
     } = &mut *internal_rx;
-
-    // map a packet to a websocket message
-    // It is declared as a macro rather than a closure to avoid ownership issues
-    macro_rules! map_fn {
-            ($item:ident) => {
-                let res = match $item {
-                    Packet::Binary(bin) | Packet::BinaryV3(bin) => {
-                        if socket.protocol == ProtocolVersion::V3 {
-                            // v3 protocol requires packet type as the first byte.
-                            // This requires a new buffer. This is OK as it is only for the V3 protocol.
-                            let mut buff = Vec::with_capacity(bin.len() + 1);
-                            buff.push(0x04);
-                            buff.extend(bin);
-                            tx.feed(Message::Binary(buff.into())).await
-                        } else {
-                            tx.feed(Message::Binary(bin)).await
-                        }
-                    }
-                    // A Noop Packet maybe sent by the server to upgrade from a polling connection
-                    // In the case that the packet was not poll in time it will remain in the buffer and therefore
-                    // it should be discarded here
-                    Packet::Noop => Ok(()),
-                    _ => {
-                        let packet: String = $item.try_into().unwrap();
-                        tx.feed(Message::Text(packet.into())).await
-                    }
-                };
-                if let Err(_e) = res {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
-                }
-            };
-        }
+    let protocol = socket.protocol;
 
     // Forward buffered packets until the channel is closed or the session is cancelled.
     loop {
+        let mut messages = Vec::new();
         tokio::select! {
             biased;
             items = buffered_rx.recv() => {
                 match items {
                     Some(packets) => {
-                        for item in *packets {
-                            map_fn!(item);
-                        }
-                        while let Ok(packets) = buffered_rx.try_recv() {
-                            for item in *packets {
-                                map_fn!(item);
-                            }
+                        push_messages(&mut messages, *packets, protocol);
+                        while messages.len() < MAX_PACKETS_PER_FLUSH {
+                            let Ok(packets) = buffered_rx.try_recv() else { break };
+                            push_messages(&mut messages, *packets, protocol);
                         }
                     }
                     None => break
@@ -345,11 +319,16 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
                 if let Some(packets) = val {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    for item in packets {
-                        map_fn!(item);
-                    }
+                    push_messages(&mut messages, packets, protocol);
                 }
             },
+        }
+
+        for message in messages {
+            if let Err(_e) = tx.feed(message).await {
+                #[cfg(feature = "tracing")]
+                tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
+            }
         }
 
         #[cfg(feature = "tracing")]
@@ -362,6 +341,39 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
 
     tx.flush().await.ok();
     tx.close().await.ok();
+}
+
+/// Maps packets to the websocket messages that carry them.
+fn push_messages(
+    messages: &mut Vec<Message>,
+    packets: engineioxide_core::PacketBuf,
+    protocol: ProtocolVersion,
+) {
+    for packet in packets {
+        let message = match packet {
+            Packet::Binary(bin) | Packet::BinaryV3(bin) => {
+                if protocol == ProtocolVersion::V3 {
+                    // v3 protocol requires packet type as the first byte.
+                    // This requires a new buffer. This is OK as it is only for the V3 protocol.
+                    let mut buff = Vec::with_capacity(bin.len() + 1);
+                    buff.push(0x04);
+                    buff.extend(bin);
+                    Message::Binary(buff.into())
+                } else {
+                    Message::Binary(bin)
+                }
+            }
+            // A Noop Packet maybe sent by the server to upgrade from a polling connection
+            // In the case that the packet was not poll in time it will remain in the buffer and therefore
+            // it should be discarded here
+            Packet::Noop => continue,
+            packet => {
+                let packet: String = packet.try_into().unwrap();
+                Message::Text(packet.into())
+            }
+        };
+        messages.push(message);
+    }
 }
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
 async fn init_handshake<S>(
