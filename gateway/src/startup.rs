@@ -37,8 +37,11 @@ pub enum StartError {
     },
 }
 
-/// Initial read buffer of a WebSocket connection.
-const WS_READ_BUFFER_BYTES: usize = 1024;
+/// Initial read buffer of a WebSocket connection, and the most one `read()` takes. Client
+/// events are a few hundred bytes (a `send_message` with a 100-byte text is about 150); a
+/// longer frame grows the buffer to its length and takes several reads. Every idle WebSocket
+/// holds this buffer.
+const WS_READ_BUFFER_BYTES: usize = 512;
 
 pub struct Application {
     listener: TcpListener,
@@ -88,8 +91,7 @@ impl Application {
             .max_payload(max_payload)
             .ws_max_message_size(max_ws)
             .ws_max_frame_size(max_ws)
-            // Engine.IO frames are small; a bigger one grows the buffer as it is read. Every
-            // idle WebSocket holds this buffer (4 KiB by default).
+            // (4 KiB by default; see WS_READ_BUFFER_BYTES.)
             .ws_read_buffer_size(WS_READ_BUFFER_BYTES)
             .max_buffer_size(gw.max_buffer_size)
             .ping_interval(Duration::from_millis(gw.ping_interval_ms))
