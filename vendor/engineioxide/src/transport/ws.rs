@@ -262,17 +262,13 @@ where
     Ok(())
 }
 
-/// Most packets a writer wakeup takes from the queue before it writes and flushes them.
-const MAX_PACKETS_PER_FLUSH: usize = 64;
-
 /// Forwards all packets waiting to be sent to the websocket
 ///
-/// The websocket stream is flushed only when the internal channel is drained (or after
-/// [`MAX_PACKETS_PER_FLUSH`] packets).
+/// The websocket stream is flushed only when the internal channel is drained
 ///
-/// (Chatify patch, see vendor/README.md.) The packets of a wakeup are turned into websocket
-/// messages first and written from one place: with a write in each branch, this future (kept
-/// for the life of the connection) held a slot for every branch's state, 1.8 KiB.
+/// (Chatify patch, see vendor/README.md.) Packets are written from one place: with a write in
+/// each `select!` branch, this future (kept for the life of the connection) held a slot for
+/// every branch's state, 1.8 KiB.
 async fn forward_to_socket<H: EngineIoHandler, S>(
     socket: Arc<Socket<H::Data>>,
     mut tx: SplitSink<WebSocketStream<S>, Message>,
@@ -294,40 +290,41 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         volatile_rx,
         ..
     } = &mut *internal_rx;
-    let protocol = socket.protocol;
 
     // Forward buffered packets until the channel is closed or the session is cancelled.
     loop {
-        let mut messages = Vec::new();
-        tokio::select! {
+        // The packets to write now, and whether more may wait in the buffered queue.
+        let (mut packets, buffered) = tokio::select! {
             biased;
             items = buffered_rx.recv() => {
                 match items {
-                    Some(packets) => {
-                        push_messages(&mut messages, *packets, protocol);
-                        while messages.len() < MAX_PACKETS_PER_FLUSH {
-                            let Ok(packets) = buffered_rx.try_recv() else { break };
-                            push_messages(&mut messages, *packets, protocol);
-                        }
-                    }
+                    Some(packets) => (Some(*packets), true),
                     None => break
                 }
             }
             _ = socket.cancellation_token.cancelled() => break,
             Ok(()) = volatile_rx.changed() => {
                 let val = volatile_rx.borrow_and_update().clone();
-                if let Some(packets) = val {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    push_messages(&mut messages, packets, protocol);
-                }
-            },
-        }
-
-        for message in messages {
-            if let Err(_e) = tx.feed(message).await {
                 #[cfg(feature = "tracing")]
-                tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
+                if let Some(packets) = &val {
+                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+                }
+                (val, false)
+            },
+        };
+
+        while let Some(batch) = packets.take() {
+            for packet in batch {
+                let Some(message) = ws_message(packet, socket.protocol) else {
+                    continue;
+                };
+                if let Err(_e) = tx.feed(message).await {
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
+                }
+            }
+            if buffered {
+                packets = buffered_rx.try_recv().ok().map(|packets| *packets);
             }
         }
 
@@ -343,38 +340,32 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
     tx.close().await.ok();
 }
 
-/// Maps packets to the websocket messages that carry them.
-fn push_messages(
-    messages: &mut Vec<Message>,
-    packets: engineioxide_core::PacketBuf,
-    protocol: ProtocolVersion,
-) {
-    for packet in packets {
-        let message = match packet {
-            Packet::Binary(bin) | Packet::BinaryV3(bin) => {
-                if protocol == ProtocolVersion::V3 {
-                    // v3 protocol requires packet type as the first byte.
-                    // This requires a new buffer. This is OK as it is only for the V3 protocol.
-                    let mut buff = Vec::with_capacity(bin.len() + 1);
-                    buff.push(0x04);
-                    buff.extend(bin);
-                    Message::Binary(buff.into())
-                } else {
-                    Message::Binary(bin)
-                }
+/// The websocket message that carries a packet (none for a `Noop`).
+fn ws_message(packet: Packet, protocol: ProtocolVersion) -> Option<Message> {
+    Some(match packet {
+        Packet::Binary(bin) | Packet::BinaryV3(bin) => {
+            if protocol == ProtocolVersion::V3 {
+                // v3 protocol requires packet type as the first byte.
+                // This requires a new buffer. This is OK as it is only for the V3 protocol.
+                let mut buff = Vec::with_capacity(bin.len() + 1);
+                buff.push(0x04);
+                buff.extend(bin);
+                Message::Binary(buff.into())
+            } else {
+                Message::Binary(bin)
             }
-            // A Noop Packet maybe sent by the server to upgrade from a polling connection
-            // In the case that the packet was not poll in time it will remain in the buffer and therefore
-            // it should be discarded here
-            Packet::Noop => continue,
-            packet => {
-                let packet: String = packet.try_into().unwrap();
-                Message::Text(packet.into())
-            }
-        };
-        messages.push(message);
-    }
+        }
+        // A Noop Packet maybe sent by the server to upgrade from a polling connection
+        // In the case that the packet was not poll in time it will remain in the buffer and therefore
+        // it should be discarded here
+        Packet::Noop => return None,
+        packet => {
+            let packet: String = packet.try_into().unwrap();
+            Message::Text(packet.into())
+        }
+    })
 }
+
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
 async fn init_handshake<S>(
     sid: Sid,
