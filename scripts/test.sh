@@ -9,7 +9,8 @@
 #      page) on free loopback ports in a temporary run directory, with the same deploy/local/up.sh
 #      users run,
 #   4. runs the Rust unit and integration tests (the integration tests start their own
-#      nats-server processes and use this run's HarperDB with databases of their own),
+#      nats-server processes and use this run's HarperDB with databases of their own), and the
+#      tests of the vendored engineioxide (vendor/README.md),
 #   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) and the browser test
 #      (tests/browser: two headless Chromium pages on the chat page) against it, and the
 #      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system, and
@@ -63,6 +64,10 @@ step "Rust unit and integration tests"
   export CHATIFY_TEST_HARPERDB_PASSWORD=$CHATIFY_HARPERDB__PASSWORD
   CHATIFY_REQUIRE_INTEGRATION=1 cargo test --workspace --locked
 )
+
+step "vendored engineioxide's own tests (with the patches vendor/README.md lists)"
+cargo test --manifest-path vendor/engineioxide/Cargo.toml --locked --target-dir target/vendor \
+  --features v3,tracing,__test_harness
 
 step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
