@@ -43,6 +43,13 @@ pub enum StartError {
 /// holds this buffer.
 const WS_READ_BUFFER_BYTES: usize = 512;
 
+/// How long a stopping gateway lets its sockets' writers run after `SocketIo::close`. Closing
+/// queues each socket's Socket.IO disconnect packet and its writer task sends it soon after, but
+/// nothing reports when; exiting at once, the gateway's clients saw their connection drop instead
+/// of being told (the graceful-shutdown fault scenario). Not per socket: the writers run in
+/// parallel.
+const SOCKET_CLOSE_GRACE: Duration = Duration::from_millis(200);
+
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
@@ -183,10 +190,10 @@ impl Application {
             );
             rooms.leave_everyone().await;
             tracing::info!("draining NATS");
-            if let Err(e) = chatify_shared::bus::drain(&self.nats, Duration::from_millis(200)).await
-            {
+            if let Err(e) = chatify_shared::bus::drain(&self.nats).await {
                 tracing::warn!(error = %e, "NATS drain failed");
             }
+            tokio::time::sleep(SOCKET_CLOSE_GRACE).await;
             server.await
         };
         match tokio::time::timeout(deadline, drain).await {

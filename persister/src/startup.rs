@@ -128,8 +128,7 @@ impl Application {
             while let Some(done) = tasks.join_next().await {
                 result = std::mem::replace(&mut result, Ok(())).and(flatten(done));
             }
-            if let Err(e) = chatify_shared::bus::drain(&self.nats, Duration::from_millis(200)).await
-            {
+            if let Err(e) = chatify_shared::bus::drain(&self.nats).await {
                 tracing::warn!(error = %e, "NATS drain failed");
             }
         };

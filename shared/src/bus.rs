@@ -151,21 +151,11 @@ pub enum DrainError {
 }
 
 /// Ends a client's work before the process exits: flushes what was published (the server has
-/// it once this returns), then drains subscriptions and waits, up to `wait`, for the connection
-/// to close. `Client::drain` only starts that: a process that exits right after it can lose
-/// its last publishes (a gateway's last departure notices, a persister's last acks). The
-/// connection has been seen to stay open through the whole `wait`, so it is in effect a grace
-/// period, and the gateway needs one: its sockets' writers send the Socket.IO disconnect
-/// packets meanwhile (without it, clients of a stopping gateway saw the connection drop
-/// instead of being told).
-pub async fn drain(client: &async_nats::Client, wait: Duration) -> Result<(), DrainError> {
+/// it once this returns), then drains subscriptions. `Client::drain` only starts the drain and
+/// returns: a process that exited right after it, without the flush, could lose its last
+/// publishes (a gateway's last departure notices, a persister's last acks).
+pub async fn drain(client: &async_nats::Client) -> Result<(), DrainError> {
     client.flush().await?;
     client.drain().await?;
-    let closed = async {
-        while client.connection_state() == async_nats::connection::State::Connected {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    let _ = tokio::time::timeout(wait, closed).await;
     Ok(())
 }
