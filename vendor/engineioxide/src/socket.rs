@@ -73,7 +73,6 @@ use smallvec::{SmallVec, smallvec};
 use tokio::sync::{
     Mutex, Notify,
     mpsc::{self, Receiver, error::TrySendError},
-    watch,
 };
 
 pub use engineioxide_core::Sid;
@@ -164,19 +163,46 @@ pub(crate) type Queued = Box<PacketBuf>;
 pub(crate) struct InternalRx {
     pub buffered_rx: Receiver<Queued>,
     pub peeked_packet: Option<PacketBuf>,
-    pub volatile_rx: watch::Receiver<Option<PacketBuf>>,
 }
 
 impl InternalRx {
-    fn new(
-        buffered_rx: Receiver<Queued>,
-        volatile_rx: watch::Receiver<Option<PacketBuf>>,
-    ) -> Self {
+    fn new(buffered_rx: Receiver<Queued>) -> Self {
         Self {
             buffered_rx,
             peeked_packet: None,
-            volatile_rx,
         }
+    }
+}
+
+/// The latest volatile packet buffer, waiting for the transport to write it. (Chatify patch, see
+/// vendor/README.md.) It replaces a `watch` channel, whose shared state (520 bytes, most of it
+/// the eight `Notify`s of its waiters list) every socket paid for whether or not it ever sent a
+/// volatile packet. As with the channel, a newer buffer replaces one not yet written; unlike
+/// it, a written buffer is taken out instead of kept until the next one.
+#[derive(Debug, Default)]
+pub(crate) struct VolatileSlot {
+    /// The buffer to write next, if any.
+    packets: std::sync::Mutex<Option<Queued>>,
+    /// Wakes the transport when a buffer is put; one permit is kept if it is not waiting.
+    pub ready: Notify,
+}
+
+impl VolatileSlot {
+    /// Puts `packets` in the slot, in place of a buffer not yet written, and wakes the transport.
+    fn put(&self, packets: PacketBuf) {
+        *self.lock() = Some(Box::new(packets));
+        self.ready.notify_one();
+    }
+
+    /// The buffer to write now, taken out of the slot (none if a wakeup found it taken).
+    pub fn take(&self) -> Option<PacketBuf> {
+        self.lock().take().map(|packets| *packets)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Queued>> {
+        self.packets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -222,10 +248,10 @@ where
     /// Channel to send [PacketBuf] to the internal connection
     pub(crate) internal_tx: mpsc::Sender<Queued>,
 
-    /// Channel to send volatile [PacketBuf]s that bypass the internal buffer.
-    /// Uses a [`watch`](tokio::sync::watch) channel so only the latest volatile
-    /// message is retained; subsequent volatile sends overwrite the previous one.
-    volatile_tx: watch::Sender<Option<PacketBuf>>,
+    /// Volatile [PacketBuf]s that bypass the internal buffer.
+    /// Only the latest volatile message is retained; subsequent volatile sends overwrite the
+    /// previous one.
+    pub(crate) volatile: VolatileSlot,
 
     /// Pong [`Packets`](Packet) (v4 protocol) or Ping (v3 protocol) from the connexion to the heartbeat job
     /// which is running in a separate task. (Chatify patch, see vendor/README.md.) A `Notify`
@@ -261,7 +287,6 @@ where
         supports_binary: bool,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(config.max_buffer_size);
-        let (volatile_tx, volatile_rx) = watch::channel(None);
 
         Self {
             id: Sid::new(),
@@ -269,10 +294,10 @@ where
             transport: AtomicU8::new(transport as u8),
             upgrading: AtomicBool::new(false),
 
-            internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
+            internal_rx: Mutex::new(InternalRx::new(internal_rx)),
             internal_tx,
 
-            volatile_tx,
+            volatile: VolatileSlot::default(),
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),
@@ -539,7 +564,13 @@ where
     }
 
     pub(crate) fn send_volatile(&self, packets: PacketBuf) -> bool {
-        self.volatile_tx.send(Some(packets)).is_ok()
+        // "Dropped (transport shutting down)", as `emit_volatile` documents. The watch channel
+        // this slot replaces never refused: its receiver lived as long as the socket.
+        if self.cancellation_token.is_cancelled() {
+            return false;
+        }
+        self.volatile.put(packets);
+        true
     }
 }
 
@@ -599,7 +630,6 @@ where
         buffer_size: usize,
     ) -> (Arc<Socket<D>>, tokio::sync::mpsc::Receiver<Packet>) {
         let (internal_tx, internal_rx) = mpsc::channel(buffer_size);
-        let (volatile_tx, volatile_rx) = watch::channel(None);
 
         let sock = Self {
             id: sid,
@@ -607,10 +637,10 @@ where
             transport: AtomicU8::new(TransportType::Websocket as u8),
             upgrading: AtomicBool::new(false),
 
-            internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
+            internal_rx: Mutex::new(InternalRx::new(internal_rx)),
             internal_tx,
 
-            volatile_tx,
+            volatile: VolatileSlot::default(),
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),

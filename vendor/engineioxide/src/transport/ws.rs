@@ -152,6 +152,7 @@ where
             }
         }
     } else {
+        let req_data = without_handshake(req_data);
         let socket = engine.create_session(protocol, TransportType::Websocket, req_data, false);
 
         #[cfg(feature = "tracing")]
@@ -285,11 +286,7 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
         return;
     };
-    let InternalRx {
-        buffered_rx,
-        volatile_rx,
-        ..
-    } = &mut *internal_rx;
+    let InternalRx { buffered_rx, .. } = &mut *internal_rx;
 
     // Forward buffered packets until the channel is closed or the session is cancelled.
     loop {
@@ -303,8 +300,8 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
                 }
             }
             _ = socket.cancellation_token.cancelled() => break,
-            Ok(()) = volatile_rx.changed() => {
-                let val = volatile_rx.borrow_and_update().clone();
+            () = socket.volatile.ready.notified() => {
+                let val = socket.volatile.take();
                 #[cfg(feature = "tracing")]
                 if let Some(packets) = &val {
                     tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
@@ -364,6 +361,37 @@ fn ws_message(packet: Packet, protocol: ProtocolVersion) -> Option<Message> {
             Message::Text(packet.into())
         }
     })
+}
+
+/// The request's parts as the session keeps them: without what only the WebSocket handshake used.
+/// (Chatify patch, see vendor/README.md.) The session keeps its request's parts for its whole
+/// life; the handshake's own headers (the key, version and extensions offered, `Connection` and
+/// `Upgrade`) and the upgrade's handle mean nothing once the connection is a WebSocket, and took
+/// about 450 bytes of every connection. The headers are copied into a map of the size they need.
+fn without_handshake(mut parts: Parts) -> Parts {
+    use http::header;
+    const HANDSHAKE: [header::HeaderName; 5] = [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+    ];
+    let kept = parts
+        .headers
+        .keys()
+        .filter(|name| !HANDSHAKE.contains(name))
+        .map(|name| parts.headers.get_all(name).iter().count())
+        .sum();
+    let mut headers = http::HeaderMap::with_capacity(kept);
+    for (name, value) in &parts.headers {
+        if !HANDSHAKE.contains(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    parts.headers = headers;
+    parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    parts
 }
 
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
@@ -559,5 +587,35 @@ mod tests {
             .await
             .expect("the writer should stop")
             .unwrap();
+    }
+
+    #[test]
+    fn the_session_keeps_the_request_without_its_handshake() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Peer(u16);
+        let mut req = Request::builder()
+            .uri("/engine.io/?EIO=4&transport=websocket")
+            .header("Host", "chat.example")
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Extensions", "permessage-deflate")
+            .header("X-Forwarded-For", "10.0.0.1")
+            .header("X-Forwarded-For", "10.0.0.2")
+            .header("Origin", "http://chat.example")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(Peer(7));
+        let (parts, ()) = req.into_parts();
+
+        let kept = without_handshake(parts);
+
+        let names: Vec<_> = kept.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host", "x-forwarded-for", "origin"]);
+        let forwarded: Vec<_> = kept.headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(forwarded, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(kept.extensions.get::<Peer>(), Some(&Peer(7)));
+        assert_eq!(kept.uri, "/engine.io/?EIO=4&transport=websocket");
     }
 }
