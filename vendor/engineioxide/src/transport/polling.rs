@@ -13,7 +13,7 @@ use engineioxide_core::{Packet, ProtocolVersion, Sid, TransportType};
 
 use crate::{
     DisconnectReason, body::ResponseBody, engine::EngineIo, errors::Error,
-    handler::EngineIoHandler, socket::InternalRx, transport::make_open_packet,
+    handler::EngineIoHandler, transport::make_open_packet,
 };
 
 /// Create a response for http request
@@ -117,15 +117,14 @@ where
 
     let max_payload = engine.config.max_payload;
     let payload = {
-        let InternalRx {
-            buffered_rx,
-            peeked_packet,
-        } = &mut *rx;
-
         // Prepend the packet peeked during the previous
         // polling request so it is encoded first, ahead of the newly received packets.
-        let rx_stream = stream::iter(peeked_packet.take())
-            .chain(rx_stream::EncoderStream::new(buffered_rx, &socket.volatile));
+        let peeked_packet = rx.peeked_packet.take();
+        let rx_stream = stream::iter(peeked_packet).chain(rx_stream::EncoderStream::new(
+            &socket.queue,
+            &mut rx,
+            &socket.volatile,
+        ));
 
         // Stop waiting for the next packet as soon as the session is closed. The combinator is biased
         // towards the encoder completion, so any buffered close packet is still flushed to the client.
@@ -228,27 +227,32 @@ mod rx_stream {
     use engineioxide_core::PacketBuf;
     use futures_core::Stream;
     use pin_project_lite::pin_project;
-    use tokio::sync::{futures::Notified, mpsc};
+    use tokio::sync::futures::Notified;
 
-    use crate::socket::{Queued, VolatileSlot};
+    use crate::{
+        queue::Queue,
+        socket::{InternalRx, Queued, VolatileSlot},
+    };
 
-    /// [`ReceiverStream`] is a stream that wraps a [`mpsc::Receiver`] by reference.
-    /// Allowing to use it as a stream even if it is behind a mutex.
-    pub struct ReceiverStream<'a, T> {
-        inner: &'a mut mpsc::Receiver<T>,
+    /// [`ReceiverStream`] is a stream that reads the socket's [`Queue`], as the reader holding
+    /// its [`InternalRx`] (behind a mutex).
+    pub struct ReceiverStream<'a> {
+        queue: &'a Queue,
+        reader: &'a mut InternalRx,
     }
 
-    impl<'a, T> ReceiverStream<'a, T> {
-        pub fn new(inner: &'a mut mpsc::Receiver<T>) -> Self {
-            Self { inner }
+    impl<'a> ReceiverStream<'a> {
+        pub fn new(queue: &'a Queue, reader: &'a mut InternalRx) -> Self {
+            Self { queue, reader }
         }
     }
 
-    impl<'a, T> Stream for ReceiverStream<'a, T> {
-        type Item = T;
+    impl Stream for ReceiverStream<'_> {
+        type Item = Queued;
 
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            self.inner.poll_recv(cx)
+            let this = &mut *self;
+            this.queue.poll_recv(this.reader, cx)
         }
     }
 
@@ -259,14 +263,18 @@ mod rx_stream {
             #[pin]
             volatile_ready: Notified<'a>,
             volatile: &'a VolatileSlot,
-            rx: ReceiverStream<'a, Queued>,
+            rx: ReceiverStream<'a>,
         }
     }
 
     impl<'a> EncoderStream<'a> {
-        pub fn new(rx: &'a mut mpsc::Receiver<Queued>, volatile: &'a VolatileSlot) -> Self {
+        pub fn new(
+            queue: &'a Queue,
+            reader: &'a mut InternalRx,
+            volatile: &'a VolatileSlot,
+        ) -> Self {
             Self {
-                rx: ReceiverStream::new(rx),
+                rx: ReceiverStream::new(queue, reader),
                 volatile_ready: volatile.ready.notified(),
                 volatile,
             }

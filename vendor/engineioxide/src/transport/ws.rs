@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use smallvec::smallvec;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{futures::Notified, mpsc},
+    sync::futures::Notified,
 };
 use tokio_tungstenite::{
     WebSocketStream,
@@ -31,8 +31,14 @@ use tokio_util::{future::FutureExt as _, sync::WaitForCancellationFuture};
 use engineioxide_core::{Packet, ProtocolVersion, Sid, Str, TransportType};
 
 use crate::{
-    DisconnectReason, Socket, body::ResponseBody, config::EngineIoConfig, engine::EngineIo,
-    errors::Error, handler::EngineIoHandler, socket::Queued, transport::make_open_packet,
+    DisconnectReason, Socket,
+    body::ResponseBody,
+    config::EngineIoConfig,
+    engine::EngineIo,
+    errors::Error,
+    handler::EngineIoHandler,
+    socket::{InternalRx, Queued},
+    transport::make_open_packet,
 };
 
 /// Create a response for websocket upgrade
@@ -234,7 +240,6 @@ where
             tracing::debug!(sid = %socket.id, "session closed before starting the ws connection");
             return;
         };
-        let buffered_rx = &mut internal_rx.buffered_rx;
 
         let cancelled = pin!(socket.cancellation_token.cancelled());
         let volatile = pin!(socket.volatile.ready.notified());
@@ -258,7 +263,7 @@ where
             volatile,
             timer,
         };
-        std::future::poll_fn(|cx| conn.poll(cx, &engine, &socket, buffered_rx)).await;
+        std::future::poll_fn(|cx| conn.poll(cx, &engine, &socket, &mut internal_rx)).await;
     }
 }
 
@@ -297,7 +302,7 @@ where
         cx: &mut Context<'_>,
         engine: &Arc<EngineIo<H>>,
         socket: &'a Arc<Socket<H::Data>>,
-        buffered_rx: &mut mpsc::Receiver<Queued>,
+        internal_rx: &mut InternalRx,
     ) -> Poll<()> {
         if self.closing {
             return self.poll_close(cx, socket);
@@ -323,7 +328,7 @@ where
 
         let ended = loop {
             if self.pending.is_none() {
-                match self.next_message(cx, socket, buffered_rx) {
+                match self.next_message(cx, socket, internal_rx) {
                     Poll::Ready(Some(message)) => self.pending = Some(message),
                     Poll::Ready(None) => break true,
                     Poll::Pending => break false,
@@ -384,7 +389,7 @@ where
         &mut self,
         cx: &mut Context<'_>,
         socket: &'a Socket<D>,
-        buffered_rx: &mut mpsc::Receiver<Queued>,
+        internal_rx: &mut InternalRx,
     ) -> Poll<Option<Message>> {
         loop {
             if let Some(batch) = &mut self.batch {
@@ -396,7 +401,7 @@ where
                     continue;
                 }
             }
-            match buffered_rx.poll_recv(cx) {
+            match socket.queue.poll_recv(internal_rx, cx) {
                 Poll::Ready(Some(packets)) => {
                     self.batch = Some(packets);
                     continue;
@@ -676,7 +681,7 @@ where
 
     // We send a last Noop request to close a potential waiting polling request.
     socket
-        .internal_tx
+        .queue
         .send(Box::new(smallvec![Packet::Noop]))
         .await
         .map_err(|_| Error::Upgrade)?;
