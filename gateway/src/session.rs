@@ -6,7 +6,6 @@
 //! and each handler waits for its ticket's turn before doing anything: one socket's events run
 //! one at a time, in the order the socket sent them, while different sockets run in parallel.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,7 +98,9 @@ pub struct Session {
     /// Who the auth token says this is, when auth is on.
     pub identity: Option<Identity>,
     /// Rooms joined, with the name used in each. Only this socket's (serialized) events touch it.
-    rooms: Mutex<HashMap<String, String>>,
+    /// A list, not a map: a socket is in a few rooms (at most `limits.rooms_per_socket`), and a
+    /// map's first allocation (four buckets) is four times a one-room list's.
+    rooms: Mutex<Vec<(String, String)>>,
     /// `send_message` rate limit.
     sends: DefaultDirectRateLimiter,
     /// `join_room` rate limit.
@@ -121,14 +122,14 @@ impl Session {
         Self {
             sequencer: Arc::new(Sequencer::default()),
             identity,
-            rooms: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(Vec::new()),
             sends: RateLimiter::direct(quota(limits.messages_per_second, limits.message_burst)),
             joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),
             _permit: permit,
         }
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn rooms(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
         self.rooms
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -136,7 +137,10 @@ impl Session {
 
     /// The name this socket joined `room` with, if it is in it.
     pub fn username_in(&self, room: &str) -> Option<String> {
-        self.rooms().get(room).cloned()
+        self.rooms()
+            .iter()
+            .find(|(name, _)| name == room)
+            .map(|(_, username)| username.clone())
     }
 
     pub fn room_count(&self) -> usize {
@@ -144,16 +148,22 @@ impl Session {
     }
 
     pub fn add_room(&self, room: &str, username: &str) {
-        self.rooms().insert(room.to_owned(), username.to_owned());
+        let mut rooms = self.rooms();
+        match rooms.iter_mut().find(|(name, _)| name == room) {
+            Some((_, name_used)) => username.clone_into(name_used),
+            None => rooms.push((room.to_owned(), username.to_owned())),
+        }
     }
 
     pub fn remove_room(&self, room: &str) -> Option<String> {
-        self.rooms().remove(room)
+        let mut rooms = self.rooms();
+        let at = rooms.iter().position(|(name, _)| name == room)?;
+        Some(rooms.swap_remove(at).1)
     }
 
     /// Every room, emptying the list (on disconnect).
     pub fn take_rooms(&self) -> Vec<(String, String)> {
-        self.rooms().drain().collect()
+        std::mem::take(&mut *self.rooms())
     }
 
     /// Whether one more `send_message` fits the rate limit now (and counts it if so).
@@ -253,5 +263,31 @@ mod tests {
             (40..=42).contains(&allowed),
             "allowed {allowed} of an instant burst of 100"
         );
+    }
+
+    #[test]
+    fn rooms_keep_the_name_used_in_each() {
+        let session = Session::new(None, &Limits::default(), None);
+        session.add_room("a.b", "ann");
+        session.add_room("*", "bob");
+        session.add_room("a.b", "ann2");
+        assert_eq!(session.room_count(), 2, "joining again replaces the name");
+        assert_eq!(session.username_in("a.b").as_deref(), Some("ann2"));
+        assert_eq!(session.username_in("*").as_deref(), Some("bob"));
+        assert_eq!(session.username_in("a"), None);
+
+        assert_eq!(session.remove_room("a.b").as_deref(), Some("ann2"));
+        assert_eq!(session.remove_room("a.b"), None);
+        session.add_room(">", "cy");
+        let mut rooms = session.take_rooms();
+        rooms.sort();
+        assert_eq!(
+            rooms,
+            [
+                ("*".to_owned(), "bob".to_owned()),
+                (">".to_owned(), "cy".to_owned())
+            ]
+        );
+        assert_eq!(session.room_count(), 0);
     }
 }

@@ -162,7 +162,9 @@ pub(crate) type Queued = Box<PacketBuf>;
 /// [`Socket::internal_rx`]'s lock) is what makes a transport the queue's one reader.
 #[derive(Debug, Default)]
 pub(crate) struct InternalRx {
-    pub peeked_packet: Option<PacketBuf>,
+    /// The packet buffer a polling response had no room for, first in the next one. Boxed
+    /// (Chatify patch, see vendor/README.md): inline, the 168 bytes were in every socket.
+    pub peeked_packet: Option<Queued>,
 }
 
 /// The latest volatile packet buffer, waiting for the transport to write it. (Chatify patch, see

@@ -119,7 +119,7 @@ where
     let payload = {
         // Prepend the packet peeked during the previous
         // polling request so it is encoded first, ahead of the newly received packets.
-        let peeked_packet = rx.peeked_packet.take();
+        let peeked_packet = rx.peeked_packet.take().map(|packets| *packets);
         let rx_stream = stream::iter(peeked_packet).chain(rx_stream::EncoderStream::new(
             &socket.queue,
             &mut rx,
@@ -146,7 +146,7 @@ where
 
     // set back the peeked packet so it can be read again
     // on the next polling request
-    rx.peeked_packet = peeked;
+    rx.peeked_packet = peeked.map(Box::new);
 
     #[cfg(feature = "tracing")]
     tracing::trace!(%sid, %protocol, supports_binary = socket.supports_binary, "sending data: {:?}", data);
