@@ -43,11 +43,11 @@ pub enum StartError {
 /// holds this buffer.
 const WS_READ_BUFFER_BYTES: usize = 512;
 
-/// How long a stopping gateway lets its sockets' writers run after `SocketIo::close`. Closing
-/// queues each socket's Socket.IO disconnect packet and its writer task sends it soon after, but
-/// nothing reports when; exiting at once, the gateway's clients saw their connection drop instead
-/// of being told (the graceful-shutdown fault scenario). Not per socket: the writers run in
-/// parallel.
+/// How long a stopping gateway lets its sockets' connection tasks run after `SocketIo::close`.
+/// Closing queues each socket's Socket.IO disconnect packet and the socket's task writes it soon
+/// after, but nothing reports when; exiting at once, the gateway's clients saw their connection
+/// drop instead of being told (the graceful-shutdown fault scenario). Not per socket: the tasks
+/// run in parallel.
 const SOCKET_CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 pub struct Application {

@@ -57,10 +57,12 @@
 use std::{
     collections::VecDeque,
     fmt::Debug,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU8, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -70,7 +72,7 @@ use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
 use futures_util::FutureExt;
 use http::request::Parts;
 use smallvec::{SmallVec, smallvec};
-use tokio::sync::{Mutex, Notify, mpsc::error::TrySendError};
+use tokio::sync::{Mutex, Notify, futures::Notified, mpsc::error::TrySendError};
 
 use crate::queue::{self, Queue};
 
@@ -188,8 +190,25 @@ impl VolatileSlot {
     }
 
     /// The buffer to write now, taken out of the slot (none if a wakeup found it taken).
-    pub fn take(&self) -> Option<PacketBuf> {
+    fn take(&self) -> Option<PacketBuf> {
         self.lock().take().map(|packets| *packets)
+    }
+
+    /// Waits, through `ready` (a `self.ready.notified()` the transport keeps between polls),
+    /// until a buffer is put, and takes it. A wakeup whose buffer an earlier one took waits for
+    /// the next.
+    pub fn poll_take<'a>(
+        &'a self,
+        mut ready: Pin<&mut Notified<'a>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<PacketBuf> {
+        loop {
+            std::task::ready!(ready.as_mut().poll(cx));
+            ready.set(self.ready.notified());
+            if let Some(packets) = self.take() {
+                return Poll::Ready(packets);
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Queued>> {

@@ -221,7 +221,7 @@ where
 mod rx_stream {
     use std::{
         pin::Pin,
-        task::{Context, Poll, ready},
+        task::{Context, Poll},
     };
 
     use engineioxide_core::PacketBuf;
@@ -231,39 +231,19 @@ mod rx_stream {
 
     use crate::{
         queue::Queue,
-        socket::{InternalRx, Queued, VolatileSlot},
+        socket::{InternalRx, VolatileSlot},
     };
 
-    /// [`ReceiverStream`] is a stream that reads the socket's [`Queue`], as the reader holding
-    /// its [`InternalRx`] (behind a mutex).
-    pub struct ReceiverStream<'a> {
-        queue: &'a Queue,
-        reader: &'a mut InternalRx,
-    }
-
-    impl<'a> ReceiverStream<'a> {
-        pub fn new(queue: &'a Queue, reader: &'a mut InternalRx) -> Self {
-            Self { queue, reader }
-        }
-    }
-
-    impl Stream for ReceiverStream<'_> {
-        type Item = Queued;
-
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let this = &mut *self;
-            this.queue.poll_recv(this.reader, cx)
-        }
-    }
-
     pin_project! {
-        /// Combines the socket's [`VolatileSlot`] and a [`ReceiverStream`] into a single [`Stream`].
-        /// (Chatify patch, see vendor/README.md: the slot replaces a `watch` channel.)
+        /// Reads the socket's [`Queue`], as the reader holding its [`InternalRx`] (behind a
+        /// mutex), then its [`VolatileSlot`], as a single [`Stream`]. (Chatify patch, see
+        /// vendor/README.md: the queue and the slot replace an `mpsc` and a `watch` channel.)
         pub struct EncoderStream<'a> {
             #[pin]
             volatile_ready: Notified<'a>,
             volatile: &'a VolatileSlot,
-            rx: ReceiverStream<'a>,
+            queue: &'a Queue,
+            reader: &'a mut InternalRx,
         }
     }
 
@@ -274,9 +254,10 @@ mod rx_stream {
             volatile: &'a VolatileSlot,
         ) -> Self {
             Self {
-                rx: ReceiverStream::new(queue, reader),
                 volatile_ready: volatile.ready.notified(),
                 volatile,
+                queue,
+                reader,
             }
         }
     }
@@ -285,20 +266,13 @@ mod rx_stream {
         type Item = PacketBuf;
 
         fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let mut this = self.project();
-            // low priority: poll the rx stream first, then the volatile slot.
+            let this = self.project();
+            // low priority: poll the queue first, then the volatile slot.
             // same than with ws transport
-            if let Poll::Ready(v) = Pin::new(&mut *this.rx).poll_next(cx) {
+            if let Poll::Ready(v) = this.queue.poll_recv(this.reader, cx) {
                 return Poll::Ready(v.map(|boxed| *boxed));
             }
-            loop {
-                ready!(this.volatile_ready.as_mut().poll(cx));
-                this.volatile_ready.set(this.volatile.ready.notified());
-                // A wakeup whose buffer an earlier one took waits for the next.
-                if let Some(packets) = this.volatile.take() {
-                    return Poll::Ready(Some(packets));
-                }
-            }
+            this.volatile.poll_take(this.volatile_ready, cx).map(Some)
         }
     }
 }

@@ -412,13 +412,10 @@ where
             if self.cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            ready!(self.volatile.as_mut().poll(cx));
-            self.volatile.set(socket.volatile.ready.notified());
-            if let Some(packets) = socket.volatile.take() {
-                #[cfg(feature = "tracing")]
-                tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                self.batch = Some(Box::new(packets));
-            }
+            let packets = ready!(socket.volatile.poll_take(self.volatile.as_mut(), cx));
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+            self.batch = Some(Box::new(packets));
         }
     }
 
@@ -608,10 +605,9 @@ fn without_handshake(mut parts: Parts) -> Parts {
     ];
     let kept = parts
         .headers
-        .keys()
-        .filter(|name| !HANDSHAKE.contains(name))
-        .map(|name| parts.headers.get_all(name).iter().count())
-        .sum();
+        .iter()
+        .filter(|(name, _)| !HANDSHAKE.contains(name))
+        .count();
     let mut headers = http::HeaderMap::with_capacity(kept);
     for (name, value) in &parts.headers {
         if !HANDSHAKE.contains(name) {
