@@ -32,13 +32,18 @@ pub enum HarperError {
     Rejected { status: StatusCode, message: String },
     #[error("HarperDB failed ({status}): {message}")]
     Server { status: StatusCode, message: String },
+    /// HarperDB answered that the database or table does not exist. Right after a table is
+    /// created this is HarperDB's worker threads learning of it one at a time; later, someone
+    /// dropped it. Either way retrying is right: nothing is refused for good because of it.
+    #[error("HarperDB does not have the table ({status}): {message}")]
+    TableMissing { status: StatusCode, message: String },
     #[error("unexpected answer from HarperDB: {0}")]
     Decode(String),
 }
 
 impl HarperError {
-    /// Network trouble, server errors and refused credentials can pass; a 4xx rejection of the
-    /// request itself will not.
+    /// Network trouble, server errors, refused credentials and a table not (yet) there can
+    /// pass; a 4xx rejection of the request itself will not.
     pub fn is_transient(&self) -> bool {
         !matches!(self, Self::Rejected { .. } | Self::Decode(_))
     }
@@ -94,6 +99,20 @@ impl Record {
     }
 }
 
+/// Answers that the database or table is missing: `Table messages not found` (from a worker
+/// thread that has not seen a new table yet), `Table 'chatify.messages' does not exist`,
+/// `database 'chatify' does not exist`.
+fn is_missing_table(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    (lower.starts_with("table ") || lower.starts_with("database "))
+        && (lower.ends_with(" not found") || lower.ends_with(" does not exist"))
+}
+
+/// How often, and how far apart, a read is tried while HarperDB's threads learn of a new
+/// table (a few milliseconds in practice; a table that is really gone fails after a second).
+const MISSING_TABLE_TRIES: u32 = 20;
+const MISSING_TABLE_PAUSE: Duration = Duration::from_millis(50);
+
 /// Server errors that are refusals of the request, not failures of the server.
 fn is_refusal(message: &str) -> bool {
     ["is too large", "must be a", "Invalid"]
@@ -145,6 +164,7 @@ impl HarperDb {
             result,
             Err(HarperError::Unreachable(_)
                 | HarperError::Server { .. }
+                | HarperError::TableMissing { .. }
                 | HarperError::Unauthorized)
         );
         self.answering.store(!down, Ordering::Relaxed);
@@ -174,11 +194,28 @@ impl HarperDb {
             .unwrap_or_else(|| text.chars().take(300).collect());
         Err(match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => HarperError::Unauthorized,
+            _ if is_missing_table(&message) => HarperError::TableMissing { status, message },
             s if s.is_client_error() => HarperError::Rejected { status, message },
             // HarperDB answers 500 to some refusals of the request itself.
             _ if is_refusal(&message) => HarperError::Rejected { status, message },
             _ => HarperError::Server { status, message },
         })
+    }
+
+    /// A read: tried again for a moment while HarperDB answers that the table is missing, so
+    /// the first queries after a table's creation do not fail on a thread that has not
+    /// seen it yet.
+    async fn read(&self, body: &Value) -> Result<Value, HarperError> {
+        let mut tries = 1;
+        loop {
+            match self.operation(body).await {
+                Err(HarperError::TableMissing { .. }) if tries < MISSING_TABLE_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(MISSING_TABLE_PAUSE).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Creates the database and the table if missing. Safe to run from several persisters.
@@ -188,7 +225,7 @@ impl HarperDb {
             .await;
         match described {
             Ok(_) => return Ok(()),
-            Err(HarperError::Rejected { .. }) => {}
+            Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => {}
             Err(e) => return Err(e),
         }
         match self
@@ -228,7 +265,9 @@ impl HarperDb {
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(HarperError::Rejected { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -281,7 +320,7 @@ impl HarperDb {
         let wanted = query.limit as usize + 1;
         // `between` is inclusive: ask for the bounds too and drop them below.
         let answer = self
-            .operation(&json!({
+            .read(&json!({
                 "operation": "search_by_conditions",
                 "database": self.database,
                 "table": self.table,
@@ -344,5 +383,92 @@ mod tests {
             }
             .is_transient()
         );
+    }
+
+    #[test]
+    fn missing_tables_are_told_apart_from_refusals() {
+        for missing in [
+            "Table messages not found",
+            "Table 'chatify.messages' does not exist",
+            "database 'chatify' does not exist",
+        ] {
+            assert!(is_missing_table(missing), "{missing}");
+        }
+        for other in [
+            "Attribute 'x' was not found in 'chatify.messages'",
+            "Table 'chatify.messages' already exists",
+            "value for room must be a string",
+            "not found",
+        ] {
+            assert!(!is_missing_table(other), "{other}");
+        }
+    }
+
+    /// A fake operations API: answers `missing` "table not found" errors, then empty results.
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    async fn fake_harperdb(
+        missing: usize,
+    ) -> Result<(HarperDb, Arc<std::sync::atomic::AtomicUsize>), Box<dyn std::error::Error>> {
+        use axum::{Json, http::StatusCode as Code, routing::post};
+        use std::sync::atomic::AtomicUsize;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let app = axum::Router::new().route(
+            "/",
+            post(move || {
+                let call = seen.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if call < missing {
+                        (
+                            Code::BAD_REQUEST,
+                            Json(json!({"error": "Table messages not found"})),
+                        )
+                    } else {
+                        (Code::OK, Json(json!([])))
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let settings = HarperDbSettings {
+            url,
+            ..HarperDbSettings::default()
+        };
+        Ok((HarperDb::new(&settings)?, calls))
+    }
+
+    fn latest(room: &str) -> HistoryQuery {
+        HistoryQuery {
+            room: room.into(),
+            before: None,
+            after: None,
+            limit: 50,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_waits_for_a_table_that_a_thread_has_not_seen_yet() -> TestResult {
+        let (db, calls) = fake_harperdb(3).await?;
+        let page = db.history(&latest("r")).await?;
+        assert!(page.messages.is_empty() && !page.has_more);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(db.answering());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_table_that_stays_missing_is_reported_as_missing() -> TestResult {
+        let (db, calls) = fake_harperdb(usize::MAX).await?;
+        let Err(e) = db.history(&latest("r")).await else {
+            panic!("a table that is never there gave an answer");
+        };
+        assert!(matches!(e, HarperError::TableMissing { .. }), "{e}");
+        assert!(e.is_transient());
+        assert_eq!(calls.load(Ordering::SeqCst), MISSING_TABLE_TRIES as usize);
+        assert!(!db.answering());
+        Ok(())
     }
 }

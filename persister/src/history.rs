@@ -179,6 +179,7 @@ async fn uncached(
             status: match e {
                 HarperError::Unreachable(_)
                 | HarperError::Server { .. }
+                | HarperError::TableMissing { .. }
                 | HarperError::Unauthorized => "message history is unavailable".into(),
                 other => format!("history query failed: {other}"),
             },
