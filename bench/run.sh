@@ -221,7 +221,7 @@ say "starting Chatify (NATS, HarperDB, persister, two gateways) in $chatify_dir"
   chatify_up nats harperdb persister gateway1 gateway2
 )
 G1=$(chatify CHATIFY_GATEWAY1_URL) G2=$(chatify CHATIFY_GATEWAY2_URL)
-PERSISTER_URL=$(chatify CHATIFY_PERSISTER_URL)
+PERSISTER_URL=$(chatify CHATIFY_PERSISTER_URL) NATS_URL=$(chatify CHATIFY_NATS_URL)
 
 say "starting the reference peer: one process, and two with Redis"
 start_ref 1
@@ -348,7 +348,11 @@ if wants persister; then
   ((lag_rate < 10)) && lag_rate=10
   senders=$(((lag_rate + 9) / 10))
   echo "  lag at $lag_rate messages/s ($senders senders)" >&2
+  # Twice: published straight into JetStream (the persister alone, as in the drain), and sent
+  # by WebSocket clients through the gateways (the whole path sharing the cores).
   for ((rep = 1; rep <= repeats; rep++)); do
+    run_one chatify persister-lag-js "$rep" with_db lg_free persister --url "$G1" --nats-url "$NATS_URL" \
+      --persister-url "$PERSISTER_URL" --senders "$senders" --rate "$lag_rate" --duration "$PLAG_DURATION" --warmup 0 || true
     run_one chatify persister-lag "$rep" with_db lg_free persister --url "$G1" --url "$G2" \
       --persister-url "$PERSISTER_URL" --senders "$senders" --rate "$lag_rate" --duration "$PLAG_DURATION" --warmup 0 || true
   done

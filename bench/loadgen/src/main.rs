@@ -5,6 +5,7 @@
 mod client;
 mod harper;
 mod proto;
+mod publish;
 mod report;
 mod scenario;
 mod stats;
@@ -128,6 +129,11 @@ enum Command {
         /// Seconds to wait for everything to be stored.
         #[arg(long, default_value_t = 120.0)]
         store_timeout: f64,
+        /// Publish straight into JetStream at this NATS URL, as a gateway stores a send,
+        /// instead of sending through the gateways (`--url` and `--senders` then only name the
+        /// rooms): the persister's own lag, without clients and gateways on the same cores.
+        #[arg(long)]
+        nats_url: Option<String>,
     },
     /// Inserts the persister's record shape straight into HarperDB: the write ceiling.
     HarperdbDirect {
@@ -278,6 +284,7 @@ fn main() -> anyhow::Result<()> {
                 pause_cmd,
                 resume_cmd,
                 store_timeout,
+                nats_url,
             } => {
                 scenario::persister(scenario::PersisterArgs {
                     common,
@@ -290,6 +297,7 @@ fn main() -> anyhow::Result<()> {
                     pause_cmd,
                     resume_cmd,
                     store_timeout,
+                    nats_url,
                 })
                 .await
             }

@@ -705,6 +705,7 @@ pub struct PersisterArgs {
     pub pause_cmd: Option<String>,
     pub resume_cmd: Option<String>,
     pub store_timeout: f64,
+    pub nats_url: Option<String>,
 }
 
 async fn shell(cmd: &str) -> anyhow::Result<()> {
@@ -739,18 +740,28 @@ pub async fn persister(a: PersisterArgs) -> anyhow::Result<Value> {
         .map(|r| Arc::from(format!("{run}-p{r}")))
         .collect();
     let (sink, mut acked_rx) = mpsc::unbounded_channel::<AckedSend>();
-    let fleet = Fleet::spawn(
-        common,
-        &stats,
-        a.senders,
-        |i| i,
-        |i| room_names[i % rooms].clone(),
-        a.load.size,
-        Some(sink),
-    )?;
-    fleet
-        .wait_joined(a.senders as u64, Duration::from_secs(120))
-        .await?;
+    // Either WebSocket senders through the gateways, or one publisher straight into JetStream.
+    let (fleet, publisher) = match &a.nats_url {
+        None => {
+            let fleet = Fleet::spawn(
+                common,
+                &stats,
+                a.senders,
+                |i| i,
+                |i| room_names[i % rooms].clone(),
+                a.load.size,
+                Some(sink),
+            )?;
+            fleet
+                .wait_joined(a.senders as u64, Duration::from_secs(120))
+                .await?;
+            (Some(fleet), None)
+        }
+        Some(url) => (
+            None,
+            Some(crate::publish::start(url, &stats, a.load.size, sink).await?),
+        ),
+    };
     if let Some(cmd) = &a.pause_cmd {
         mon.phase("pausing");
         shell(cmd).await?;
@@ -792,20 +803,29 @@ pub async fn persister(a: PersisterArgs) -> anyhow::Result<Value> {
     let window = Window::open(common, &stats, ticks);
     let started = Instant::now();
     let first_due = now_ns();
-    let per_room = a.senders.div_ceil(rooms);
     paced(a.load.rate, a.load.duration, |k, due| {
         // Round-robin over all senders, each sending in its own room.
-        let i = (k % a.senders as u64) as usize;
-        let _ = per_room;
-        fleet.cmd(
-            i,
-            Cmd::Send {
-                room: room_names[i % rooms].clone(),
+        let i = (k % a.senders.max(1) as u64) as usize;
+        let room = room_names[i % rooms].clone();
+        if let Some(fleet) = &fleet {
+            fleet.cmd(
+                i,
+                Cmd::Send {
+                    room,
+                    sched_ns: due,
+                },
+            );
+        } else if let Some(publisher) = &publisher {
+            // Counted here, so the wait for acks below never sees a send still queued.
+            Stats::inc(&stats.sent);
+            let _ = publisher.send(crate::publish::Due {
+                room,
                 sched_ns: due,
-            },
-        );
+            });
+        }
     })
     .await;
+    drop(publisher);
     let send_secs = started.elapsed().as_secs_f64();
     mon.phase("waiting for acks");
     wait_for(Duration::from_secs_f64(common.drain), || {
@@ -889,12 +909,18 @@ pub async fn persister(a: PersisterArgs) -> anyhow::Result<Value> {
         json!({
             "senders": a.senders, "rooms": rooms, "rate": a.load.rate, "size": a.load.size,
             "duration_s": a.load.duration, "backlog": a.pause_cmd.is_some(), "run_id": run,
+            "through": if a.nats_url.is_some() { "jetstream" } else { "gateways" },
         }),
         Stats::get(&stats.connected),
         &window,
         send_secs,
         counts,
-        counts.acked,
+        // Published straight into JetStream nobody listens in the rooms.
+        if a.nats_url.is_some() {
+            0
+        } else {
+            counts.acked
+        },
         &mon,
         ticks,
     );
