@@ -31,9 +31,9 @@ struct InFlight {
 }
 
 /// Connects to NATS and starts the publishing task: every [`Due`] sent to the returned channel
-/// (and counted as sent by the caller) is published to its room's store subject; each JetStream ack counts as an acked send (with
-/// the message id the gateway would have answered) and goes to `sink`. The task ends when the
-/// channel is closed and every ack is in.
+/// (and counted as sent by the caller) is published to its room's store subject; each
+/// JetStream ack counts as an acked send (with the message id a gateway would have answered)
+/// and goes to `sink`. The task ends when the channel is closed and every ack is in.
 pub async fn start(
     url: &str,
     stats: &Arc<Stats>,

@@ -915,7 +915,7 @@ pub async fn persister(a: PersisterArgs) -> anyhow::Result<Value> {
         &window,
         send_secs,
         counts,
-        // Published straight into JetStream nobody listens in the rooms.
+        // Published straight into JetStream: nobody is in the rooms to receive them.
         if a.nats_url.is_some() {
             0
         } else {
