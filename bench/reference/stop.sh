@@ -17,11 +17,13 @@ alive() {
 
 # stop PIDFILE EXPECTED: stops the pid in PIDFILE if its command line contains EXPECTED.
 stop() {
-  local file=$1 expected=$2 pid
+  local file=$1 expected=$2 pid cmdline
   [[ -e $file ]] || return 0
   pid=$(cat "$file")
+  # The command line is read whole, not piped into `grep -q`, whose early exit could kill tr
+  # with SIGPIPE and, under pipefail, fail the test for a process that is there.
   if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" &&
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$expected"; then
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) && [[ $cmdline == *"$expected"* ]]; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 50); do
       alive "$pid" || break

@@ -445,12 +445,15 @@ group_members() {
 
 # True when PID is alive and is this run dir's NAME process, not a recycled PID.
 pid_is_component() {
-  local name=$1 pid=$2 cmdline
+  local name=$1 pid=$2 cmdline environ
   pid_alive "$pid" || return 1
   cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
   [[ $cmdline == *"$(component_program "$name")"* ]] || return 1
   if [[ -r /proc/$pid/environ ]]; then
-    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "$CHATIFY_MARKER_VAR=$CHATIFY_RUN_DIR" || return 1
+    # Read whole, then searched: piped into `grep -q`, which stops at the first match, tr may
+    # die of SIGPIPE on a large environment, and pipefail would report a running process gone.
+    environ=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null) || return 1
+    grep -qxF "$CHATIFY_MARKER_VAR=$CHATIFY_RUN_DIR" <<<"$environ" || return 1
   fi
   return 0
 }
