@@ -63,7 +63,7 @@ case $mode in
     ROOM_MEMBERS=20 ROOM_RATES=(4) ROOM_HI=8 ROOM_ARGS=(--duration 2 --warmup 0.5)
     ROOMS2=(--rooms 5 --members 4 --rate 20 --duration 2 --warmup 0.5)
     INTEREST=(--rooms 4 --members 3 --rate 10 --duration 2 --warmup 0.5) BG=(--bg-rooms 20 --bg-rate 20)
-    DIRECT=(--records 2000)
+    DIRECT=(--records 2000 --rooms 20)
     PMAX=(--senders 20 --rate 200 --duration 2) PLAG_DURATION=2 PLAG_MAX=100
     HIST_SEED=500 HIST_REF_SEED=100 HIST=(--rate 20 --duration 2)
     ;;
@@ -72,7 +72,7 @@ case $mode in
     ROOM_MEMBERS=1000 ROOM_RATES=(5 10 20 40 60 80 100 120) ROOM_HI=20 ROOM_ARGS=(--duration 8 --warmup 2)
     ROOMS2=(--rooms 100 --members 10 --rate 1000 --duration 10 --warmup 2)
     INTEREST=(--rooms 100 --members 10 --rate 500 --duration 10 --warmup 2) BG=(--bg-rooms 9900 --bg-rate 2000)
-    DIRECT=(--records 100000)
+    DIRECT=(--records 100000 --rooms 1000)
     PMAX=(--senders 1000 --rate 10000 --duration 8) PLAG_DURATION=10 PLAG_MAX=10000
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 15 --conns 50)
     ;;
@@ -81,7 +81,7 @@ case $mode in
     ROOM_MEMBERS=1000 ROOM_RATES=(5 10 20 40 60 80 100 120) ROOM_HI=20 ROOM_ARGS=(--duration 15 --warmup 3)
     ROOMS2=(--rooms 100 --members 10 --rate 1000 --duration 15 --warmup 3)
     INTEREST=(--rooms 100 --members 10 --rate 500 --duration 15 --warmup 3) BG=(--bg-rooms 9900 --bg-rate 2000)
-    DIRECT=(--records 100000)
+    DIRECT=(--records 100000 --rooms 1000)
     PMAX=(--senders 1000 --rate 10000 --duration 10) PLAG_DURATION=15 PLAG_MAX=10000
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 20 --conns 50)
     ;;
@@ -324,7 +324,11 @@ if wants persister; then
   server_pids_free
   say "4. persister: HarperDB direct inserts (batch 500), the persister draining a backlog, and lag at half that rate"
   for ((rep = 1; rep <= repeats; rep++)); do
-    run_one chatify direct "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" --batch 500 || true
+    # The persister's workload: its batch size, as many rooms as the drain's senders, and as many
+    # batches in flight as it keeps (BATCHES_IN_FLIGHT in persister/src/writer.rs), so each has
+    # the same chance of HarperDB's two threads sharing its connections.
+    run_one chatify direct "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
+      --batch 500 --concurrency 4 || true
     if [[ $mode == smoke ]]; then
       # No restart in the smoke run: sends acked, then stored (the lag path).
       run_one chatify persister-max "$rep" with_db lg_free persister --url "$G1" --url "$G2" \

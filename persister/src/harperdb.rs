@@ -9,7 +9,7 @@
 //! writes fast.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chatify_shared::config::HarperDbSettings;
@@ -57,6 +57,9 @@ pub struct HarperDb {
     /// Whether HarperDB answered the last operation (shared by the clones): history answered
     /// from memory is given only while it does (see [`HarperDb::answering`]).
     answering: Arc<AtomicBool>,
+    /// Requests sent (shared by the clones), so that every [`RECONNECT_EVERY`]th closes its
+    /// connection and the pool opens a fresh one.
+    requests: Arc<AtomicU64>,
     url: String,
     username: String,
     password: SecretString,
@@ -133,6 +136,15 @@ fn sequence_key(sequence: u64) -> String {
 /// The first character after every hex digit in byte order: the upper end of a room's keys.
 const KEY_RANGE_END: &str = "~";
 
+/// Every this many requests one asks HarperDB to close its connection after answering. Its
+/// worker threads each accept from a `SO_REUSEPORT` socket, so the kernel's hash of the address
+/// pair ties a keep-alive connection to one thread for life; when all the pool's connections
+/// hash to the same thread, the other idles and writes run at half speed (measured: 8,000
+/// instead of 16,000 messages/s). A fresh connection is hashed anew, so no such draw lasts
+/// more than a few seconds; at a few dozen requests a second a loopback handshake every 64 costs
+/// nothing measurable.
+const RECONNECT_EVERY: u64 = 64;
+
 impl HarperDb {
     pub fn new(settings: &HarperDbSettings) -> Result<Self, HarperError> {
         let http = reqwest::Client::builder()
@@ -144,6 +156,7 @@ impl HarperDb {
         Ok(Self {
             http,
             answering: Arc::new(AtomicBool::new(true)),
+            requests: Arc::new(AtomicU64::new(0)),
             url: settings.url.trim_end_matches('/').to_owned(),
             username: settings.username.clone(),
             password: settings.password.clone(),
@@ -172,10 +185,14 @@ impl HarperDb {
     }
 
     async fn operation_once(&self, body: &Value) -> Result<Value, HarperError> {
-        let response = self
+        let mut request = self
             .http
             .post(&self.url)
-            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .basic_auth(&self.username, Some(self.password.expose_secret()));
+        if self.requests.fetch_add(1, Ordering::Relaxed) % RECONNECT_EVERY == RECONNECT_EVERY - 1 {
+            request = request.header(reqwest::header::CONNECTION, "close");
+        }
+        let response = request
             .json(body)
             .send()
             .await
@@ -351,6 +368,8 @@ impl HarperDb {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]
@@ -404,40 +423,63 @@ mod tests {
         }
     }
 
-    /// A fake operations API: answers `missing` "table not found" errors, then empty results.
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+    /// What the fake operations API saw: the requests, and the connections they came on.
+    #[derive(Default)]
+    struct Seen {
+        calls: std::sync::atomic::AtomicUsize,
+        peers: std::sync::Mutex<HashSet<std::net::SocketAddr>>,
+    }
+
+    impl Seen {
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn connections(&self) -> usize {
+            self.peers.lock().map(|p| p.len()).unwrap_or(0)
+        }
+    }
+
+    /// A fake operations API: answers `missing` "table not found" errors, then empty results.
     async fn fake_harperdb(
         missing: usize,
-    ) -> Result<(HarperDb, Arc<std::sync::atomic::AtomicUsize>), Box<dyn std::error::Error>> {
+    ) -> Result<(HarperDb, Arc<Seen>), Box<dyn std::error::Error>> {
+        use axum::extract::ConnectInfo;
         use axum::{Json, http::StatusCode as Code, routing::post};
-        use std::sync::atomic::AtomicUsize;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let seen = calls.clone();
+        let seen = Arc::new(Seen::default());
+        let recorder = seen.clone();
         let app = axum::Router::new().route(
             "/",
-            post(move || {
-                let call = seen.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if call < missing {
-                        (
-                            Code::BAD_REQUEST,
-                            Json(json!({"error": "Table messages not found"})),
-                        )
-                    } else {
-                        (Code::OK, Json(json!([])))
+            post(
+                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| {
+                    let call = recorder.calls.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(mut peers) = recorder.peers.lock() {
+                        peers.insert(peer);
                     }
-                }
-            }),
+                    async move {
+                        if call < missing {
+                            (
+                                Code::BAD_REQUEST,
+                                Json(json!({"error": "Table messages not found"})),
+                            )
+                        } else {
+                            (Code::OK, Json(json!([])))
+                        }
+                    }
+                },
+            ),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tokio::spawn(async move { axum::serve(listener, service).await });
         let settings = HarperDbSettings {
             url,
             ..HarperDbSettings::default()
         };
-        Ok((HarperDb::new(&settings)?, calls))
+        Ok((HarperDb::new(&settings)?, seen))
     }
 
     fn latest(room: &str) -> HistoryQuery {
@@ -451,24 +493,36 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_waits_for_a_table_that_a_thread_has_not_seen_yet() -> TestResult {
-        let (db, calls) = fake_harperdb(3).await?;
+        let (db, seen) = fake_harperdb(3).await?;
         let page = db.history(&latest("r")).await?;
         assert!(page.messages.is_empty() && !page.has_more);
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(seen.calls(), 4);
         assert!(db.answering());
         Ok(())
     }
 
     #[tokio::test]
     async fn a_table_that_stays_missing_is_reported_as_missing() -> TestResult {
-        let (db, calls) = fake_harperdb(usize::MAX).await?;
+        let (db, seen) = fake_harperdb(usize::MAX).await?;
         let Err(e) = db.history(&latest("r")).await else {
             panic!("a table that is never there gave an answer");
         };
         assert!(matches!(e, HarperError::TableMissing { .. }), "{e}");
         assert!(e.is_transient());
-        assert_eq!(calls.load(Ordering::SeqCst), MISSING_TABLE_TRIES as usize);
+        assert_eq!(seen.calls(), MISSING_TABLE_TRIES as usize);
         assert!(!db.answering());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn connections_are_replaced_now_and_then() -> TestResult {
+        let (db, seen) = fake_harperdb(0).await?;
+        // One at a time, so the pool keeps one connection; each RECONNECT_EVERYth closes it.
+        for _ in 0..3 * RECONNECT_EVERY {
+            db.history(&latest("r")).await?;
+        }
+        assert_eq!(seen.calls(), 3 * RECONNECT_EVERY as usize);
+        assert_eq!(seen.connections(), 3);
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! The scenarios: connect a fleet, drive it, read the servers' /proc figures, summarise.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -969,11 +969,11 @@ pub async fn harperdb_direct(
     let batch = batch.max(1);
     let rooms = rooms.max(1);
     // Records are built before the clock starts: the figure is HarperDB's, not ours.
-    let mut batches: Vec<Vec<Value>> = Vec::new();
+    let mut batches: VecDeque<Vec<Value>> = VecDeque::new();
     let mut made = 0;
     while made < records {
         let n = batch.min(records - made);
-        batches.push(
+        batches.push_back(
             (made..made + n)
                 .map(|i| harper::record(&format!("{run}-p{}", i % rooms), i as u64 + 1, &text))
                 .collect(),
@@ -996,7 +996,8 @@ pub async fn harperdb_direct(
         workers.push(tokio::spawn(async move {
             let mut done = 0usize;
             loop {
-                let next = q.lock().ok().and_then(|mut q| q.pop());
+                // In order, as the persister stores a stream: keys ascend within each room.
+                let next = q.lock().ok().and_then(|mut q| q.pop_front());
                 let Some(b) = next else { break };
                 let t0 = Instant::now();
                 done += h.insert(&dbn, &t, b).await?;
