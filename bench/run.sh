@@ -329,6 +329,13 @@ if wants persister; then
     # the same chance of HarperDB's two threads sharing its connections.
     run_one chatify direct "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
       --batch 500 --concurrency 4 || true
+    # For comparison, fewer in flight, each into a table of its own (tables slow as they grow):
+    # one HarperDB thread, and two connections, which the kernel puts on separate threads half
+    # the time (then HarperDB's best), on one the other half (then its worst).
+    for c in 1 2; do
+      run_one chatify "direct-c$c" "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
+        --batch 500 --concurrency "$c" --direct-table "bench_direct_c$c" || true
+    done
     if [[ $mode == smoke ]]; then
       # No restart in the smoke run: sends acked, then stored (the lag path).
       run_one chatify persister-max "$rep" with_db lg_free persister --url "$G1" --url "$G2" \
