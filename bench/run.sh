@@ -325,13 +325,14 @@ if wants persister; then
   say "4. persister: HarperDB direct inserts (batch 500), the persister draining a backlog, and lag at half that rate"
   for ((rep = 1; rep <= repeats; rep++)); do
     # The persister's workload: its batch size, as many rooms as the drain's senders, and as many
-    # batches in flight as it keeps (BATCHES_IN_FLIGHT in persister/src/writer.rs), so each has
-    # the same chance of HarperDB's two threads sharing its connections.
+    # batches in flight as it keeps (BATCHES_IN_FLIGHT in persister/src/writer.rs); both clients
+    # replace a connection every 64 requests, so both get the same draws of HarperDB's threads.
     run_one chatify direct "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
       --batch 500 --concurrency 4 || true
-    # For comparison, fewer in flight, each into a table of its own (tables slow as they grow):
-    # one HarperDB thread, and two connections, which the kernel puts on separate threads half
-    # the time (then HarperDB's best), on one the other half (then its worst).
+    # For comparison, fewer in flight, each into a table of its own that grows by as much per
+    # repeat as the ceiling's (inserts slow as a table grows): one HarperDB thread, and two
+    # connections, which the kernel puts on separate threads half the time (then HarperDB's
+    # best) and on one the other half (then its worst).
     for c in 1 2; do
       run_one chatify "direct-c$c" "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
         --batch 500 --concurrency "$c" --direct-table "bench_direct_c$c" || true

@@ -23,7 +23,8 @@ stop() {
   # The command line is read whole, not piped into `grep -q`, whose early exit could kill tr
   # with SIGPIPE and, under pipefail, fail the test for a process that is there.
   if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" &&
-    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) && [[ $cmdline == *"$expected"* ]]; then
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) &&
+    [[ $cmdline == *"$expected"* ]]; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 50); do
       alive "$pid" || break

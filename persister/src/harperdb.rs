@@ -139,8 +139,8 @@ const KEY_RANGE_END: &str = "~";
 /// Every this many requests one asks HarperDB to close its connection after answering. Its
 /// worker threads each accept from a `SO_REUSEPORT` socket, so the kernel's hash of the address
 /// pair ties a keep-alive connection to one thread for life; when all the pool's connections
-/// hash to the same thread, the other idles and writes run at half speed (measured: 8,000
-/// instead of 16,000 messages/s). A fresh connection is hashed anew, so no such draw lasts
+/// hash to the same thread, the other idles and writes run at half speed or less (about 7,000
+/// instead of 15,000–18,000 messages/s; bench/PROFILE.md section 4). A fresh connection is hashed anew, so no such draw lasts
 /// more than a few seconds; at a few dozen requests a second a loopback handshake every 64 costs
 /// nothing measurable.
 const RECONNECT_EVERY: u64 = 64;
@@ -425,11 +425,13 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    /// What the fake operations API saw: the requests, and the connections they came on.
+    /// What the fake operations API saw: the requests, the connections they came on, and which
+    /// requests (counted from 0) asked for their connection to be closed.
     #[derive(Default)]
     struct Seen {
         calls: std::sync::atomic::AtomicUsize,
         peers: std::sync::Mutex<HashSet<std::net::SocketAddr>>,
+        closing: std::sync::Mutex<Vec<usize>>,
     }
 
     impl Seen {
@@ -439,6 +441,10 @@ mod tests {
 
         fn connections(&self) -> usize {
             self.peers.lock().map(|p| p.len()).unwrap_or(0)
+        }
+
+        fn closing(&self) -> Vec<usize> {
+            self.closing.lock().map(|c| c.clone()).unwrap_or_default()
         }
     }
 
@@ -453,10 +459,17 @@ mod tests {
         let app = axum::Router::new().route(
             "/",
             post(
-                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| {
+                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+                      headers: axum::http::HeaderMap| {
                     let call = recorder.calls.fetch_add(1, Ordering::SeqCst);
                     if let Ok(mut peers) = recorder.peers.lock() {
                         peers.insert(peer);
+                    }
+                    let close = headers
+                        .get(axum::http::header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                    if let (true, Ok(mut closing)) = (close, recorder.closing.lock()) {
+                        closing.push(call);
                     }
                     async move {
                         if call < missing {
@@ -522,7 +535,17 @@ mod tests {
             db.history(&latest("r")).await?;
         }
         assert_eq!(seen.calls(), 3 * RECONNECT_EVERY as usize);
-        assert_eq!(seen.connections(), 3);
+        let every = RECONNECT_EVERY as usize;
+        assert_eq!(
+            seen.closing(),
+            vec![every - 1, 2 * every - 1, 3 * every - 1]
+        );
+        // At least one connection per closed one; the pool may open a spare now and then.
+        assert!(
+            seen.connections() >= 3,
+            "{} connections",
+            seen.connections()
+        );
         Ok(())
     }
 }

@@ -95,9 +95,10 @@ async fn ack(message: &jetstream::Message) {
 /// Batches written at once, each on its own keep-alive connection. HarperDB's worker threads
 /// take connections by the kernel's hash of the address pair (SO_REUSEPORT), so with two
 /// connections both land on one thread half the time and the other thread idles (a backlog
-/// drained at 8,000 instead of 18,000 messages/s in the 2026-12-02 measurements); with four,
-/// all on one thread is one chance in eight, and the client replaces a connection now and then
-/// (`RECONNECT_EVERY` in harperdb.rs) so that such a draw does not last. Storage keys are stream sequences, so the order batches land in changes
+/// drained at about 7,000 instead of 15,000–18,000 messages/s in the 2026-12-02 measurements,
+/// bench/PROFILE.md section 4); with four, all on one thread is one chance in eight, and the
+/// client replaces a connection now and then (`RECONNECT_EVERY` in harperdb.rs) so that such a
+/// draw does not last. Storage keys are stream sequences, so the order batches land in changes
 /// nothing a reader sees. bench/run.sh measures HarperDB's own ceiling with as many requests in
 /// flight (`harperdb-direct --concurrency 4`): change both together.
 const BATCHES_IN_FLIGHT: usize = 4;

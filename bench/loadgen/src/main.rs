@@ -143,11 +143,13 @@ enum Command {
         records: usize,
         #[arg(long, default_value_t = 500)]
         batch: usize,
-        #[arg(long, default_value_t = 1)]
+        /// Requests in flight (the persister keeps 4).
+        #[arg(long, default_value_t = 4)]
         concurrency: usize,
         #[arg(long, default_value_t = 100)]
         size: usize,
-        #[arg(long, default_value_t = 20)]
+        /// Rooms the records are spread over, in turn (the drain's 1,000 senders each have one).
+        #[arg(long, default_value_t = 1000)]
         rooms: usize,
         /// Table to write (created with the persister's schema).
         #[arg(long, default_value = "bench_direct")]
