@@ -140,9 +140,9 @@ const KEY_RANGE_END: &str = "~";
 /// worker threads each accept from a `SO_REUSEPORT` socket, so the kernel's hash of the address
 /// pair ties a keep-alive connection to one thread for life; when all the pool's connections
 /// hash to the same thread, the other idles and writes run at half speed or less (about 7,000
-/// instead of 15,000–18,000 messages/s; bench/PROFILE.md section 4). A fresh connection is hashed anew, so no such draw lasts
-/// more than a few seconds; at a few dozen requests a second a loopback handshake every 64 costs
-/// nothing measurable.
+/// instead of 15,000–18,000 messages/s; bench/PROFILE.md section 4). A fresh connection is
+/// hashed anew, so no such draw lasts more than a few seconds; at a few dozen requests a second
+/// a loopback handshake every 64 costs nothing measurable.
 const RECONNECT_EVERY: u64 = 64;
 
 impl HarperDb {
