@@ -325,18 +325,14 @@ if wants persister; then
   say "4. persister: HarperDB direct inserts (batch 500), the persister draining a backlog, and lag at half that rate"
   for ((rep = 1; rep <= repeats; rep++)); do
     # The persister's workload: its batch size, as many rooms as the drain's senders, and as many
-    # batches in flight as it keeps (BATCHES_IN_FLIGHT in persister/src/writer.rs); both clients
-    # replace a connection every 64 requests, so both get the same draws of HarperDB's threads.
+    # connections as its writer (persister.write_connections, 2), one insert at a time on each,
+    # kept on different HarperDB threads by the same policy (persister/src/spread.rs).
     run_one chatify direct "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
-      --batch 500 --concurrency 4 || true
-    # For comparison, fewer in flight, each into a table of its own that grows by as much per
-    # repeat as the ceiling's (inserts slow as a table grows): one HarperDB thread, and two
-    # connections, which the kernel puts on separate threads half the time (then HarperDB's
-    # best) and on one the other half (then its worst).
-    for c in 1 2; do
-      run_one chatify "direct-c$c" "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
-        --batch 500 --concurrency "$c" --direct-table "bench_direct_c$c" || true
-    done
+      --batch 500 --concurrency 2 || true
+    # For comparison, one connection (one HarperDB thread), into a table of its own that grows by
+    # as much per repeat as the ceiling's (inserts slow as a table grows).
+    run_one chatify direct-c1 "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
+      --batch 500 --concurrency 1 --direct-table bench_direct_c1 || true
     if [[ $mode == smoke ]]; then
       # No restart in the smoke run: sends acked, then stored (the lag path).
       run_one chatify persister-max "$rep" with_db lg_free persister --url "$G1" --url "$G2" \

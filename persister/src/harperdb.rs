@@ -9,7 +9,7 @@
 //! writes fast.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chatify_shared::config::HarperDbSettings;
@@ -20,6 +20,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+use crate::spread::CONNECTION_IDLE;
 
 /// Why an operation failed; [`HarperError::is_transient`] tells whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +59,8 @@ pub struct HarperDb {
     /// Whether HarperDB answered the last operation (shared by the clones): history answered
     /// from memory is given only while it does (see [`HarperDb::answering`]).
     answering: Arc<AtomicBool>,
-    /// Requests sent (shared by the clones), so that every [`RECONNECT_EVERY`]th closes its
-    /// connection and the pool opens a fresh one.
-    requests: Arc<AtomicU64>,
+    /// Each request's limit, for the clients [`HarperDb::dedicated`] builds.
+    timeout: Duration,
     url: String,
     username: String,
     password: SecretString,
@@ -136,32 +137,44 @@ fn sequence_key(sequence: u64) -> String {
 /// The first character after every hex digit in byte order: the upper end of a room's keys.
 const KEY_RANGE_END: &str = "~";
 
-/// Every this many requests one asks HarperDB to close its connection after answering. Its
-/// worker threads each accept from a `SO_REUSEPORT` socket, so the kernel's hash of the address
-/// pair ties a keep-alive connection to one thread for life; when all the pool's connections
-/// hash to the same thread, the other idles and writes run at half speed or less (about 7,000
-/// instead of 15,000–18,000 messages/s; bench/PROFILE.md section 4). A fresh connection is
-/// hashed anew, so no such draw lasts more than a few seconds; at a few dozen requests a second
-/// a loopback handshake every 64 costs nothing measurable.
-const RECONNECT_EVERY: u64 = 64;
+/// A client for the operations API keeping at most `idle_connections` idle connections open.
+fn client(
+    timeout: Duration,
+    idle_connections: usize,
+    idle_timeout: Duration,
+) -> Result<reqwest::Client, HarperError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(idle_connections)
+        .build()
+        .map_err(|e| HarperError::Unreachable(e.without_url()))
+}
 
 impl HarperDb {
     pub fn new(settings: &HarperDbSettings) -> Result<Self, HarperError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| HarperError::Unreachable(e.without_url()))?;
+        let timeout = Duration::from_millis(settings.timeout_ms);
         Ok(Self {
-            http,
+            http: client(timeout, usize::MAX, Duration::from_secs(30))?,
             answering: Arc::new(AtomicBool::new(true)),
-            requests: Arc::new(AtomicU64::new(0)),
+            timeout,
             url: settings.url.trim_end_matches('/').to_owned(),
             username: settings.username.clone(),
             password: settings.password.clone(),
             database: settings.database.clone(),
             table: settings.table.clone(),
+        })
+    }
+
+    /// The same client on a connection of its own: used one request at a time, it keeps one
+    /// keep-alive connection (closed after [`CONNECTION_IDLE`] idle, before HarperDB would),
+    /// so the HarperDB thread that connection landed on serves all its requests. Calling it
+    /// again is how a writer lane reconnects (see [`crate::spread`]).
+    pub fn dedicated(&self) -> Result<Self, HarperError> {
+        Ok(Self {
+            http: client(self.timeout, 1, CONNECTION_IDLE)?,
+            ..self.clone()
         })
     }
 
@@ -185,14 +198,10 @@ impl HarperDb {
     }
 
     async fn operation_once(&self, body: &Value) -> Result<Value, HarperError> {
-        let mut request = self
+        let response = self
             .http
             .post(&self.url)
-            .basic_auth(&self.username, Some(self.password.expose_secret()));
-        if self.requests.fetch_add(1, Ordering::Relaxed) % RECONNECT_EVERY == RECONNECT_EVERY - 1 {
-            request = request.header(reqwest::header::CONNECTION, "close");
-        }
-        let response = request
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
             .json(body)
             .send()
             .await
@@ -425,13 +434,11 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    /// What the fake operations API saw: the requests, the connections they came on, and which
-    /// requests (counted from 0) asked for their connection to be closed.
+    /// What the fake operations API saw: the requests and the connections they came on.
     #[derive(Default)]
     struct Seen {
         calls: std::sync::atomic::AtomicUsize,
         peers: std::sync::Mutex<HashSet<std::net::SocketAddr>>,
-        closing: std::sync::Mutex<Vec<usize>>,
     }
 
     impl Seen {
@@ -439,12 +446,8 @@ mod tests {
             self.calls.load(Ordering::SeqCst)
         }
 
-        fn connections(&self) -> usize {
-            self.peers.lock().map(|p| p.len()).unwrap_or(0)
-        }
-
-        fn closing(&self) -> Vec<usize> {
-            self.closing.lock().map(|c| c.clone()).unwrap_or_default()
+        fn peers(&self) -> HashSet<std::net::SocketAddr> {
+            self.peers.lock().map(|p| p.clone()).unwrap_or_default()
         }
     }
 
@@ -459,17 +462,10 @@ mod tests {
         let app = axum::Router::new().route(
             "/",
             post(
-                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
-                      headers: axum::http::HeaderMap| {
+                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| {
                     let call = recorder.calls.fetch_add(1, Ordering::SeqCst);
                     if let Ok(mut peers) = recorder.peers.lock() {
                         peers.insert(peer);
-                    }
-                    let close = headers
-                        .get(axum::http::header::CONNECTION)
-                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                    if let (true, Ok(mut closing)) = (close, recorder.closing.lock()) {
-                        closing.push(call);
                     }
                     async move {
                         if call < missing {
@@ -528,24 +524,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_are_replaced_now_and_then() -> TestResult {
+    async fn a_dedicated_client_keeps_its_connection_until_it_is_replaced() -> TestResult {
         let (db, seen) = fake_harperdb(0).await?;
-        // One at a time, so the pool keeps one connection; each RECONNECT_EVERYth closes it.
-        for _ in 0..3 * RECONNECT_EVERY {
-            db.history(&latest("r")).await?;
+        let lane = db.dedicated()?;
+        for _ in 0..20 {
+            lane.history(&latest("r")).await?;
         }
-        assert_eq!(seen.calls(), 3 * RECONNECT_EVERY as usize);
-        let every = RECONNECT_EVERY as usize;
-        assert_eq!(
-            seen.closing(),
-            vec![every - 1, 2 * every - 1, 3 * every - 1]
-        );
-        // At least one connection per closed one; the pool may open a spare now and then.
-        assert!(
-            seen.connections() >= 3,
-            "{} connections",
-            seen.connections()
-        );
+        let first = seen.peers();
+        assert_eq!(first.len(), 1, "one lane, one request at a time: {first:?}");
+        // Reconnecting is a new client: a new connection, so a new draw of HarperDB's thread.
+        let lane = lane.dedicated()?;
+        for _ in 0..20 {
+            lane.history(&latest("r")).await?;
+        }
+        let both = seen.peers();
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(first.is_subset(&both));
+        assert_eq!(seen.calls(), 40);
         Ok(())
     }
 }

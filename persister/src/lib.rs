@@ -6,6 +6,7 @@ pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod recent;
+pub mod spread;
 pub mod startup;
 pub mod unwritten;
 pub mod writer;

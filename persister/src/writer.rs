@@ -6,8 +6,9 @@
 //! extended, so nothing is redelivered behind the writer's back. Several persisters may share
 //! the consumer; inserts are idempotent, so a redelivery never creates a second record.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harperdb::{HarperDb, HarperError};
 use crate::metrics as m;
+use crate::spread::{Overlap, Spread, Timing, Verdict};
 
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -32,6 +34,8 @@ pub enum WriterError {
     Consumer(#[from] jetstream::stream::ConsumerError),
     #[error("could not read from the durable consumer: {0}")]
     Messages(#[from] jetstream::consumer::StreamError),
+    #[error("could not build the HarperDB clients: {0}")]
+    Client(#[from] HarperError),
 }
 
 /// The consumer's configuration: explicit acks, so each message is acked after its write.
@@ -71,18 +75,12 @@ impl Backoff {
 
 /// What writing some records came to.
 enum Outcome {
-    Written,
+    /// Stored; `retried` if it took more than one request.
+    Written { retried: bool },
     /// HarperDB refused them for good (after the allowed attempts).
     Rejected(HarperError),
     /// Shutdown came while retrying; nothing was acked.
     Stopped,
-}
-
-/// A batch task that panicked left its messages unacked: JetStream redelivers them.
-fn report_join(done: Option<Result<(), tokio::task::JoinError>>) {
-    if let Some(Err(e)) = done {
-        tracing::error!(error = %e, "a batch write task failed; its messages will be redelivered");
-    }
 }
 
 /// Acks a written message. A lost ack only means a redelivery, which the insert skips.
@@ -92,16 +90,115 @@ async fn ack(message: &jetstream::Message) {
     }
 }
 
-/// Batches written at once, each on its own keep-alive connection. HarperDB's worker threads
-/// take connections by the kernel's hash of the address pair (SO_REUSEPORT), so with two
-/// connections both land on one thread half the time and the other thread idles (a backlog
-/// drained at about 7,000 instead of 15,000–18,000 messages/s in the 2026-12-02 measurements,
-/// bench/PROFILE.md section 4); with four, all on one thread is one chance in eight, and the
-/// client replaces a connection now and then (`RECONNECT_EVERY` in harperdb.rs) so that such a
-/// draw does not last. Storage keys are stream sequences, so the order batches land in changes
-/// nothing a reader sees. bench/run.sh measures HarperDB's own ceiling with as many requests in
-/// flight (`harperdb-direct --concurrency 4`): change both together.
-const BATCHES_IN_FLIGHT: usize = 4;
+/// What a batch task hands back to the dispatcher.
+struct LaneDone {
+    lane: usize,
+    /// The lane's connection generation the batch was written on; a timing from a connection
+    /// replaced meanwhile says nothing about the new one.
+    generation: u64,
+    /// The insert's timing, when it was a full batch stored at the first try.
+    timing: Option<Timing>,
+    /// Whether any request failed: the lane's connection may have been replaced by the pool.
+    failed: bool,
+}
+
+/// The writer's connections to HarperDB, one batch at a time on each, and where they stand.
+/// Batches are written on as many lanes at once as there are lanes; storage keys are stream
+/// sequences, so the order batches land in changes nothing a reader sees.
+struct Lanes {
+    /// One client per lane, each on a connection of its own ([`HarperDb::dedicated`]).
+    clients: Vec<HarperDb>,
+    /// Bumped when a lane reconnects.
+    generations: Vec<u64>,
+    /// Lanes with no batch in flight.
+    free: Vec<usize>,
+    /// Which lane each running batch task holds, to free it even if the task panicked.
+    running: HashMap<tokio::task::Id, usize>,
+    /// Whether the lanes share HarperDB threads (see [`crate::spread`]).
+    spread: Spread,
+}
+
+impl Lanes {
+    fn new(db: &HarperDb, lanes: usize) -> Result<Self, HarperError> {
+        Ok(Self {
+            clients: (0..lanes)
+                .map(|_| db.dedicated())
+                .collect::<Result<_, _>>()?,
+            generations: vec![0; lanes],
+            free: (0..lanes).rev().collect(),
+            running: HashMap::new(),
+            spread: Spread::new(lanes),
+        })
+    }
+
+    /// Takes `lane`, or any free lane; the caller made sure it is free.
+    fn take(&mut self, lane: Option<usize>) -> usize {
+        match lane {
+            Some(lane) => {
+                self.free.retain(|&l| l != lane);
+                lane
+            }
+            None => self.free.pop().unwrap_or(0),
+        }
+    }
+
+    /// Frees the lane of a finished batch task and learns from its timing.
+    fn finish(
+        &mut self,
+        done: Option<Result<(tokio::task::Id, LaneDone), tokio::task::JoinError>>,
+    ) {
+        let done = match done {
+            None => return,
+            Some(Ok((id, done))) => {
+                self.running.remove(&id);
+                done
+            }
+            Some(Err(e)) => {
+                // Its messages stay unacked: JetStream redelivers them.
+                tracing::error!(error = %e, "a batch write task failed; its messages will be redelivered");
+                if let Some(lane) = self.running.remove(&e.id()) {
+                    self.free.push(lane);
+                    self.spread.forget(lane);
+                }
+                return;
+            }
+        };
+        self.free.push(done.lane);
+        if self.generations.get(done.lane) != Some(&done.generation) {
+            return;
+        }
+        if done.failed {
+            self.spread.forget(done.lane);
+        } else if let Some(timing) = done.timing {
+            match self.spread.record(timing) {
+                Verdict::Pending => {}
+                Verdict::Apart { ratio } => metrics::gauge!(m::HARPERDB_SLOWDOWN).set(ratio),
+                Verdict::Shared { ratio, reconnect } => {
+                    metrics::gauge!(m::HARPERDB_SLOWDOWN).set(ratio);
+                    if let Some(lane) = reconnect {
+                        self.reconnect(lane, ratio);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reconnect(&mut self, lane: usize, ratio: f64) {
+        match self.clients[lane].dedicated() {
+            Ok(client) => {
+                tracing::info!(
+                    lane,
+                    slowdown = format!("{ratio:.1}"),
+                    "HarperDB connections share a worker thread; reconnecting one"
+                );
+                metrics::counter!(m::HARPERDB_RECONNECTS).increment(1);
+                self.clients[lane] = client;
+                self.generations[lane] += 1;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not build a new HarperDB client"),
+        }
+    }
+}
 
 /// Runs the write loop until `shutdown`, finishing (and acking) the batches in hand first.
 #[derive(Clone)]
@@ -115,6 +212,8 @@ pub struct Writer {
     settings: PersisterSettings,
     /// Set once the table exists and the consumer is bound; `/readyz` reads it.
     ready: Arc<AtomicBool>,
+    /// Inserts in flight on all lanes, to tell an insert alone from one alongside the others.
+    busy: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -131,6 +230,7 @@ impl Writer {
             js,
             settings,
             ready,
+            busy: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -162,6 +262,7 @@ impl Writer {
         );
 
         let batch_wait = Duration::from_millis(self.settings.batch_wait_ms);
+        let mut lanes = Lanes::new(&self.db, self.settings.write_connections)?;
         let mut in_flight = tokio::task::JoinSet::new();
         loop {
             let first = tokio::select! {
@@ -187,14 +288,35 @@ impl Writer {
                     Ok(None) | Err(_) => break,
                 }
             }
-            while in_flight.len() >= BATCHES_IN_FLIGHT {
-                report_join(in_flight.join_next().await);
+            // A full batch is a backlog; now and then one of them is written on a lane alone,
+            // so that the lanes' times together can be compared with it.
+            let alone = (batch.len() >= self.settings.batch_size)
+                .then(|| lanes.spread.wants_alone(Instant::now()))
+                .flatten();
+            if alone.is_some() {
+                while !in_flight.is_empty() {
+                    lanes.finish(in_flight.join_next_with_id().await);
+                }
+            } else {
+                while lanes.free.is_empty() {
+                    lanes.finish(in_flight.join_next_with_id().await);
+                }
             }
+            let lane = lanes.take(alone);
+            let (db, generation) = (lanes.clients[lane].clone(), lanes.generations[lane]);
             let (writer, shutdown) = (self.clone(), shutdown.clone());
-            in_flight.spawn(async move { writer.write_batch(batch, &shutdown).await });
+            let task = in_flight.spawn(async move {
+                writer
+                    .write_batch(&db, lane, generation, batch, &shutdown)
+                    .await
+            });
+            lanes.running.insert(task.id(), lane);
+            if alone.is_some() {
+                lanes.finish(in_flight.join_next_with_id().await);
+            }
         }
-        while let Some(done) = in_flight.join_next().await {
-            report_join(Some(done));
+        while !in_flight.is_empty() {
+            lanes.finish(in_flight.join_next_with_id().await);
         }
         self.ready.store(false, Ordering::Relaxed);
         Ok(())
@@ -203,7 +325,21 @@ impl Writer {
     /// Decodes, writes and acks one batch. Returns when every message is acked, terminated as
     /// undecodable, or left unacked because shutdown came during a retry (then JetStream
     /// redelivers it to a persister after the ack wait).
-    async fn write_batch(&self, batch: Vec<jetstream::Message>, shutdown: &CancellationToken) {
+    async fn write_batch(
+        &self,
+        db: &HarperDb,
+        lane: usize,
+        generation: u64,
+        batch: Vec<jetstream::Message>,
+        shutdown: &CancellationToken,
+    ) -> LaneDone {
+        let full = batch.len() >= self.settings.batch_size;
+        let mut done = LaneDone {
+            lane,
+            generation,
+            timing: None,
+            failed: false,
+        };
         let redelivered = batch
             .iter()
             .filter(|m| m.info().is_ok_and(|info| info.delivered > 1))
@@ -239,12 +375,27 @@ impl Writer {
             }
         }
         if decoded.is_empty() {
-            return;
+            return done;
         }
+        let lanes = self.settings.write_connections;
+        let busy_before = self.busy.fetch_add(1, Ordering::SeqCst);
         let started = Instant::now();
-        match self.write(&decoded, &ackable, shutdown, 1).await {
-            Outcome::Written => {
-                metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        let outcome = self.write(db, &decoded, &ackable, shutdown, 1).await;
+        let elapsed = started.elapsed();
+        let busy_at_end = self.busy.fetch_sub(1, Ordering::SeqCst);
+        done.failed = !matches!(outcome, Outcome::Written { retried: false });
+        if full && !done.failed && decoded.len() == ackable.len() {
+            done.timing = Some(Timing {
+                lane,
+                records: decoded.len(),
+                started,
+                elapsed,
+                overlap: Overlap::of(busy_before, busy_at_end, lanes),
+            });
+        }
+        match outcome {
+            Outcome::Written { .. } => {
+                metrics::histogram!(m::WRITE_DURATION).record(elapsed.as_secs_f64());
                 metrics::histogram!(m::BATCH_MESSAGES).record(decoded.len() as f64);
                 metrics::counter!(m::MESSAGES_STORED).increment(decoded.len() as u64);
                 for m in &ackable {
@@ -260,6 +411,7 @@ impl Writer {
                     let one = std::slice::from_ref(chat);
                     match self
                         .write(
+                            db,
                             one,
                             std::slice::from_ref(message),
                             shutdown,
@@ -267,26 +419,28 @@ impl Writer {
                         )
                         .await
                     {
-                        Outcome::Written => {
+                        Outcome::Written { .. } => {
                             metrics::counter!(m::MESSAGES_STORED).increment(1);
                             ack(message).await;
                         }
-                        Outcome::Stopped => return,
+                        Outcome::Stopped => return done,
                         Outcome::Rejected(e) => {
                             if !self.dead_letter(message, &e, shutdown).await {
-                                return;
+                                return done;
                             }
                         }
                     }
                 }
             }
         }
+        done
     }
 
     /// Writes `records`, retrying transient failures (HarperDB unreachable or failing) until
     /// they pass or shutdown comes, and permanent rejections up to `attempts` times.
     async fn write(
         &self,
+        db: &HarperDb,
         records: &[ChatMessage],
         messages: &[jetstream::Message],
         shutdown: &CancellationToken,
@@ -294,13 +448,14 @@ impl Writer {
     ) -> Outcome {
         let started = Instant::now();
         let mut rejections = 0;
+        let mut retried = false;
         let mut backoff = self.backoff();
         loop {
             if started.elapsed() > ACK_WAIT / 3 {
                 self.keep_alive(messages).await;
             }
-            match self.db.insert(records).await {
-                Ok(()) => return Outcome::Written,
+            match db.insert(records).await {
+                Ok(()) => return Outcome::Written { retried },
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.next_ms(), "writing to HarperDB failed; retrying");
                 }
@@ -313,6 +468,7 @@ impl Writer {
                 }
             }
             metrics::counter!(m::WRITE_RETRIES).increment(1);
+            retried = true;
             if !backoff.wait(shutdown).await {
                 return Outcome::Stopped;
             }

@@ -170,6 +170,10 @@ pub struct PersisterSettings {
     pub batch_size: usize,
     /// How long a batch waits to fill once it has its first message.
     pub batch_wait_ms: u64,
+    /// HarperDB connections the writer inserts on, one insert at a time on each; the writer
+    /// keeps them on different HarperDB worker threads. Best at HarperDB's thread count
+    /// (`threads.count`, by default its number of cores).
+    pub write_connections: usize,
     /// First delay before a failed write is retried; doubles up to `retry_max_ms`.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
@@ -190,6 +194,7 @@ impl Default for PersisterSettings {
             port: 4100,
             batch_size: 500,
             batch_wait_ms: 20,
+            write_connections: 2,
             retry_initial_ms: 100,
             retry_max_ms: 5000,
             max_attempts: 3,
@@ -398,6 +403,9 @@ impl Settings {
         if self.persister.batch_size == 0 {
             return invalid("persister.batch_size must be at least 1");
         }
+        if !(1..=64).contains(&self.persister.write_connections) {
+            return invalid("persister.write_connections must be between 1 and 64");
+        }
         if self.stream.max_age_secs < self.stream.duplicate_window_secs {
             return invalid("stream.max_age_secs must be at least stream.duplicate_window_secs");
         }
@@ -505,6 +513,11 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("rooms_per_socket"), "{err}");
+        let err = Settings::load_from(None, env(&[("CHATIFY_PERSISTER__WRITE_CONNECTIONS", "0")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("write_connections"), "{err}");
     }
 
     #[test]

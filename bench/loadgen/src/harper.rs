@@ -1,8 +1,6 @@
 //! HarperDB's operations API, for seeding, reading back and the direct-insert ceiling; and the
 //! persister's /metrics counter.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,17 +11,10 @@ use serde_json::{Value, json};
 #[derive(Clone)]
 pub struct Harper {
     http: reqwest::Client,
-    /// Requests sent, so that every [`RECONNECT_EVERY`]th closes its connection, as the
-    /// persister's do: the direct ceiling then gets the same draws of HarperDB's threads.
-    requests: Arc<AtomicU64>,
     url: String,
     user: String,
     pass: String,
 }
-
-/// As `RECONNECT_EVERY` in persister/src/harperdb.rs (the kernel's `SO_REUSEPORT` hash ties a
-/// connection to one HarperDB thread; a fresh connection is hashed anew).
-const RECONNECT_EVERY: u64 = 64;
 
 /// The persister's storage key: `<room token>|<stream sequence, 16 hex digits>`
 /// (persister/src/harperdb.rs).
@@ -51,22 +42,30 @@ impl Harper {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
-            requests: Arc::new(AtomicU64::new(0)),
             url: url.trim_end_matches('/').to_owned(),
             user: user.to_owned(),
             pass: pass.to_owned(),
         })
     }
 
+    /// The same client on a connection of its own, as the persister's writer lanes are
+    /// (`HarperDb::dedicated` in persister/src/harperdb.rs); calling it again reconnects.
+    pub fn dedicated(&self) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(1)
+                .pool_idle_timeout(chatify_persister::spread::CONNECTION_IDLE)
+                .build()?,
+            ..self.clone()
+        })
+    }
+
     pub async fn op(&self, body: &Value) -> anyhow::Result<Value> {
-        let mut request = self
+        let r = self
             .http
             .post(&self.url)
-            .basic_auth(&self.user, Some(&self.pass));
-        if self.requests.fetch_add(1, Ordering::Relaxed) % RECONNECT_EVERY == RECONNECT_EVERY - 1 {
-            request = request.header(reqwest::header::CONNECTION, "close");
-        }
-        let r = request
+            .basic_auth(&self.user, Some(&self.pass))
             .json(body)
             .send()
             .await

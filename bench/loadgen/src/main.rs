@@ -143,8 +143,9 @@ enum Command {
         records: usize,
         #[arg(long, default_value_t = 500)]
         batch: usize,
-        /// Requests in flight (the persister keeps 4).
-        #[arg(long, default_value_t = 4)]
+        /// Connections, one insert in flight on each, kept on different HarperDB threads as the
+        /// persister's writer keeps its `persister.write_connections` (2).
+        #[arg(long, default_value_t = 2)]
         concurrency: usize,
         #[arg(long, default_value_t = 100)]
         size: usize,

@@ -1,11 +1,12 @@
 //! The scenarios: connect a fleet, drive it, read the servers' /proc figures, summarise.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use chatify_persister::spread::{Overlap, Spread, Timing, Verdict};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -980,42 +981,94 @@ pub async fn harperdb_direct(
         );
         made += n;
     }
+    // One connection per lane and one insert at a time on each, kept on different HarperDB
+    // threads by the persister's own policy (persister/src/spread.rs), as its writer does.
+    let lanes = concurrency.max(1);
+    let mut clients = (0..lanes)
+        .map(|_| h.dedicated())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut spread = Spread::new(lanes);
+    let mut free: Vec<usize> = (0..lanes).rev().collect();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut reconnects = 0u64;
+    // Every judgement of the lanes' placement, for the report.
+    let mut judged = Vec::new();
+    let mut lat = new_histogram();
+    let mut inserted = 0;
+    let mut in_flight = tokio::task::JoinSet::new();
+    // Set while a lane's time alone is being taken: nothing else starts until it ends.
+    let mut exclusive = false;
     let before = stats::sample_all(pids, ticks);
     let started = Instant::now();
-    let queue = Arc::new(Mutex::new(batches));
-    let mut workers = Vec::new();
-    let lat = Arc::new(Mutex::new(new_histogram()));
-    for _ in 0..concurrency.max(1) {
-        let (q, h, lat, dbn, t) = (
-            queue.clone(),
-            h.clone(),
-            lat.clone(),
-            db.database.clone(),
-            table.to_owned(),
-        );
-        workers.push(tokio::spawn(async move {
-            let mut done = 0usize;
-            loop {
-                // In order, as the persister stores a stream: keys ascend within each room.
-                let next = q.lock().ok().and_then(|mut q| q.pop_front());
-                let Some(b) = next else { break };
-                let t0 = Instant::now();
-                done += h.insert(&dbn, &t, b).await?;
-                if let Ok(mut l) = lat.lock() {
-                    let _ = l.record((t0.elapsed().as_micros() as u64).max(1));
+    while !batches.is_empty() || !in_flight.is_empty() {
+        // In order, as the persister stores a stream: keys ascend within each room.
+        let alone = match batches.front() {
+            Some(b) if b.len() == batch => spread.wants_alone(Instant::now()),
+            _ => None,
+        };
+        if batches.is_empty()
+            || free.is_empty()
+            || exclusive
+            || (alone.is_some() && !in_flight.is_empty())
+        {
+            let Some(done) = in_flight.join_next().await else {
+                break;
+            };
+            exclusive = false;
+            let (lane, n, t): (usize, usize, Timing) = done??;
+            free.push(lane);
+            inserted += n;
+            let _ = lat.record((t.elapsed.as_micros() as u64).max(1));
+            match spread.record(t) {
+                Verdict::Pending => {}
+                Verdict::Apart { ratio } => judged.push(json!({"apart": ratio})),
+                Verdict::Shared { ratio, reconnect } => {
+                    judged.push(json!({"shared": ratio, "reconnected": reconnect}));
+                    if let Some(lane) = reconnect {
+                        clients[lane] = clients[lane].dedicated()?;
+                        reconnects += 1;
+                    }
                 }
             }
-            anyhow::Ok(done)
-        }));
-    }
-    let mut inserted = 0;
-    for w in workers {
-        inserted += w.await??;
+            continue;
+        }
+        let Some(b) = batches.pop_front() else { break };
+        let lane = match alone {
+            Some(lane) => {
+                free.retain(|&l| l != lane);
+                lane
+            }
+            None => free.pop().unwrap_or(0),
+        };
+        let (c, busy, dbn, t, full) = (
+            clients[lane].clone(),
+            busy.clone(),
+            db.database.clone(),
+            table.to_owned(),
+            b.len() == batch,
+        );
+        in_flight.spawn(async move {
+            let busy_before = busy.fetch_add(1, Ordering::SeqCst);
+            let t0 = Instant::now();
+            let result = c.insert(&dbn, &t, b).await;
+            let elapsed = t0.elapsed();
+            let busy_at_end = busy.fetch_sub(1, Ordering::SeqCst);
+            let n = result?;
+            let timing = Timing {
+                lane,
+                records: if full { n } else { 0 },
+                started: t0,
+                elapsed,
+                overlap: Overlap::of(busy_before, busy_at_end, lanes),
+            };
+            anyhow::Ok((lane, n, timing))
+        });
+        exclusive = alone.is_some();
     }
     let secs = started.elapsed().as_secs_f64();
     let after = stats::sample_all(pids, ticks);
     let procs = stats::deltas(pids, &before, &after);
-    let batch_latency = lat.lock().map(|l| Percentiles::of(&l)).unwrap_or_default();
+    let batch_latency = Percentiles::of(&lat);
     Ok(json!({
         "scenario": "harperdb-direct",
         "label": label,
@@ -1023,6 +1076,8 @@ pub async fn harperdb_direct(
         "inserted": inserted,
         "window_s": secs,
         "stored_per_s": inserted as f64 / secs.max(1e-9),
+        "reconnects": reconnects,
+        "placement": judged,
         "batch_latency": batch_latency,
         "server": {"processes": procs},
         "ok": inserted == records,
