@@ -20,6 +20,7 @@ use chatify_shared::subjects::{
 use chatify_shared::wire::{ChatMessage, StoredMessage};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::harperdb::{HarperDb, HarperError};
 use crate::metrics as m;
@@ -214,6 +215,8 @@ pub struct Writer {
     ready: Arc<AtomicBool>,
     /// Inserts in flight on all lanes, to tell an insert alone from one alongside the others.
     busy: Arc<AtomicUsize>,
+    /// The acks of written batches, sent while their lanes write the next ones.
+    acks: TaskTracker,
 }
 
 impl Writer {
@@ -231,6 +234,7 @@ impl Writer {
             settings,
             ready,
             busy: Arc::new(AtomicUsize::new(0)),
+            acks: TaskTracker::new(),
         }
     }
 
@@ -288,6 +292,21 @@ impl Writer {
                     Ok(None) | Err(_) => break,
                 }
             }
+            // Short of a backlog one insert at a time is enough, and one insert never shares a
+            // HarperDB thread: a batch that is not full waits until no lane is busy, taking the
+            // messages that arrive meanwhile (filled up, it goes out like any full batch).
+            while batch.len() < self.settings.batch_size && !in_flight.is_empty() {
+                tokio::select! {
+                    done = in_flight.join_next_with_id() => lanes.finish(done),
+                    next = messages.next() => match next {
+                        Some(Ok(m)) => batch.push(m),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer read failed mid-batch");
+                        }
+                        None => break,
+                    },
+                }
+            }
             // A full batch is a backlog; now and then one of them is written on a lane alone,
             // so that the lanes' times together can be compared with it.
             let alone = (batch.len() >= self.settings.batch_size)
@@ -318,13 +337,16 @@ impl Writer {
         while !in_flight.is_empty() {
             lanes.finish(in_flight.join_next_with_id().await);
         }
+        self.acks.close();
+        self.acks.wait().await;
         self.ready.store(false, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Decodes, writes and acks one batch. Returns when every message is acked, terminated as
-    /// undecodable, or left unacked because shutdown came during a retry (then JetStream
-    /// redelivers it to a persister after the ack wait).
+    /// Decodes, writes and acks one batch on `db`, lane `lane`'s client. Returns when every
+    /// message is written and its ack under way (in `self.acks`), terminated as undecodable, or
+    /// left unacked because shutdown came during a retry (then JetStream redelivers it to a
+    /// persister after the ack wait).
     async fn write_batch(
         &self,
         db: &HarperDb,
@@ -398,9 +420,13 @@ impl Writer {
                 metrics::histogram!(m::WRITE_DURATION).record(elapsed.as_secs_f64());
                 metrics::histogram!(m::BATCH_MESSAGES).record(decoded.len() as f64);
                 metrics::counter!(m::MESSAGES_STORED).increment(decoded.len() as u64);
-                for m in &ackable {
-                    ack(m).await;
-                }
+                // Acked beside the lane, which takes its next batch meanwhile; `run` waits
+                // for these before it returns.
+                self.acks.spawn(async move {
+                    for m in &ackable {
+                        ack(m).await;
+                    }
+                });
             }
             Outcome::Stopped => {}
             Outcome::Rejected(e) => {
