@@ -14,6 +14,9 @@
 //! needs HarperDB's every thread. The policy holds no I/O; the writer (and the load
 //! generator's direct ceiling) run the inserts and report them here.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Mean slow-down, over all lanes, from a lane alone to all lanes at once, above which lanes
@@ -60,6 +63,36 @@ impl Overlap {
         } else {
             Self::Partly
         }
+    }
+}
+
+/// Inserts in flight over all lanes, shared by their tasks: what tells an insert alone from one
+/// alongside the others.
+#[derive(Debug, Clone, Default)]
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    /// Runs `insert` of `records` on `lane` (of `lanes`), timing it and noting its overlap.
+    pub async fn time<T>(
+        &self,
+        lane: usize,
+        lanes: usize,
+        records: usize,
+        insert: impl Future<Output = T>,
+    ) -> (T, Timing) {
+        let busy_before = self.0.fetch_add(1, Ordering::SeqCst);
+        let started = Instant::now();
+        let output = insert.await;
+        let elapsed = started.elapsed();
+        let busy_at_end = self.0.fetch_sub(1, Ordering::SeqCst);
+        let timing = Timing {
+            lane,
+            records,
+            started,
+            elapsed,
+            overlap: Overlap::of(busy_before, busy_at_end, lanes),
+        };
+        (output, timing)
     }
 }
 
@@ -229,8 +262,8 @@ mod tests {
         }
     }
 
-    /// Lane 0 and 1 alone (50 ms each), then a round of timings together.
-    fn run(spread: &mut Spread, t0: Instant, together_ms: [u64; 2]) -> Verdict {
+    /// Lane 0, then lane 1, alone (50 ms each), as the policy asks for them.
+    fn both_alone(spread: &mut Spread, t0: Instant) {
         assert_eq!(spread.wants_alone(t0), Some(0));
         assert_eq!(
             spread.record(timing(t0, 0, 0, 50, Overlap::Alone)),
@@ -242,6 +275,11 @@ mod tests {
             Verdict::Pending
         );
         assert_eq!(spread.wants_alone(t0), None);
+    }
+
+    /// [`both_alone`], then a round of timings together.
+    fn run(spread: &mut Spread, t0: Instant, together_ms: [u64; 2]) -> Verdict {
+        both_alone(spread, t0);
         together(spread, t0, 100, together_ms)
     }
 
@@ -334,8 +372,7 @@ mod tests {
     fn a_judgement_needs_enough_timings_of_every_lane() {
         let t0 = Instant::now();
         let mut spread = Spread::new(2);
-        spread.record(timing(t0, 0, 0, 50, Overlap::Alone));
-        spread.record(timing(t0, 1, 50, 50, Overlap::Alone));
+        both_alone(&mut spread, t0);
         for i in 0..10 {
             let t = timing(t0, 0, 100 + i * 200, 200, Overlap::Together);
             assert_eq!(spread.record(t), Verdict::Pending, "judged on lane 0 alone");
@@ -359,8 +396,7 @@ mod tests {
     fn partial_overlaps_and_idle_connections_are_not_compared() {
         let t0 = Instant::now();
         let mut spread = Spread::new(2);
-        spread.record(timing(t0, 0, 0, 50, Overlap::Alone));
-        spread.record(timing(t0, 1, 50, 50, Overlap::Alone));
+        both_alone(&mut spread, t0);
         for i in 0..10 {
             for lane in 0..2 {
                 let t = timing(t0, lane, 100 + i * 200, 200, Overlap::Partly);
@@ -402,6 +438,29 @@ mod tests {
             let t = timing(t0, 0, i * 200, 200, Overlap::Alone);
             assert_eq!(spread.record(t), Verdict::Pending);
         }
+    }
+
+    #[tokio::test]
+    async fn busy_tells_an_insert_alone_from_one_among_others() {
+        let busy = Busy::default();
+        let ((), alone) = busy.time(0, 2, 10, async {}).await;
+        assert_eq!(
+            (alone.lane, alone.records, alone.overlap),
+            (0, 10, Overlap::Alone)
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let other = busy.clone();
+        let long = tokio::spawn(async move { other.time(1, 2, 10, rx).await.1 });
+        while busy.0.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let ((), beside) = busy.time(0, 2, 10, async {}).await;
+        assert_eq!(beside.overlap, Overlap::Together);
+        let _ = tx.send(());
+        let long = long.await.map(|t| t.overlap).ok();
+        // Only its two ends are seen, and at both it was the only one: the writer makes that
+        // true in between as well, by starting nothing else while a lane's time alone is taken.
+        assert_eq!(long, Some(Overlap::Alone));
     }
 
     #[test]

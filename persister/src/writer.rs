@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::harperdb::{HarperDb, HarperError};
 use crate::metrics as m;
-use crate::spread::{Overlap, Spread, Timing, Verdict};
+use crate::spread::{Busy, Spread, Timing, Verdict};
 
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -214,7 +214,7 @@ pub struct Writer {
     /// Set once the table exists and the consumer is bound; `/readyz` reads it.
     ready: Arc<AtomicBool>,
     /// Inserts in flight on all lanes, to tell an insert alone from one alongside the others.
-    busy: Arc<AtomicUsize>,
+    busy: Busy,
     /// The acks of written batches, sent while their lanes write the next ones.
     acks: TaskTracker,
 }
@@ -233,7 +233,7 @@ impl Writer {
             js,
             settings,
             ready,
-            busy: Arc::new(AtomicUsize::new(0)),
+            busy: Busy::default(),
             acks: TaskTracker::new(),
         }
     }
@@ -399,25 +399,22 @@ impl Writer {
         if decoded.is_empty() {
             return done;
         }
-        let lanes = self.settings.write_connections;
-        let busy_before = self.busy.fetch_add(1, Ordering::SeqCst);
-        let started = Instant::now();
-        let outcome = self.write(db, &decoded, &ackable, shutdown, 1).await;
-        let elapsed = started.elapsed();
-        let busy_at_end = self.busy.fetch_sub(1, Ordering::SeqCst);
-        done.failed = !matches!(outcome, Outcome::Written { retried: false });
-        if full && !done.failed && decoded.len() == ackable.len() {
-            done.timing = Some(Timing {
+        let (outcome, timing) = self
+            .busy
+            .time(
                 lane,
-                records: decoded.len(),
-                started,
-                elapsed,
-                overlap: Overlap::of(busy_before, busy_at_end, lanes),
-            });
+                self.settings.write_connections,
+                decoded.len(),
+                self.write(db, &decoded, &ackable, shutdown, 1),
+            )
+            .await;
+        done.failed = !matches!(outcome, Outcome::Written { retried: false });
+        if full && !done.failed {
+            done.timing = Some(timing);
         }
         match outcome {
             Outcome::Written { .. } => {
-                metrics::histogram!(m::WRITE_DURATION).record(elapsed.as_secs_f64());
+                metrics::histogram!(m::WRITE_DURATION).record(timing.elapsed.as_secs_f64());
                 metrics::histogram!(m::BATCH_MESSAGES).record(decoded.len() as f64);
                 metrics::counter!(m::MESSAGES_STORED).increment(decoded.len() as u64);
                 // Acked beside the lane, which takes its next batch meanwhile; `run` waits

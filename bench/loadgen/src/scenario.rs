@@ -1,12 +1,12 @@
 //! The scenarios: connect a fleet, drive it, read the servers' /proc figures, summarise.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use chatify_persister::spread::{Overlap, Spread, Timing, Verdict};
+use chatify_persister::spread::{Busy, Spread, Timing, Verdict};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -989,7 +989,7 @@ pub async fn harperdb_direct(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut spread = Spread::new(lanes);
     let mut free: Vec<usize> = (0..lanes).rev().collect();
-    let busy = Arc::new(AtomicUsize::new(0));
+    let busy = Busy::default();
     let mut reconnects = 0u64;
     // Every judgement of the lanes' placement, for the report.
     let mut judged = Vec::new();
@@ -1040,28 +1040,17 @@ pub async fn harperdb_direct(
             }
             None => free.pop().unwrap_or(0),
         };
-        let (c, busy, dbn, t, full) = (
+        // Only full batches are timed for the placement (a timing of no records is not).
+        let timed = if b.len() == batch { b.len() } else { 0 };
+        let (c, busy, dbn, t) = (
             clients[lane].clone(),
             busy.clone(),
             db.database.clone(),
             table.to_owned(),
-            b.len() == batch,
         );
         in_flight.spawn(async move {
-            let busy_before = busy.fetch_add(1, Ordering::SeqCst);
-            let t0 = Instant::now();
-            let result = c.insert(&dbn, &t, b).await;
-            let elapsed = t0.elapsed();
-            let busy_at_end = busy.fetch_sub(1, Ordering::SeqCst);
-            let n = result?;
-            let timing = Timing {
-                lane,
-                records: if full { n } else { 0 },
-                started: t0,
-                elapsed,
-                overlap: Overlap::of(busy_before, busy_at_end, lanes),
-            };
-            anyhow::Ok((lane, n, timing))
+            let (result, timing) = busy.time(lane, lanes, timed, c.insert(&dbn, &t, b)).await;
+            anyhow::Ok((lane, result?, timing))
         });
         exclusive = alone.is_some();
     }
