@@ -19,7 +19,8 @@
 # free ports in a temporary run dir, and the reference (bench/reference/start.sh: one process,
 # and two processes with Redis), and stops all of it on exit. With 2+ cores, the servers of the
 # WebSocket scenarios (idle, big room, two servers) are pinned to core 0 and the load generator to
-# core 1 (taskset): each side gets one core, as the single-threaded Node peer uses. The persister
+# core 1 (taskset): each side gets one core, as the single-threaded Node peer uses; the gateways
+# also start on that core, so their tokio pools have one worker. The persister
 # and history scenarios run unpinned (HarperDB needs both cores, and it is the same HarperDB for
 # the persister and its direct-insert ceiling).
 #
@@ -130,9 +131,24 @@ chatify() { # chatify VAR: a value of the run's env file
   )
 }
 cpid() { head -n1 "$chatify_dir/pids/$1.pid" | tr -dc '0-9'; }
-chatify_up() { # chatify_up [COMPONENT...]
+# chatify_up [COMPONENT...]. When the servers are pinned, the gateways start on the server core:
+# tokio sizes its worker pool by the CPUs a process may use when it starts, so a gateway that
+# will run on one core starts with one worker, as Node's one thread, instead of two workers
+# handing tasks to each other on one core (about 10 % of a gateway's CPU in the two-server
+# scenario, PROFILE.md section 3). The pool keeps that size when the persister scenarios unpin.
+chatify_up() {
+  local c rest=() gateways=()
+  for c; do if [[ $c == gateway* ]]; then gateways+=("$c"); else rest+=("$c"); fi; done
+  if ((${#rest[@]})); then chatify_up_on "$all_cpus" "${rest[@]}" || return 1; fi
+  if ((${#gateways[@]})); then chatify_up_on "$server_cpus" "${gateways[@]}" || return 1; fi
+}
+chatify_up_on() { # chatify_up_on CPUS COMPONENT...
+  local cpus=$1 cmd
+  shift
+  cmd=(deploy/local/up.sh "$@")
+  if $PIN; then cmd=(taskset -c "$cpus" "${cmd[@]}"); fi
   CHATIFY_RUN_DIR=$chatify_dir CHATIFY_SKIP_BUILD=1 CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 \
-    deploy/local/up.sh "$@" >>"$out/chatify-up.log" 2>&1 || {
+    "${cmd[@]}" >>"$out/chatify-up.log" 2>&1 || {
     tail -20 "$out/chatify-up.log" >&2
     return 1
   }
