@@ -216,7 +216,10 @@ wait_ready() {
   timeout=$(ready_timeout "$name")
   HDB_LAST_STATUS=
   while ! probe "$name"; do
-    component_pid "$name" >/dev/null || fail_component "$name" "exited while starting"
+    # Checked twice: while the recorded process execs into the program (bash, then env, then
+    # the binary), /proc may briefly show neither its command line nor its environment.
+    component_pid "$name" >/dev/null || { sleep 0.2 && component_pid "$name" >/dev/null; } ||
+      fail_component "$name" "exited while starting"
     if [[ $name == harperdb && $HDB_LAST_STATUS == 401 ]]; then
       unauthorized_since=${unauthorized_since:-$SECONDS}
       if ((SECONDS - unauthorized_since >= 10)); then
