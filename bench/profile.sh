@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where the gateway's memory and CPU go: the profiles behind bench/PROFILE.md.
+# Where the servers' memory and CPU go: the profiles behind bench/PROFILE.md.
 #
 #   bench/profile.sh heap [CONNS]   heap profile (valgrind's DHAT) of one gateway holding CONNS
 #                                   idle WebSocket connections (default 2000, each in one of
@@ -7,13 +7,20 @@
 #                                   in bytes per connection
 #   bench/profile.sh cpu [RATE]     CPU profile (perf) of one gateway during the big-room scenario
 #                                   (1,000 members, RATE messages/s, default 20); prints the split
-#                                   between the kernel and user space and the top symbols, and
-#                                   writes a flame graph when inferno is installed
-#                                   (cargo install inferno)
+#                                   between the kernel and user space and the top symbols
+#   bench/profile.sh rooms2 [RATE]  CPU profile of both gateways and NATS during the two-server
+#                                   scenario (100 rooms of 10 members spread over the two gateways,
+#                                   RATE messages/s, default 1000, i.e. 10,000 deliveries/s)
+#   bench/profile.sh drain [RATE]   CPU profile of HarperDB, NATS and the persister while the
+#                                   persister drains a backlog (RATE messages/s sent for 8 s while
+#                                   it is stopped, default 10000), with vmstat's disk figures
 #
-# It starts a private NATS, HarperDB and persister (deploy/local/up.sh) on free ports, runs the
-# release gateway itself (under valgrind for heap), pins it to core 0 and the load generator to
-# core 1 (cpu), and stops everything on exit. Outputs go to target/profile/<UTC time>-<kind>/.
+# cpu, rooms2 and drain write a flame graph per profile when inferno is installed
+# (cargo install inferno). It starts a private NATS, HarperDB and persister (deploy/local/up.sh)
+# on free ports, and the gateways; for cpu and rooms2 it pins the servers to core 0 and
+# the load generator to core 1, as bench/run.sh does (the drain runs unpinned, as there); it
+# stops everything on exit. NATS is profiled by Go's own profiler (Debian's nats-server is
+# stripped), read by profile/pprof-collapse.mjs. Outputs go to target/profile/<UTC time>-<kind>/.
 # Needs valgrind or perf (Debian packages valgrind, linux-perf; installed when missing) and the
 # release binaries (cargo build --release -p chatify-gateway -p chatify-persister -p chatify-loadgen).
 set -euo pipefail
@@ -24,8 +31,10 @@ kind=${1:-}
 case $kind in
   heap) conns=${2:-2000}; tool=valgrind package=valgrind ;;
   cpu) rate=${2:-20}; tool=perf package=linux-perf ;;
+  rooms2) rate=${2:-1000}; tool=perf package=linux-perf ;;
+  drain) rate=${2:-10000}; tool=perf package=linux-perf ;;
   -h | --help | '') sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "unknown profile $kind (heap or cpu)" >&2; exit 2 ;;
+  *) echo "unknown profile $kind (heap, cpu, rooms2 or drain)" >&2; exit 2 ;;
 esac
 if ! command -v "$tool" >/dev/null 2>&1; then
   sudo=; ((EUID == 0)) || sudo=sudo
@@ -52,8 +61,47 @@ trap cleanup EXIT
 
 # shellcheck source=../scripts/free-ports.sh
 . scripts/free-ports.sh
-CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1 deploy/local/up.sh nats harperdb persister >"$out/up.log" 2>&1 ||
-  { tail -20 "$out/up.log" >&2; exit 1; }
+# For rooms2 and drain, NATS opens Go's profiling endpoint (its Debian build is stripped, so perf
+# cannot name its functions; Go's profile does).
+nats_profile_port=
+if [[ $kind == rooms2 || $kind == drain ]]; then
+  nats_profile_port=$(node scripts/free-ports.mjs 1)
+  while env | grep -q "^CHATIFY_.*_PORT=$nats_profile_port\$"; do nats_profile_port=$(node scripts/free-ports.mjs 1); done
+fi
+# go_profile NAME SECONDS: NATS's CPU profile over that time, as a table of its top functions
+# and, with inferno, a flame graph.
+go_profile() {
+  local name=$1 seconds=$2
+  curl -sf -m $((seconds + 30)) -o "$out/$name.pb.gz" \
+    "http://127.0.0.1:$nats_profile_port/debug/pprof/profile?seconds=$seconds" ||
+    { echo "no profile from NATS's profiling endpoint" >&2; return 1; }
+}
+go_summarize() { # go_summarize NAME TITLE
+  local name=$1 title=$2
+  echo "## $title (Go's profiler)" | tee "$out/$name.txt"
+  node bench/profile/pprof-collapse.mjs "$out/$name.pb.gz" 2>>"$out/$name.txt" >"$out/$name.folded"
+  tail -n +2 "$out/$name.txt"
+  if command -v inferno-flamegraph >/dev/null; then
+    inferno-flamegraph --title "$title" <"$out/$name.folded" >"$out/$name.svg"
+    echo "flame graph: $out/$name.svg"
+  fi
+}
+# For the drain, HarperDB writes V8's map of its compiled JavaScript (/tmp/perf-<pid>.map), so
+# that perf can name those frames.
+hdb_node_options=
+[[ $kind == drain ]] && hdb_node_options=--perf-basic-prof
+# up_on CPUS COMPONENT...: deploy/local/up.sh for this run, started on those cores (tokio sizes
+# a gateway's worker pool by the cores it may use when it starts), or anywhere for "all".
+up_on() {
+  local cpus=$1 launch=()
+  shift
+  [[ $cpus == all ]] || launch=(taskset -c "$cpus")
+  CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1 CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 \
+    CHATIFY_HDB_NODE_OPTIONS=$hdb_node_options CHATIFY_NATS_PROFILE_PORT=$nats_profile_port "${launch[@]}" deploy/local/up.sh "$@" >>"$out/up.log" 2>&1 ||
+    { tail -20 "$out/up.log" >&2; exit 1; }
+}
+cpid() { head -n1 "$run_dir/pids/$1.pid" | tr -dc '0-9'; }
+up_on all nats harperdb persister
 # shellcheck disable=SC1091
 . "$run_dir/env"
 url=$CHATIFY_GATEWAY1_URL
@@ -68,6 +116,72 @@ wait_ready() {
   done
   echo "the gateway did not get ready ($out/gateway.log)" >&2
   return 1
+}
+
+# record NAME CALL_GRAPH SECONDS PID...: perf samples of those processes, from core 1.
+record() {
+  local name=$1 call_graph=$2 seconds=$3 pids
+  shift 3
+  pids=$(IFS=,; echo "$*")
+  taskset -c 1 perf record -F 999 --call-graph "$call_graph" -p "$pids" -o "$out/$name.data" \
+    -- sleep "$seconds" >"$out/$name.perf.log" 2>&1
+}
+# summarize NAME TITLE: the samples split by process, thread and shared object, the top
+# symbols, and a flame graph when inferno is installed.
+# report DATA SORT LINES: the first lines of perf's report (head closing the pipe is no failure).
+report() {
+  perf report -i "$1" --no-children --stdio -g none --sort "$2" 2>/dev/null | grep -v -e '^#' -e '^$' |
+    head -n "$3" || true
+}
+summarize() {
+  local name=$1 title=$2 data=$out/$1.data sort
+  {
+    echo "## $title"
+    for sort in pid comm dso; do
+      echo "### samples by ${sort/comm/thread name}"
+      report "$data" "$sort" 12
+    done
+    echo "### top symbols"
+    report "$data" dso,sym 40
+  } | tee "$out/$name.txt"
+  if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
+    perf script -i "$data" 2>/dev/null | inferno-collapse-perf |
+      inferno-flamegraph --title "$title" >"$out/$name.svg"
+    echo "flame graph: $out/$name.svg"
+  fi
+}
+
+# record NAME CALL_GRAPH SECONDS PID...: perf samples of those processes, from core 1.
+record() {
+  local name=$1 call_graph=$2 seconds=$3 pids
+  shift 3
+  pids=$(IFS=,; echo "$*")
+  taskset -c 1 perf record -F 999 --call-graph "$call_graph" -p "$pids" -o "$out/$name.data" \
+    -- sleep "$seconds" >"$out/$name.perf.log" 2>&1
+}
+# summarize NAME TITLE: the samples split by process, thread and shared object, the top
+# symbols, and a flame graph when inferno is installed.
+# report DATA SORT LINES: the first lines of perf's report (head closing the pipe is no failure).
+report() {
+  perf report -i "$1" --no-children --stdio -g none --sort "$2" 2>/dev/null | grep -v -e '^#' -e '^$' |
+    head -n "$3" || true
+}
+summarize() {
+  local name=$1 title=$2 data=$out/$1.data sort
+  {
+    echo "## $title"
+    for sort in pid comm dso; do
+      echo "### samples by ${sort/comm/thread name}"
+      report "$data" "$sort" 12
+    done
+    echo "### top symbols"
+    report "$data" dso,sym 40
+  } | tee "$out/$name.txt"
+  if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
+    perf script -i "$data" 2>/dev/null | inferno-collapse-perf |
+      inferno-flamegraph --title "$title" >"$out/$name.svg"
+    echo "flame graph: $out/$name.svg"
+  fi
 }
 
 case $kind in
@@ -89,26 +203,79 @@ case $kind in
     gateway_pid=$!
     wait_ready
     # The profile covers the middle of the run: after the joins and warm-up, before the drain.
-    (sleep 12 && perf record -F 1999 -g -p "$gateway_pid" -o "$out/perf.data" -- sleep 10) \
-      >"$out/perf.log" 2>&1 &
+    (sleep 12 && record gateway dwarf 10 "$gateway_pid") &
     recorder=$!
     taskset -c 1 target/release/chatify-loadgen room --url "$url" --pid "$gateway_pid" --members 1000 \
       --rate "$rate" --duration 24 --warmup 2 --quiet >"$out/loadgen.json" 2>"$out/loadgen.log"
     wait "$recorder"
-    {
-      node -e '
-        const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
-        console.log(`deliveries ${s.delivered}, gateway CPU per delivery ${s.server.cpu_us_per_delivery.toFixed(1)} µs`);
-      ' "$out/loadgen.json"
-      echo "## where the samples are (shared object)"
-      perf report -i "$out/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -8
-      echo "## top symbols"
-      perf report -i "$out/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
-    } | tee "$out/cpu.txt"
-    if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
-      perf script -i "$out/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$out/flamegraph.svg"
-      echo "flame graph: $out/flamegraph.svg"
-    fi
+    figure=$(node -e '
+      const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+      console.log(`${s.delivered} deliveries, gateway CPU per delivery ${s.server.cpu_us_per_delivery.toFixed(1)} µs`);
+    ' "$out/loadgen.json")
+    echo "$figure" | tee "$out/cpu.txt"
+    summarize gateway "gateway, one room of 1,000 members, $rate messages/s ($figure)"
+    ;;
+  rooms2)
+    # As bench/run.sh: the gateways started on core 0 (one tokio worker each), NATS, HarperDB and
+    # the persister moved there, the load generator on core 1.
+    up_on 0 gateway1 gateway2
+    for c in nats harperdb persister; do taskset -a -p -c 0 "$(cpid "$c")" >/dev/null; done
+    g1=$(cpid gateway1) g2=$(cpid gateway2) nats=$(cpid nats)
+    # perf with DWARF call graphs for the Rust gateways (built without frame pointers), Go's
+    # profiler for nats-server.
+    (sleep 8 && record gateways dwarf 15 "$g1" "$g2") &
+    recorder1=$!
+    (sleep 8 && go_profile nats 15) &
+    recorder2=$!
+    taskset -c 1 target/release/chatify-loadgen rooms --url "$CHATIFY_GATEWAY1_URL" --url "$CHATIFY_GATEWAY2_URL" \
+      --pid "$g1" --pid "$g2" --pid "$nats" --rooms 100 --members 10 --rate "$rate" --duration 25 --warmup 2 \
+      --quiet >"$out/loadgen.json" 2>"$out/loadgen.log"
+    wait "$recorder1" "$recorder2"
+    node -e '
+      const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+      const cpu = s.server.processes.map((p) => `${p.pid} ${(p.cpu_us / 1e6).toFixed(2)} s`).join(", ");
+      console.log(`${s.delivered} deliveries, CPU per delivery ${s.server.cpu_us_per_delivery.toFixed(1)} µs (gateways and NATS: ${cpu})`);
+    ' "$out/loadgen.json" | tee "$out/cpu.txt"
+    summarize gateways "two gateways, 100 rooms of 10 members, $rate messages/s"
+    go_summarize nats "nats-server, two gateways, 100 rooms of 10 members, $rate messages/s"
+    ;;
+  drain)
+    up_on all gateway1 gateway2
+    hdb=$(cpid harperdb)
+    # The persister is stopped while the load generator sends, then started again by this hook,
+    # which also starts the recorder and vmstat for the drain (the load generator waits for the
+    # hook, not for what it leaves running).
+    cat >"$out/resume.sh" <<HOOK
+#!/usr/bin/env bash
+set -euo pipefail
+cd "$root"
+CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1 deploy/local/up.sh persister >>"$out/up.log" 2>&1
+persister=\$(head -n1 "$run_dir/pids/persister.pid" | tr -dc '0-9')
+nohup taskset -c 1 perf record -F 999 -g -p "$hdb,\$persister" -o "$out/drain.data" -- sleep 4 \\
+  </dev/null >"$out/drain.perf.log" 2>&1 &
+echo \$! >"$out/recorder.pid"
+nohup curl -sf -m 30 -o "$out/drain-nats.pb.gz" "http://127.0.0.1:$nats_profile_port/debug/pprof/profile?seconds=4" \\
+  </dev/null >/dev/null 2>&1 &
+nohup vmstat -w 1 5 </dev/null >"$out/vmstat.txt" 2>&1 &
+HOOK
+    with_db=(CHATIFY_HARPERDB_URL="$CHATIFY_HARPERDB_URL" CHATIFY_HARPERDB__USERNAME="$CHATIFY_HARPERDB__USERNAME"
+      CHATIFY_HARPERDB__PASSWORD="$CHATIFY_HARPERDB__PASSWORD")
+    env "${with_db[@]}" target/release/chatify-loadgen persister --url "$CHATIFY_GATEWAY1_URL" \
+      --url "$CHATIFY_GATEWAY2_URL" --persister-url "$CHATIFY_PERSISTER_URL" --senders 1000 --rate "$rate" \
+      --duration 8 --warmup 0 --quiet \
+      --pause-cmd "CHATIFY_RUN_DIR=$run_dir deploy/local/down.sh persister >>'$out/up.log' 2>&1" \
+      --resume-cmd "bash '$out/resume.sh'" >"$out/loadgen.json" 2>"$out/loadgen.log"
+    while kill -0 "$(cat "$out/recorder.pid")" 2>/dev/null; do sleep 0.5; done
+    for _ in $(seq 20); do [[ -s $out/drain-nats.pb.gz ]] && break; sleep 0.5; done
+    figure=$(node -e '
+      const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+      console.log(`${s.stored} messages stored, ${Math.round(s.stored_per_s)} per second`);
+    ' "$out/loadgen.json")
+    echo "$figure" | tee "$out/cpu.txt"
+    cat "$out/vmstat.txt"
+    summarize drain "HarperDB and the persister draining a backlog ($figure)"
+    go_summarize drain-nats "nats-server while the persister drains a backlog ($figure)"
+    mv -f "/tmp/perf-$hdb.map" "$out/" 2>/dev/null || true # V8's map, for perf script later (copy it back to /tmp)
     ;;
 esac
 echo "outputs: $out" >&2

@@ -15,7 +15,8 @@
 #      (tests/browser: two headless Chromium pages on the chat page) against it, and the
 #      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system, and
 #      the NATS restart scenario once more with CHATIFY_NATS_SYNC=always,
-#   6. runs the benchmark tool's smoke mode (bench/run.sh --smoke, tiny sizes, no figures),
+#   6. runs the profile tools' tests (bench/profile), the reference peer's, and the benchmark
+#      tool's smoke mode (bench/run.sh --smoke, tiny sizes, no figures),
 #   7. stops everything it started (deploy/local/down.sh) and removes the run directory.
 # Logs of a failed run are kept in target/test-logs/.
 set -euo pipefail
@@ -82,6 +83,9 @@ node --test --test-reporter=spec tests/faults/
 scripts/faults.sh
 step "fault scenario in the strict fsync mode (CHATIFY_NATS_SYNC=always: nats-server 2.15, fsync per ack)"
 CHATIFY_NATS_SYNC=always scripts/faults.sh nats-restart
+
+step "profile tools (bench/profile: Go profiles to flame-graph stacks)"
+node --test --test-reporter=spec bench/profile/
 
 step "benchmark reference peer (Node socket.io, alone and two processes with Redis)"
 (cd bench/reference && npm ci --no-audit --no-fund --loglevel=error)

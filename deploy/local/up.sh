@@ -78,19 +78,23 @@ binary_env() {
 }
 
 # Through deploy/nats/start.sh (as in compose), which adds CHATIFY_NATS_SYNC to nats.conf.
+# CHATIFY_NATS_PROFILE_PORT, when set, opens Go's profiling endpoint there (bench/profile.sh).
 start_nats() {
   mkdir -p "$DATA_DIR/nats"
   start_background nats "$CHATIFY_RUN_DIR" \
     env CHATIFY_NATS_SYNC="$CHATIFY_NATS_SYNC" NATS_SERVER="$(nats_server_bin)" \
     "$CHATIFY_NATS_START" "$CHATIFY_NATS_CONF" "$DATA_DIR/nats.conf" -js -a 127.0.0.1 \
-    -p "$CHATIFY_NATS_PORT" -m "$CHATIFY_NATS_MONITOR_PORT" -sd "$DATA_DIR/nats"
+    -p "$CHATIFY_NATS_PORT" -m "$CHATIFY_NATS_MONITOR_PORT" -sd "$DATA_DIR/nats" \
+    ${CHATIFY_NATS_PROFILE_PORT:+--profile "$CHATIFY_NATS_PROFILE_PORT"}
 }
 
 # HarperDB gets a clean environment: it reads many plain variables (HTTP_PORT, LOGGING_LEVEL...)
 # as settings, and it keeps its boot file in $HOME/.harperdb, which must stay private to this run.
+# CHATIFY_HDB_NODE_OPTIONS, when set, becomes its NODE_OPTIONS (bench/profile.sh passes
+# --perf-basic-prof).
 hdb_env() {
   printf '%s\0' "PATH=$PATH" "HOME=$HDB_HOME" "LANG=C.UTF-8" "ROOTPATH=$HDB_ROOT" \
-    "$CHATIFY_MARKER_VAR=$CHATIFY_RUN_DIR"
+    "$CHATIFY_MARKER_VAR=$CHATIFY_RUN_DIR" ${CHATIFY_HDB_NODE_OPTIONS:+"NODE_OPTIONS=$CHATIFY_HDB_NODE_OPTIONS"}
 }
 
 install_harperdb_instance() {
