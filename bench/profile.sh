@@ -47,6 +47,7 @@ done
 out=target/profile/$(date -u +%Y%m%dT%H%M%SZ)-$kind
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+touch "$out/.started" # what is newer than this was made by this run
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-profile.XXXXXX")
 gateway_pid=
 cleanup() {
@@ -55,6 +56,8 @@ cleanup() {
   [[ -n $gateway_pid ]] && kill "$gateway_pid" 2>/dev/null && wait "$gateway_pid" 2>/dev/null
   CHATIFY_RUN_DIR=$run_dir deploy/local/down.sh >/dev/null 2>&1
   rm -rf "$run_dir"
+  # V8's maps of the drain's node processes (HarperDB starts more than one), once they are gone.
+  [[ $kind == drain ]] && find /tmp -maxdepth 1 -name 'perf-*.map' -newer "$out/.started" -delete
   exit "$status"
 }
 trap cleanup EXIT
@@ -68,24 +71,6 @@ if [[ $kind == rooms2 || $kind == drain ]]; then
   nats_profile_port=$(node scripts/free-ports.mjs 1)
   while env | grep -q "^CHATIFY_.*_PORT=$nats_profile_port\$"; do nats_profile_port=$(node scripts/free-ports.mjs 1); done
 fi
-# go_profile NAME SECONDS: NATS's CPU profile over that time, as a table of its top functions
-# and, with inferno, a flame graph.
-go_profile() {
-  local name=$1 seconds=$2
-  curl -sf -m $((seconds + 30)) -o "$out/$name.pb.gz" \
-    "http://127.0.0.1:$nats_profile_port/debug/pprof/profile?seconds=$seconds" ||
-    { echo "no profile from NATS's profiling endpoint" >&2; return 1; }
-}
-go_summarize() { # go_summarize NAME TITLE
-  local name=$1 title=$2
-  echo "## $title (Go's profiler)" | tee "$out/$name.txt"
-  node bench/profile/pprof-collapse.mjs "$out/$name.pb.gz" 2>>"$out/$name.txt" >"$out/$name.folded"
-  tail -n +2 "$out/$name.txt"
-  if command -v inferno-flamegraph >/dev/null; then
-    inferno-flamegraph --title "$title" <"$out/$name.folded" >"$out/$name.svg"
-    echo "flame graph: $out/$name.svg"
-  fi
-}
 # For the drain, HarperDB writes V8's map of its compiled JavaScript (/tmp/perf-<pid>.map), so
 # that perf can name those frames.
 hdb_node_options=
@@ -97,8 +82,8 @@ up_on() {
   shift
   [[ $cpus == all ]] || launch=(taskset -c "$cpus")
   CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1 CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 \
-    CHATIFY_HDB_NODE_OPTIONS=$hdb_node_options CHATIFY_NATS_PROFILE_PORT=$nats_profile_port "${launch[@]}" deploy/local/up.sh "$@" >>"$out/up.log" 2>&1 ||
-    { tail -20 "$out/up.log" >&2; exit 1; }
+    CHATIFY_HDB_NODE_OPTIONS=$hdb_node_options CHATIFY_NATS_PROFILE_PORT=$nats_profile_port \
+    "${launch[@]}" deploy/local/up.sh "$@" >>"$out/up.log" 2>&1 || { tail -20 "$out/up.log" >&2; exit 1; }
 }
 cpid() { head -n1 "$run_dir/pids/$1.pid" | tr -dc '0-9'; }
 up_on all nats harperdb persister
@@ -126,13 +111,13 @@ record() {
   taskset -c 1 perf record -F 999 --call-graph "$call_graph" -p "$pids" -o "$out/$name.data" \
     -- sleep "$seconds" >"$out/$name.perf.log" 2>&1
 }
-# summarize NAME TITLE: the samples split by process, thread and shared object, the top
-# symbols, and a flame graph when inferno is installed.
 # report DATA SORT LINES: the first lines of perf's report (head closing the pipe is no failure).
 report() {
   perf report -i "$1" --no-children --stdio -g none --sort "$2" 2>/dev/null | grep -v -e '^#' -e '^$' |
     head -n "$3" || true
 }
+# summarize NAME TITLE: the samples split by process, thread and shared object, the top
+# symbols, and a flame graph when inferno is installed.
 summarize() {
   local name=$1 title=$2 data=$out/$1.data sort
   {
@@ -151,35 +136,21 @@ summarize() {
   fi
 }
 
-# record NAME CALL_GRAPH SECONDS PID...: perf samples of those processes, from core 1.
-record() {
-  local name=$1 call_graph=$2 seconds=$3 pids
-  shift 3
-  pids=$(IFS=,; echo "$*")
-  taskset -c 1 perf record -F 999 --call-graph "$call_graph" -p "$pids" -o "$out/$name.data" \
-    -- sleep "$seconds" >"$out/$name.perf.log" 2>&1
+# go_profile NAME SECONDS: NATS's CPU profile over that time, from Go's profiling endpoint.
+go_profile() {
+  local name=$1 seconds=$2
+  curl -sf -m $((seconds + 30)) -o "$out/$name.pb.gz" \
+    "http://127.0.0.1:$nats_profile_port/debug/pprof/profile?seconds=$seconds" ||
+    { echo "no profile from NATS's profiling endpoint" >&2; return 1; }
 }
-# summarize NAME TITLE: the samples split by process, thread and shared object, the top
-# symbols, and a flame graph when inferno is installed.
-# report DATA SORT LINES: the first lines of perf's report (head closing the pipe is no failure).
-report() {
-  perf report -i "$1" --no-children --stdio -g none --sort "$2" 2>/dev/null | grep -v -e '^#' -e '^$' |
-    head -n "$3" || true
-}
-summarize() {
-  local name=$1 title=$2 data=$out/$1.data sort
-  {
-    echo "## $title"
-    for sort in pid comm dso; do
-      echo "### samples by ${sort/comm/thread name}"
-      report "$data" "$sort" 12
-    done
-    echo "### top symbols"
-    report "$data" dso,sym 40
-  } | tee "$out/$name.txt"
-  if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
-    perf script -i "$data" 2>/dev/null | inferno-collapse-perf |
-      inferno-flamegraph --title "$title" >"$out/$name.svg"
+# go_summarize NAME TITLE: its top functions and, with inferno, a flame graph.
+go_summarize() {
+  local name=$1 title=$2
+  echo "## $title (Go's profiler)" | tee "$out/$name.txt"
+  node bench/profile/pprof-collapse.mjs "$out/$name.pb.gz" 2>>"$out/$name.txt" >"$out/$name.folded"
+  tail -n +2 "$out/$name.txt"
+  if command -v inferno-flamegraph >/dev/null; then
+    inferno-flamegraph --title "$title" <"$out/$name.folded" >"$out/$name.svg"
     echo "flame graph: $out/$name.svg"
   fi
 }
@@ -208,6 +179,7 @@ case $kind in
     taskset -c 1 target/release/chatify-loadgen room --url "$url" --pid "$gateway_pid" --members 1000 \
       --rate "$rate" --duration 24 --warmup 2 --quiet >"$out/loadgen.json" 2>"$out/loadgen.log"
     wait "$recorder"
+    # shellcheck disable=SC2016 # JavaScript, not shell
     figure=$(node -e '
       const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
       console.log(`${s.delivered} deliveries, gateway CPU per delivery ${s.server.cpu_us_per_delivery.toFixed(1)} µs`);
@@ -231,6 +203,7 @@ case $kind in
       --pid "$g1" --pid "$g2" --pid "$nats" --rooms 100 --members 10 --rate "$rate" --duration 25 --warmup 2 \
       --quiet >"$out/loadgen.json" 2>"$out/loadgen.log"
     wait "$recorder1" "$recorder2"
+    # shellcheck disable=SC2016 # JavaScript, not shell
     node -e '
       const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
       const cpu = s.server.processes.map((p) => `${p.pid} ${(p.cpu_us / 1e6).toFixed(2)} s`).join(", ");
@@ -267,6 +240,7 @@ HOOK
       --resume-cmd "bash '$out/resume.sh'" >"$out/loadgen.json" 2>"$out/loadgen.log"
     while kill -0 "$(cat "$out/recorder.pid")" 2>/dev/null; do sleep 0.5; done
     for _ in $(seq 20); do [[ -s $out/drain-nats.pb.gz ]] && break; sleep 0.5; done
+    # shellcheck disable=SC2016 # JavaScript, not shell
     figure=$(node -e '
       const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
       console.log(`${s.stored} messages stored, ${Math.round(s.stored_per_s)} per second`);
