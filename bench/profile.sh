@@ -215,31 +215,29 @@ case $kind in
   drain)
     up_on all gateway1 gateway2
     hdb=$(cpid harperdb)
-    # The persister is stopped while the load generator sends, then started again by this hook,
-    # which also starts the recorder and vmstat for the drain (the load generator waits for the
-    # hook, not for what it leaves running).
-    cat >"$out/resume.sh" <<HOOK
-#!/usr/bin/env bash
-set -euo pipefail
-cd "$root"
-CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1 deploy/local/up.sh persister >>"$out/up.log" 2>&1
-persister=\$(head -n1 "$run_dir/pids/persister.pid" | tr -dc '0-9')
-nohup taskset -c 1 perf record -F 999 -g -p "$hdb,\$persister" -o "$out/drain.data" -- sleep 4 \\
-  </dev/null >"$out/drain.perf.log" 2>&1 &
-echo \$! >"$out/recorder.pid"
-nohup curl -sf -m 30 -o "$out/drain-nats.pb.gz" "http://127.0.0.1:$nats_profile_port/debug/pprof/profile?seconds=4" \\
-  </dev/null >/dev/null 2>&1 &
-nohup vmstat -w 1 5 </dev/null >"$out/vmstat.txt" 2>&1 &
-HOOK
+    # The persister is stopped while the load generator sends and started again by its resume
+    # hook, which then leaves a mark; the recorders start at that mark, as the drain does.
     with_db=(CHATIFY_HARPERDB_URL="$CHATIFY_HARPERDB_URL" CHATIFY_HARPERDB__USERNAME="$CHATIFY_HARPERDB__USERNAME"
       CHATIFY_HARPERDB__PASSWORD="$CHATIFY_HARPERDB__PASSWORD")
     env "${with_db[@]}" target/release/chatify-loadgen persister --url "$CHATIFY_GATEWAY1_URL" \
       --url "$CHATIFY_GATEWAY2_URL" --persister-url "$CHATIFY_PERSISTER_URL" --senders 1000 --rate "$rate" \
       --duration 8 --warmup 0 --quiet \
       --pause-cmd "CHATIFY_RUN_DIR=$run_dir deploy/local/down.sh persister >>'$out/up.log' 2>&1" \
-      --resume-cmd "bash '$out/resume.sh'" >"$out/loadgen.json" 2>"$out/loadgen.log"
-    while kill -0 "$(cat "$out/recorder.pid")" 2>/dev/null; do sleep 0.5; done
-    for _ in $(seq 20); do [[ -s $out/drain-nats.pb.gz ]] && break; sleep 0.5; done
+      --resume-cmd "CHATIFY_RUN_DIR=$run_dir CHATIFY_SKIP_BUILD=1 deploy/local/up.sh persister >>'$out/up.log' 2>&1 && touch '$out/resumed'" \
+      >"$out/loadgen.json" 2>"$out/loadgen.log" &
+    loadgen=$!
+    until [[ -e $out/resumed ]] || ! kill -0 "$loadgen" 2>/dev/null; do sleep 0.05; done
+    [[ -e $out/resumed ]] ||
+      { wait "$loadgen"; echo "the load generator ended before the drain ($out/loadgen.log)" >&2; exit 1; }
+    # Frame pointers: V8's compiled code keeps them, and the persister is a small share here.
+    record drain fp 4 "$hdb" "$(cpid persister)" &
+    recorder1=$!
+    go_profile drain-nats 4 &
+    recorder2=$!
+    vmstat -w 1 5 >"$out/vmstat.txt" 2>&1 &
+    recorder3=$!
+    wait "$loadgen"
+    wait "$recorder1" "$recorder2" "$recorder3"
     # shellcheck disable=SC2016 # JavaScript, not shell
     figure=$(node -e '
       const s = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));

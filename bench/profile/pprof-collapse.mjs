@@ -16,25 +16,28 @@ const raw = readFileSync(file);
 const buf = raw[0] === 0x1f && raw[1] === 0x8b ? gunzipSync(raw) : raw;
 
 // Protocol buffers: each field is a varint key (number << 3 | wire type) and a value.
+// varint(b, i): the varint at b[i] and the index after it.
+const varint = (b, i) => {
+  let v = 0n, shift = 0n;
+  for (;;) {
+    const byte = b[i++];
+    v |= BigInt(byte & 0x7f) << shift;
+    if (byte < 0x80) return [v, i];
+    shift += 7n;
+  }
+};
 function* fields(b, start = 0, end = b.length) {
-  let i = start;
-  const varint = () => {
-    let v = 0n, shift = 0n;
-    for (;;) {
-      const byte = b[i++];
-      v |= BigInt(byte & 0x7f) << shift;
-      if (byte < 0x80) return v;
-      shift += 7n;
-    }
-  };
+  let i = start, key, value, len;
   while (i < end) {
-    const key = Number(varint());
-    const field = key >> 3, wire = key & 7;
-    if (wire === 0) yield { field, value: varint() };
-    else if (wire === 2) {
-      const len = Number(varint());
-      yield { field, start: i, end: i + len };
-      i += len;
+    [key, i] = varint(b, i);
+    const field = Number(key >> 3n), wire = Number(key & 7n);
+    if (wire === 0) {
+      [value, i] = varint(b, i);
+      yield { field, value };
+    } else if (wire === 2) {
+      [len, i] = varint(b, i);
+      yield { field, start: i, end: i + Number(len) };
+      i += Number(len);
     } else if (wire === 1) { yield { field, value: b.readBigUInt64LE(i) }; i += 8; }
     else if (wire === 5) { yield { field, value: BigInt(b.readUInt32LE(i)) }; i += 4; }
     else throw new Error(`unsupported wire type ${wire} at ${i}`);
@@ -44,14 +47,8 @@ function* fields(b, start = 0, end = b.length) {
 const ints = (f, b) => {
   if (f.value !== undefined) return [f.value];
   const out = [];
-  for (let i = f.start; i < f.end;) {
-    let v = 0n, shift = 0n;
-    for (;;) {
-      const byte = b[i++];
-      v |= BigInt(byte & 0x7f) << shift;
-      if (byte < 0x80) break;
-      shift += 7n;
-    }
+  for (let i = f.start, v; i < f.end;) {
+    [v, i] = varint(b, i);
     out.push(v);
   }
   return out;
