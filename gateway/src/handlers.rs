@@ -1,6 +1,6 @@
 //! Socket.IO handlers: one named handler per client event.
 //!
-//! Each handler waits for its turn (see [`crate::session`]), checks the payload, does the work
+//! Each handler waits for its turn (see [`crate::turns`]), checks the payload, does the work
 //! and answers through [`crate::error::reply`]. A bad event is answered with an error and never
 //! closes the connection.
 
@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use chatify_shared::id::now_millis;
 use chatify_shared::wire::{
-    ChatMessage, ErrorCode, HistoryQuery, JOIN_HISTORY_LEN, Member, Notice, SINCE_HISTORY_MAX,
-    StoredMessage, Typing, TypingEvent,
+    ChatMessage, ErrorCode, Member, Notice, StoredMessage, Typing, TypingEvent,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -21,6 +20,7 @@ use uuid::Uuid;
 use crate::auth::{AuthError, Identity};
 use crate::bus::{Stored, dedup_key};
 use crate::error::{ChatError, Empty, reply};
+use crate::history;
 use crate::metrics as m;
 use crate::payload;
 use crate::session::{Ordered, Session};
@@ -147,8 +147,8 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                     .ok_or_else(|| ChatError::invalid("username is required"))?,
             };
             let room = request.room;
-            let already_in = session.username_in(&room).is_some();
-            if !already_in && session.room_count() >= app.limits.rooms_per_socket {
+            let already_in = session.rooms.username_in(&room).is_some();
+            if !already_in && session.rooms.count() >= app.limits.rooms_per_socket {
                 return Err(ChatError::new(
                     ErrorCode::TooManyRooms,
                     format!(
@@ -167,33 +167,16 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                     ),
                 ));
             }
-            let users = if already_in {
-                app.rooms.users(&room).await
+            // Joined first, then history: nothing stored meanwhile is missed. Without history a
+            // (re)joining client would silently miss messages, so a join whose history fails
+            // is undone.
+            let history = history::on_join(&app.bus, &room, request.since);
+            let (users, history) = if already_in {
+                (app.rooms.users(&room).await, history.await?)
             } else {
-                let users = app.rooms.join(&room, &socket, &username).await?;
-                session.add_room(&room, &username);
-                users
-            };
-            let query = HistoryQuery {
-                room: room.clone(),
-                before: None,
-                after: request.since,
-                limit: if request.since.is_some() {
-                    SINCE_HISTORY_MAX
-                } else {
-                    JOIN_HISTORY_LEN
-                },
-            };
-            let history = match app.bus.history(&query).await {
-                Ok(page) => page.messages,
-                Err(e) => {
-                    // Without history a (re)joining client would silently miss messages: undo.
-                    if !already_in {
-                        session.remove_room(&room);
-                        app.rooms.leave(&room, &socket).await;
-                    }
-                    return Err(e);
-                }
+                app.rooms
+                    .join(&socket, &session.rooms, &room, &username, history)
+                    .await?
             };
             if !already_in {
                 let welcome = Notice::new(&room, format!("Welcome {username}"));
@@ -226,6 +209,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
     run(app.clone(), s, event, "send_message", |session, v| async move {
         let request = payload::send(&v, &app.limits)?;
         let username = session
+            .rooms
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
         if !session.allow_send() {
@@ -284,43 +268,11 @@ async fn leave_room(s: SocketRef, State(app): State<App>, event: Ordered) {
         "leave_room",
         |session, v| async move {
             let room = payload::leave(&v, &app.limits)?;
-            session
-                .remove_room(&room)
-                .ok_or_else(|| ChatError::not_in_room(&room))?;
-            app.rooms.leave(&room, &socket).await;
+            app.rooms.leave(&socket, &session.rooms, &room).await?;
             Ok(Empty {})
         },
     )
     .await;
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Page {
-    pub messages: Vec<ChatMessage>,
-    pub has_more: bool,
-}
-
-/// One page of history, newest first (shared with the HTTP route).
-pub async fn history_page(
-    app: &App,
-    request: payload::HistoryPageRequest,
-) -> Result<Page, ChatError> {
-    let page = app
-        .bus
-        .history(&HistoryQuery {
-            room: request.room,
-            before: request.before,
-            after: None,
-            limit: request.limit,
-        })
-        .await?;
-    let mut messages = page.messages;
-    messages.reverse();
-    Ok(Page {
-        messages,
-        has_more: page.has_more,
-    })
 }
 
 async fn get_history(s: SocketRef, State(app): State<App>, event: Ordered) {
@@ -331,7 +283,7 @@ async fn get_history(s: SocketRef, State(app): State<App>, event: Ordered) {
         "get_history",
         |_session, v| async move {
             let request = payload::history(&v, &app.limits)?;
-            history_page(&app, request).await
+            history::page(&app.bus, request).await
         },
     )
     .await;
@@ -342,6 +294,7 @@ async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
     run(app.clone(), s, event, "typing", |session, v| async move {
         let request = payload::typing(&v, &app.limits)?;
         let username = session
+            .rooms
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
         app.bus
@@ -367,9 +320,7 @@ async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectR
         return;
     };
     let _turn = session.sequencer.ticket().turn().await;
-    for (room, _username) in session.take_rooms() {
-        app.rooms.leave(&room, &s).await;
-    }
+    app.rooms.leave_all(&s, &session.rooms).await;
 }
 
 fn emit<T: Serialize + ?Sized>(socket: &SocketRef, event: &'static str, data: &T) {

@@ -18,7 +18,7 @@ use socketioxide::layer::SocketIoLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::ChatError;
-use crate::handlers::history_page;
+use crate::history;
 use crate::payload;
 use crate::state::App;
 
@@ -152,7 +152,7 @@ async fn room_messages(
             params.get("limit").map(String::as_str),
             &state.app.limits,
         )?;
-        history_page(&state.app, request).await
+        history::page(&state.app.bus, request).await
     }
     .await;
     match result {

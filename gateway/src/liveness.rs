@@ -7,15 +7,69 @@
 //! re-announces its members (records may have been lost with NATS). A gateway that learns it
 //! was declared dead (it was cut off, not crashed) re-announces its members too.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use chatify_shared::subjects::{GATEWAY_DEAD_SUBJECT, GATEWAY_HEARTBEAT_SUBJECT, GatewayId};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::rooms::Rooms;
+use crate::registry::Rooms;
+
+/// When each other gateway was last heard of.
+pub struct Liveness {
+    /// This gateway, never listed.
+    me: GatewayId,
+    /// The others, by when they were last heard of (a heartbeat, or a presence announcement).
+    last_seen: Mutex<HashMap<GatewayId, Instant>>,
+}
+
+impl Liveness {
+    pub fn new(me: GatewayId) -> Self {
+        Self {
+            me,
+            last_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn last_seen(&self) -> MutexGuard<'_, HashMap<GatewayId, Instant>> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that `gateway` is alive now.
+    pub fn saw(&self, gateway: &GatewayId) {
+        if *gateway != self.me {
+            self.last_seen().insert(gateway.clone(), Instant::now());
+        }
+    }
+
+    /// Gateways not heard of for longer than `timeout`; they are forgotten here.
+    pub fn expired(&self, timeout: Duration) -> Vec<GatewayId> {
+        let mut last_seen = self.last_seen();
+        let expired: Vec<GatewayId> = last_seen
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() > timeout)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in &expired {
+            last_seen.remove(g);
+        }
+        expired
+    }
+
+    /// Forgets how long ago other gateways were heard of: after this gateway's own NATS outage,
+    /// their silence meant nothing.
+    pub fn reset(&self) {
+        let now = Instant::now();
+        for seen in self.last_seen().values_mut() {
+            *seen = now;
+        }
+    }
+}
 
 /// Publishes heartbeats, listens to the others' and sweeps the silent ones, until `shutdown`.
 pub async fn run(
@@ -53,19 +107,19 @@ pub async fn run(
                 if !was_connected {
                     tracing::info!("NATS is back: re-announcing members, giving other gateways a fresh timeout");
                     was_connected = true;
-                    rooms.reset_liveness();
+                    rooms.liveness.reset();
                     rooms.refresh_all().await;
                 }
                 if let Err(e) = nats.publish(GATEWAY_HEARTBEAT_SUBJECT, me.to_string().into()).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                 }
-                for gateway in rooms.expired_gateways(timeout) {
+                for gateway in rooms.liveness.expired(timeout) {
                     rooms.drop_gateway(&gateway).await;
                 }
             }
             Some(beat) = heartbeats.next() => {
                 if let Some(gateway) = parse(&beat.payload) {
-                    rooms.saw_gateway(&gateway);
+                    rooms.liveness.saw(&gateway);
                 }
             }
             Some(death) = deaths.next() => {
@@ -80,4 +134,35 @@ pub async fn run(
 
 fn parse(payload: &[u8]) -> Option<GatewayId> {
     std::str::from_utf8(payload).ok().and_then(GatewayId::parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silent_gateways_expire_once_and_a_reset_forgives_them() {
+        let (me, a, b) = (
+            GatewayId::random(),
+            GatewayId::random(),
+            GatewayId::random(),
+        );
+        let liveness = Liveness::new(me.clone());
+        liveness.saw(&me);
+        liveness.saw(&a);
+        liveness.saw(&b);
+        let timeout = Duration::from_millis(50);
+        assert!(liveness.expired(timeout).is_empty());
+        std::thread::sleep(Duration::from_millis(60));
+        liveness.saw(&b);
+        assert_eq!(
+            liveness.expired(timeout),
+            vec![a.clone()],
+            "itself is never listed"
+        );
+        assert!(liveness.expired(timeout).is_empty(), "expired once");
+        std::thread::sleep(Duration::from_millis(60));
+        liveness.reset();
+        assert!(liveness.expired(timeout).is_empty(), "b was forgiven");
+    }
 }

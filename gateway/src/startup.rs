@@ -22,7 +22,8 @@ use crate::connections::ConnectionLimiter;
 use crate::handlers;
 use crate::http::{self, HttpState, Origins};
 use crate::lifecycle::Lifecycle;
-use crate::rooms::Rooms;
+use crate::presence::Presence;
+use crate::registry::Rooms;
 use crate::state::{App, AppInner};
 use crate::tcp;
 
@@ -78,7 +79,8 @@ impl Application {
         let js = async_nats::jetstream::new(nats.clone());
         let messages = bus::ensure_messages_stream(&js, &settings.stream).await?;
         let presence = bus::ensure_presence_stream(&js, settings.stream.replicas).await?;
-        let rooms = Arc::new(Rooms::new(nats.clone(), js, presence, GatewayId::random()));
+        let presence = Presence::new(nats.clone(), js, presence, GatewayId::random());
+        let rooms = Arc::new(Rooms::new(nats.clone(), presence));
         let app = App::new(AppInner {
             limits: settings.limits.clone(),
             bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),
@@ -106,7 +108,7 @@ impl Application {
             .connect_timeout(Duration::from_millis(gw.connect_timeout_ms))
             .build_layer();
         io.ns("/", handlers::on_connect.with(handlers::accept));
-        rooms.set_io(io.clone());
+        rooms.delivery.set_io(io.clone());
 
         let router = http::router(
             HttpState {

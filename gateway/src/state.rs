@@ -9,7 +9,7 @@ use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
 use crate::lifecycle::Lifecycle;
-use crate::rooms::Rooms;
+use crate::registry::Rooms;
 
 /// Shared gateway state; cheap to clone.
 #[derive(Clone)]

@@ -1,0 +1,217 @@
+//! Delivery to this gateway's sockets: each room with local members has one listener task on
+//! the room's subjects, which hands stored messages (in stream order, see [`Reorder`]), typing
+//! and presence changes to the room's local sockets.
+
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use chatify_shared::subjects::{RoomEventKind, room_event_kind};
+use chatify_shared::wire::{ChatMessage, Notice, PresenceEvent, StoredMessage, TypingEvent};
+use futures::StreamExt;
+use serde::Serialize;
+use socketioxide::SocketIo;
+use socketioxide::operators::BroadcastOperators;
+use socketioxide::socket::Sid;
+
+use crate::metrics as m;
+use crate::order::Reorder;
+use crate::registry::{Room, Rooms};
+
+/// How long a membership change waits for others before the room gets `chatroom_users`. Each
+/// emission carries the whole list to every member, so a join storm of n members would send n
+/// lists of up to n entries to each of them (n² entries per member) and overflow their outgoing
+/// queues, join acks included; coalesced, a storm sends one list per interval.
+const USERS_COALESCE: Duration = Duration::from_millis(50);
+
+/// Emits to this gateway's sockets.
+#[derive(Default)]
+pub struct Delivery {
+    /// The Socket.IO server; set once it exists (it is built after the registry).
+    io: OnceLock<SocketIo>,
+}
+
+impl Delivery {
+    pub fn set_io(&self, io: SocketIo) {
+        let _ = self.io.set(io);
+    }
+
+    /// The room's sockets on this gateway; `None` before the server exists and once it is
+    /// closed. `SocketIo::close` removes the namespace, and `SocketIo::to` panics without it,
+    /// while the room listeners still run during shutdown.
+    fn to_room(&self, room: &str) -> Option<BroadcastOperators> {
+        Some(self.io.get()?.of("/")?.to(room.to_owned()))
+    }
+
+    /// Everyone in the room on this gateway but `socket_id` (when that socket is here); `None`
+    /// as [`Delivery::to_room`].
+    fn to_others(&self, room: &str, socket_id: &str) -> Option<BroadcastOperators> {
+        let namespace = self.io.get()?.of("/")?;
+        Some(
+            match Sid::from_str(socket_id)
+                .ok()
+                .and_then(|sid| namespace.get_socket(sid))
+            {
+                Some(socket) => socket.to(room.to_owned()),
+                None => namespace.to(room.to_owned()),
+            },
+        )
+    }
+
+    /// Emits `event` to the room's local sockets, but `except` (a socket id) when given.
+    pub async fn emit<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        except: Option<&str>,
+        event: &'static str,
+        data: &T,
+    ) {
+        let to = match except {
+            Some(socket_id) => self.to_others(room, socket_id),
+            None => self.to_room(room),
+        };
+        if let Some(to) = to {
+            log_emit(event, to.emit(event, data).await);
+        }
+    }
+
+    /// A `ChatBot` notice to the room's local sockets, but `except`.
+    pub async fn notice(&self, room: &str, text: String, except: Option<&str>) {
+        let notice = Notice::new(room, text);
+        self.emit(room, except, "receive_message", &notice).await;
+    }
+
+    async fn messages(&self, room: &Room, messages: Vec<ChatMessage>) {
+        for message in messages {
+            let members = room.local_count.load(Ordering::Relaxed);
+            metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
+            metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
+            self.emit(&room.name, None, "receive_message", &message)
+                .await;
+        }
+    }
+}
+
+/// Sends the room's local sockets `chatroom_users` within [`USERS_COALESCE`], with the list as
+/// it is then; changes until then share the one emission.
+pub fn users_changed(rooms: &Arc<Rooms>, room: &Arc<Room>) {
+    if room.users_pending.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (rooms, room) = (rooms.clone(), room.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(USERS_COALESCE).await;
+        room.users_pending.store(false, Ordering::Release);
+        let Some(users) = room.users().await else {
+            return;
+        };
+        rooms
+            .delivery
+            .emit(&room.name, None, "chatroom_users", &users)
+            .await;
+    });
+}
+
+/// Delivers the room's subjects to local sockets until the subscription ends or the task is
+/// aborted (when the room's last local member leaves): chat messages in stream order (see
+/// [`Reorder`]), the rest in the order NATS delivers them.
+pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_nats::Subscriber) {
+    let mut order = Reorder::default();
+    loop {
+        let gap_deadline = order.deadline();
+        let message = tokio::select! {
+            message = subscriber.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            () = sleep_until_some(gap_deadline) => {
+                let held = order.expire();
+                metrics::counter!(m::ORDER_GAPS).increment(1);
+                tracing::debug!(room = %room.name, held = held.len(), "a message never arrived; delivering the ones after it");
+                rooms.delivery.messages(&room, held).await;
+                continue;
+            }
+        };
+        match room_event_kind(&message.subject) {
+            Some(RoomEventKind::Message) => match republished(&message) {
+                Some((sequence, previous, chat)) => {
+                    let ready = order.push(sequence, previous, chat, Instant::now());
+                    rooms.delivery.messages(&room, ready).await;
+                }
+                None => tracing::warn!("undecodable chat message on the room subject"),
+            },
+            Some(RoomEventKind::Typing) => {
+                match serde_json::from_slice::<TypingEvent>(&message.payload) {
+                    Ok(event) => {
+                        rooms
+                            .delivery
+                            .emit(&room.name, Some(&event.socket_id), "typing", &event.typing)
+                            .await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "undecodable typing event"),
+                }
+            }
+            Some(RoomEventKind::Presence) => {
+                match serde_json::from_slice::<PresenceEvent>(&message.payload) {
+                    Ok(event) => rooms.on_presence(&room, event).await,
+                    Err(e) => tracing::warn!(error = %e, "undecodable presence event"),
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// A message the stream republished: its sequence, the sequence of the room's message before
+/// it, and the message with the id its sequence gives it.
+fn republished(message: &async_nats::Message) -> Option<(u64, u64, ChatMessage)> {
+    let headers = message.headers.as_ref()?;
+    let number = |name| headers.get(name)?.as_str().parse::<u64>().ok();
+    let sequence = number(async_nats::header::NATS_SEQUENCE)?;
+    let previous = number(async_nats::header::NATS_LAST_SEQUENCE)?;
+    let stored = serde_json::from_slice::<StoredMessage>(&message.payload).ok()?;
+    Some((sequence, previous, stored.into_message(sequence)))
+}
+
+/// Waits until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError>) {
+    if let Err(e) = result {
+        // Typically clients whose outgoing queue is full (they stopped reading): one drop each.
+        let sockets = match &e {
+            socketioxide::BroadcastError::Socket(failed) => failed.len(),
+            _ => 1,
+        };
+        metrics::counter!(m::DELIVERY_DROPS, "event" => event).increment(sockets as u64);
+        tracing::debug!(event, sockets, error = %e, "some sockets could not be sent to");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socketioxide::extract::SocketRef;
+
+    /// The room listeners outlive `SocketIo::close` during shutdown: what they deliver then
+    /// finds no room (it used to panic in `SocketIo::to`).
+    #[tokio::test]
+    async fn a_closed_server_has_no_rooms_to_deliver_to() {
+        let delivery = Delivery::default();
+        assert!(delivery.to_room("general").is_none(), "no server yet");
+        let (_layer, io) = SocketIo::new_layer();
+        io.ns("/", |_: SocketRef| async {});
+        delivery.set_io(io.clone());
+        assert!(delivery.to_room("general").is_some());
+        assert!(delivery.to_others("general", "not-a-socket-id").is_some());
+        io.close().await;
+        assert!(delivery.to_room("general").is_none());
+        assert!(delivery.to_others("general", "not-a-socket-id").is_none());
+    }
+}

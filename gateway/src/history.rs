@@ -1,0 +1,56 @@
+//! History for clients: the page `get_history` and the HTTP route answer, and the messages a
+//! join sends. The persisters hold the messages (see [`crate::bus::Bus::history`]).
+
+use chatify_shared::wire::{ChatMessage, HistoryQuery, JOIN_HISTORY_LEN, SINCE_HISTORY_MAX};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::bus::Bus;
+use crate::error::ChatError;
+use crate::payload::HistoryPageRequest;
+
+/// A page of history, newest first.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Page {
+    pub messages: Vec<ChatMessage>,
+    pub has_more: bool,
+}
+
+/// One page back from `before`, newest first.
+pub async fn page(bus: &Bus, request: HistoryPageRequest) -> Result<Page, ChatError> {
+    let page = bus
+        .history(&HistoryQuery {
+            room: request.room,
+            before: request.before,
+            after: None,
+            limit: request.limit,
+        })
+        .await?;
+    let mut messages = page.messages;
+    messages.reverse();
+    Ok(Page {
+        messages,
+        has_more: page.has_more,
+    })
+}
+
+/// What a join sends, oldest first: the newest [`JOIN_HISTORY_LEN`] messages, or with `since`
+/// the messages after it (at most [`SINCE_HISTORY_MAX`], the newest of them).
+pub async fn on_join(
+    bus: &Bus,
+    room: &str,
+    since: Option<Uuid>,
+) -> Result<Vec<ChatMessage>, ChatError> {
+    let query = HistoryQuery {
+        room: room.to_owned(),
+        before: None,
+        after: since,
+        limit: if since.is_some() {
+            SINCE_HISTORY_MAX
+        } else {
+            JOIN_HISTORY_LEN
+        },
+    };
+    Ok(bus.history(&query).await?.messages)
+}
