@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite against Chatify and the Node socket.io reference peer in one run, and
-# writes the medians, ratios and targets of issue 5 to bench/RESULTS.md (raw JSON summaries and
+# writes the medians, ratios and performance targets to bench/RESULTS.md (raw JSON summaries and
 # logs under target/bench/<UTC time>/).
 #
 #   bench/run.sh               every scenario, 3 repeats each (about 40 minutes on 2 cores)

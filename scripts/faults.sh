@@ -15,7 +15,7 @@
 #   4. stops everything (also on failure or ctrl-c); logs of a failed run go to target/faults/logs/.
 # Exits non-zero when any count is not zero or any check fails.
 #
-# Default sizes are reduced (a few minutes on two cores); --full uses the sizes (100,000
+# Default sizes are reduced (a few minutes on two cores); --full uses the full sizes (100,000
 # messages, SIGKILL every 5-20 s, HarperDB down 2 minutes...). Every size can be overridden with
 # its FAULTS_* variable (listed in tests/faults/README.md), e.g. FAULTS_PERSISTER_MESSAGES=20000.
 # Set FAULTS_KEEP_LOGS=1 to keep the logs of a passing run too; FAULTS_TIMEOUT_S bounds the whole

@@ -1,5 +1,5 @@
-// Reference peer for the Chatify benchmark: the Chatify wire contract (shared/contract.md,
-// README "Client API") as a plain Node socket.io 4.8 server, written the way a Node user would.
+// Reference peer for the Chatify benchmark: the Chatify wire contract (docs/contract.md) as a
+// plain Node socket.io 4.8 server, written the way a Node user would.
 //
 // Everything is in memory. With REDIS_URL set, several processes form one cluster through
 // @socket.io/redis-adapter: broadcasts (notices, typing, chatroom_users) go through Redis,

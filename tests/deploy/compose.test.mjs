@@ -13,7 +13,7 @@ import {
   dockerfile,
   parseYamlDocuments,
   portOf,
-  readmeConfig,
+  configTable,
   readRepo,
   repoPath,
   shellArray,
@@ -34,7 +34,7 @@ const haproxyCfg = readRepo("deploy/haproxy/haproxy.cfg");
 const natsConf = readRepo("deploy/nats/nats.conf");
 const serveMjs = readRepo("web/serve.mjs");
 const WEB_DOCKERFILE = "deploy/docker/web.Dockerfile";
-const config = readmeConfig();
+const config = configTable();
 
 const components = shellArray(libSh, "CHATIFY_COMPONENTS");
 const defaults = shellDefaults(libSh);
@@ -155,7 +155,7 @@ describe("docker-compose.yml", () => {
     assert.equal(Number(environment(services.harperdb).get("HTTP_PORT")), defaultPort("CHATIFY_HDB_HTTP_PORT"));
   });
 
-  test("every CHATIFY_* name compose uses is a README config key or a variable of up.sh/lib.sh", () => {
+  test("every CHATIFY_* name compose uses is a documented config key or a variable of up.sh/lib.sh", () => {
     const names = new Set();
     for (const service of Object.values(services)) {
       for (const name of environment(service).keys()) if (name.startsWith("CHATIFY_")) names.add(name);
@@ -189,7 +189,7 @@ describe("docker-compose.yml", () => {
         assert.ok(env.get(name).startsWith(`\${${variable}`), `harperdb ${name} should come from ${variable}`);
       }
     }
-    // The admin user is the one the binaries log in with, defaulting like lib.sh and README.md.
+    // The admin user is the one the binaries log in with, defaulting like lib.sh and docs/configuration.md.
     const binaries = environment(services.persister);
     assert.equal(env.get("HDB_ADMIN_USERNAME"), binaries.get("CHATIFY_HARPERDB__USERNAME"));
     assert.equal(env.get("HDB_ADMIN_PASSWORD"), binaries.get("CHATIFY_HARPERDB__PASSWORD"));
@@ -361,15 +361,15 @@ describe("docker-compose.yml", () => {
   });
 
   test("the gateways allow the chat page's origin, in compose as in up.sh", () => {
-    const readmeDefault = config.get("CHATIFY_CORS__ALLOWED_ORIGINS").default;
-    assert.equal(readmeDefault, "http://localhost:3000");
+    const documentedDefault = config.get("CHATIFY_CORS__ALLOWED_ORIGINS").default;
+    assert.equal(documentedDefault, "http://localhost:3000");
     const webPort = Number(String(services.web.ports[0]).split(":")[1]);
     for (const name of ["gateway1", "gateway2"]) {
       const value = environment(services[name]).get("CHATIFY_CORS__ALLOWED_ORIGINS");
       const m = /^\$\{CHATIFY_CORS__ALLOWED_ORIGINS:-(.+)\}$/.exec(value);
       assert.ok(m, `${name}: the caller's CHATIFY_CORS__ALLOWED_ORIGINS wins, else a default (${value})`);
       const origins = m[1].split(",");
-      assert.ok(origins.includes(readmeDefault), `${name} keeps the original client's origin`);
+      assert.ok(origins.includes(documentedDefault), `${name} keeps the original client's origin`);
       assert.ok(origins.includes(`http://localhost:${webPort}`), `${name} allows the page on localhost:${webPort}`);
     }
     // up.sh's allowed_origins(), run by bash: the caller's value, else http://localhost:3000 plus

@@ -1,5 +1,5 @@
 // Shared helpers of the deploy checks: reading the repository's files, parsing YAML the way
-// Kubernetes does, the README configuration table, and the few shell constructs of
+// Kubernetes does, the configuration table of docs/configuration.md, and the few shell constructs of
 // deploy/local/*.sh that the checks compare against.
 import { readFileSync } from "node:fs";
 import path from "node:path";
@@ -39,20 +39,23 @@ export function parseYamlFile(rel, options) {
   return parseYamlDocuments(readRepo(rel), rel, options);
 }
 
-/** `nested.key` → `CHATIFY_NESTED__KEY`, as README.md's "Configuration" section says. */
+/** `nested.key` → `CHATIFY_NESTED__KEY`, as docs/configuration.md says. */
 export const envNameOfKey = (key) => `CHATIFY_${key.split(".").join("__").toUpperCase()}`;
 
+/** Where every configuration key is documented, with its default. */
+export const CONFIG_DOC = "docs/configuration.md";
+
 /**
- * The configuration reference table of README.md ("## Configuration"): a Map from env name
+ * The configuration reference table of docs/configuration.md ("## Configuration"): a Map from env name
  * (derived from the key: `gateway.port` → `CHATIFY_GATEWAY__PORT`) to
  * { key, default, written } — `default` as written without backticks, `written` the name in the
  * table's "environment variable" column when it has one. A row naming two keys (`a` / `b`)
  * gives two entries, with the other columns split the same way. Columns are found by their
  * headers ("key", "default", and optionally "environment variable").
  */
-export function readmeConfig(text = readRepo("README.md")) {
+export function configTable(text = readRepo(CONFIG_DOC)) {
   const start = text.search(/^## Configuration\s*$/m);
-  if (start < 0) throw new Error('README.md has no "## Configuration" section');
+  if (start < 0) throw new Error(`${CONFIG_DOC} has no "## Configuration" section`);
   const rest = text.slice(start + 1);
   const end = rest.search(/^## /m);
   const section = end < 0 ? rest : rest.slice(0, end);
@@ -61,12 +64,12 @@ export function readmeConfig(text = readRepo("README.md")) {
     .filter((line) => line.trim().startsWith("|"))
     .map((line) => line.trim().replace(/^\||\|$/g, "").split("|").map((c) => c.trim()));
   const header = rows.find((cells) => cells.some((c) => c.toLowerCase() === "key"));
-  if (!header) throw new Error('README.md "## Configuration" has no table with a "key" column');
+  if (!header) throw new Error(`${CONFIG_DOC} "## Configuration" has no table with a "key" column`);
   const column = (name) => header.findIndex((c) => c.toLowerCase() === name);
   const keyCol = column("key");
   const defaultCol = column("default");
   const envCol = header.findIndex((c) => /environment/i.test(c));
-  if (defaultCol < 0) throw new Error('README.md configuration table has no "default" column');
+  if (defaultCol < 0) throw new Error(`${CONFIG_DOC}'s configuration table has no "default" column`);
   const split = (cell, n) => {
     const parts = (cell ?? "").split(" / ").map((p) => p.replaceAll("`", "").trim());
     return parts.length === n ? parts : Array(n).fill((cell ?? "").replaceAll("`", "").trim());

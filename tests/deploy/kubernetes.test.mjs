@@ -1,6 +1,6 @@
 // Offline checks of deploy/kubernetes/: every manifest parses and validates against the
 // Kubernetes schemas, and the pieces agree with each other, with the Dockerfile, with
-// deploy/local/ and with README.md's configuration table.
+// deploy/local/ and with the configuration table of docs/configuration.md.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -9,7 +9,7 @@ import {
   dockerfile,
   parseYamlDocuments,
   parseYamlFile,
-  readmeConfig,
+  configTable,
   readRepo,
   repoPath,
   shellAssignment,
@@ -32,7 +32,7 @@ const app = loadKustomization(DIR);
 const harperdb = loadKustomization(`${DIR}/harperdb`);
 const [secretExample] = parseYamlFile(`${DIR}/secret.example.yaml`);
 const [natsValues] = parseYamlFile(`${DIR}/nats-values.yaml`);
-const config = readmeConfig();
+const config = configTable();
 const docker = dockerfile();
 
 const all = [...app.objects, ...harperdb.objects].map((o) => o.object);
@@ -70,7 +70,7 @@ function environment(container) {
   return env;
 }
 
-/** Env names that are not keys of README.md's configuration table. */
+/** Env names that are not keys of docs/configuration.md's table. */
 function unknownConfigNames(names) {
   return [...names].filter((n) => !config.has(n));
 }
@@ -83,11 +83,11 @@ function containerPort(container, port) {
   return named.containerPort;
 }
 
-/** The value of a setting: the container's env if set, else README's default. */
+/** The value of a setting: the container's env if set, else the documented default. */
 function setting(container, name) {
   const entry = environment(container).get(name);
   if (entry && "value" in entry) return entry.value;
-  assert.ok(config.has(name), `${name} is not in README.md's configuration table`);
+  assert.ok(config.has(name), `${name} is not in docs/configuration.md's table`);
   return config.get(name).default;
 }
 
@@ -301,8 +301,8 @@ describe("persister", () => {
 });
 
 describe("configuration", () => {
-  test("README.md's configuration table is read, and its env column matches its keys", () => {
-    assert.ok(config.size >= 30, `only ${config.size} keys read from README.md`);
+  test("docs/configuration.md's table is read, and its env column matches its keys", () => {
+    assert.ok(config.size >= 30, `only ${config.size} keys read from docs/configuration.md`);
     assert.equal(config.get("CHATIFY_GATEWAY__PORT")?.key, "gateway.port");
     assert.equal(config.get("CHATIFY_GATEWAY__PORT")?.default, "4001");
     assert.equal(config.get("CHATIFY_HARPERDB__PASSWORD")?.key, "harperdb.password");
@@ -310,23 +310,23 @@ describe("configuration", () => {
     assert.deepEqual(mismatched, []);
   });
 
-  test("the README table parser reads both layouts, with and without the env column", () => {
+  test("the configuration table parser reads both layouts, with and without the env column", () => {
     for (const table of [
       "| key | default | meaning |\n|---|---|---|\n| `a.b` / `a.c_d` | `1` / empty | x |\n",
       "| key | environment variable | default | meaning |\n|---|---|---|---|\n| `a.b` / `a.c_d` | `CHATIFY_A__B` / `CHATIFY_A__C_D` | `1` / empty | x |\n",
     ]) {
-      const parsed = readmeConfig(`# T\n\n## Configuration\n\n${table}\n## Next\n| \`z.z\` | 1 | 2 |\n`);
+      const parsed = configTable(`# T\n\n## Configuration\n\n${table}\n## Next\n| \`z.z\` | 1 | 2 |\n`);
       assert.deepEqual([...parsed.keys()], ["CHATIFY_A__B", "CHATIFY_A__C_D"]);
       assert.equal(parsed.get("CHATIFY_A__B").default, "1");
       assert.equal(parsed.get("CHATIFY_A__C_D").default, "empty");
     }
   });
 
-  test("every env name the binaries get is a key of README.md's configuration table", () => {
+  test("every env name the binaries get is a key of docs/configuration.md's table", () => {
     for (const container of [gatewayContainer, persisterContainer]) {
       const names = [...environment(container).keys()];
       assert.ok(names.length >= 5);
-      assert.deepEqual(unknownConfigNames(names), [], `${container.name}: names not in README.md`);
+      assert.deepEqual(unknownConfigNames(names), [], `${container.name}: names not in docs/configuration.md`);
       for (const [name, entry] of environment(container)) {
         if ("value" in entry) assert.equal(typeof entry.value, "string", `${name} must be a string`);
       }

@@ -1,4 +1,4 @@
-// CHATIFY_NATS_SYNC, the one switch for JetStream's fsync (README "Guarantees"): deploy/nats/start.sh
+// CHATIFY_NATS_SYNC, the one switch for JetStream's fsync (docs/guarantees.md): deploy/nats/start.sh
 // runs the real nats-server with it, and these tests read back from the server's own /varz what
 // it took. They need Debian's nats-server and the newer one deploy/local/install.sh fetches when
 // the variable is set (scripts/test.sh installs it).

@@ -1,5 +1,5 @@
 // Sizes of the fault scenarios: reduced (the default, what scripts/test.sh runs) and full
-// (scripts/faults.sh --full, the sizes). Every one can be overridden by its environment
+// (scripts/faults.sh --full, the full sizes). Every one can be overridden by its environment
 // variable.
 
 export const SIZES = {
@@ -47,7 +47,7 @@ export function loadSizes(full) {
   return out;
 }
 
-/** Server settings the harness relies on (scripts/faults.sh exports them; defaults as the README's). */
+/** Server settings the harness relies on (scripts/faults.sh exports them; defaults as in docs/configuration.md). */
 export const serverSetting = (name, dflt) => {
   const v = process.env[name];
   return v === undefined || v === "" ? dflt : Number(v);
