@@ -66,9 +66,16 @@ component_ports() {
   esac
 }
 
-# Settings common to both binaries; the caller's other CHATIFY_* variables are inherited as is.
+# `env` arguments for both binaries: first `-u` for each of the caller's CHATIFY_* variables
+# that belong to this script (ports, the run dir: names without "__"), which the binaries would
+# report as unknown settings; then the settings common to both. The caller's other CHATIFY_*
+# variables (settings, and CHATIFY_CONFIG) are inherited as they are.
 # NO_COLOR: their output goes to a log file, not a terminal.
 binary_env() {
+  local name
+  while read -r name; do
+    [[ $name == *__* || $name == CHATIFY_CONFIG ]] || printf '%s\0' -u "$name"
+  done < <(compgen -e CHATIFY_)
   printf '%s\0' \
     "CHATIFY_NATS__URL=nats://127.0.0.1:$CHATIFY_NATS_PORT" \
     "CHATIFY_HARPERDB__URL=http://127.0.0.1:$CHATIFY_HDB_PORT" \

@@ -4,7 +4,7 @@ use chatify_shared::{Settings, healthcheck, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::load().context("while loading configuration")?;
+    let (settings, unknown_keys) = Settings::load().context("while loading configuration")?;
     if healthcheck::requested() {
         let gw = &settings.gateway;
         return healthcheck::probe(&gw.host, gw.port)
@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
             .context("while checking the gateway's health");
     }
     telemetry::init(&settings.log).context("while setting up logging")?;
+    chatify_shared::config::warn_unknown(&unknown_keys);
     let app = Application::build(settings)
         .await
         .context("while starting the gateway")?;

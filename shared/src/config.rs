@@ -5,7 +5,8 @@
 //! The file is `chatify.toml` in the working directory if it exists, or the file named by
 //! `CHATIFY_CONFIG` (which must then exist).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,6 +28,39 @@ pub enum ConfigError {
     Source(#[from] config::ConfigError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// A setting the configuration names that Chatify does not have: most likely a typo, which
+/// would otherwise leave the setting at its default without a word. Reported at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnknownKey {
+    /// A `CHATIFY_` environment variable that is no setting (nor `CHATIFY_CONFIG`).
+    Variable(String),
+    /// A key of the configuration file that is no setting.
+    FileKey { file: PathBuf, key: String },
+}
+
+impl fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Variable(name) => write!(
+                f,
+                "the environment variable {name} is not a Chatify setting and is ignored"
+            ),
+            Self::FileKey { file, key } => write!(
+                f,
+                "{key:?} in {} is not a Chatify setting and is ignored",
+                file.display()
+            ),
+        }
+    }
+}
+
+/// Logs each unknown key as a warning (once logging is set up).
+pub fn warn_unknown(unknown: &[UnknownKey]) {
+    for key in unknown {
+        tracing::warn!("{key}; see docs/configuration.md for the settings");
+    }
 }
 
 /// Every setting of both binaries; each reads the sections it needs.
@@ -324,19 +358,22 @@ fn redacted_option<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result
 }
 
 impl Settings {
-    /// Loads `.env`, then the layers from the process environment.
-    pub fn load() -> Result<Self, ConfigError> {
+    /// Loads `.env`, then the layers from the process environment. Also returns the keys the
+    /// file or the environment named that are no settings.
+    pub fn load() -> Result<(Self, Vec<UnknownKey>), ConfigError> {
         match dotenvy::dotenv() {
             Ok(_) => {}
             Err(e) if e.not_found() => {}
             Err(e) => return Err(e.into()),
         }
         let env: HashMap<String, String> = std::env::vars().collect();
-        let file = match env.get(CONFIG_FILE_VAR) {
-            Some(path) => Some((PathBuf::from(path), true)),
-            None => Some((PathBuf::from(DEFAULT_CONFIG_FILE), false)),
+        let (path, required) = match env.get(CONFIG_FILE_VAR) {
+            Some(path) => (PathBuf::from(path), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
         };
-        Self::load_from(file.as_ref().map(|(p, req)| (p.as_path(), *req)), env)
+        let unknown = unknown_keys(Some(&path), &env)?;
+        let settings = Self::load_from(Some((path.as_path(), required)), env)?;
+        Ok((settings, unknown))
     }
 
     /// Builds settings from defaults, an optional file (`(path, required)`) and the given
@@ -424,6 +461,74 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Every setting's key (`gateway.port`), from the defaults.
+fn known_keys() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    leaf_keys(
+        "",
+        &serde_json::to_value(Settings::default()).unwrap_or_default(),
+        &mut keys,
+    );
+    keys
+}
+
+/// The dotted keys of the leaves of a nested map (a list is a leaf).
+fn leaf_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaf_keys(&key, v, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_owned());
+        }
+    }
+}
+
+/// The keys the file (if it exists) and the `CHATIFY_` variables name that are no settings.
+pub fn unknown_keys(
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+) -> Result<Vec<UnknownKey>, ConfigError> {
+    let known = known_keys();
+    let mut unknown = Vec::new();
+    if let Some(path) = file.filter(|p| p.exists()) {
+        let contents: serde_json::Value = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        let mut keys = BTreeSet::new();
+        leaf_keys("", &contents, &mut keys);
+        unknown.extend(
+            keys.into_iter()
+                .filter(|k| !k.is_empty() && !known.contains(k))
+                .map(|key| UnknownKey::FileKey {
+                    file: path.to_owned(),
+                    key,
+                }),
+        );
+    }
+    let mut variables: Vec<&String> = env
+        .keys()
+        .filter(|name| name.starts_with("CHATIFY_") && *name != CONFIG_FILE_VAR)
+        .filter(|name| {
+            let key = name["CHATIFY_".len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            !known.contains(&key)
+        })
+        .collect();
+    variables.sort();
+    unknown.extend(variables.into_iter().cloned().map(UnknownKey::Variable));
+    Ok(unknown)
 }
 
 #[cfg(test)]
@@ -654,6 +759,59 @@ mod tests {
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2-password"), "{debug}");
         assert!(!debug.contains("jwt-secret-value"), "{debug}");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_variables_and_file_keys_are_named() -> Result<(), Box<dyn std::error::Error>> {
+        let mut file = tempfile::NamedTempFile::with_suffix(".toml")?;
+        writeln!(
+            file,
+            "[gateway]\nport = 5001\nprot = 5002\n[limit]\nrooms_per_socket = 7\n[cors]\nallowed_origins = [\"http://a\"]"
+        )?;
+        let env = env(&[
+            ("CHATIFY_GATEWAY__PORT", "6001"),
+            ("CHATIFY_GATEWAY_PORT", "6002"),
+            ("CHATIFY_AUTH__JWT_SECRET", "k"),
+            ("CHATIFY_CONFIG", "x.toml"),
+            ("CHATIFY_LIMITS__ROOMS_PER_SOKCET", "3"),
+            ("OTHER", "x"),
+        ]);
+        let unknown = unknown_keys(Some(file.path()), &env)?;
+        let path = file.path().to_owned();
+        assert_eq!(
+            unknown,
+            vec![
+                UnknownKey::FileKey {
+                    file: path.clone(),
+                    key: "gateway.prot".into()
+                },
+                UnknownKey::FileKey {
+                    file: path,
+                    key: "limit.rooms_per_socket".into()
+                },
+                UnknownKey::Variable("CHATIFY_GATEWAY_PORT".into()),
+                UnknownKey::Variable("CHATIFY_LIMITS__ROOMS_PER_SOKCET".into()),
+            ]
+        );
+        assert!(
+            unknown[2]
+                .to_string()
+                .contains("CHATIFY_GATEWAY_PORT is not a Chatify setting"),
+            "{}",
+            unknown[2]
+        );
+        // Every documented key is known, in the file and in the environment.
+        let all: HashMap<String, String> = known_keys()
+            .into_iter()
+            .map(|k| {
+                (
+                    format!("CHATIFY_{}", k.replace('.', "__").to_uppercase()),
+                    "1".into(),
+                )
+            })
+            .collect();
+        assert_eq!(unknown_keys(None, &all)?, Vec::new());
         Ok(())
     }
 }

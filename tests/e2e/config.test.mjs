@@ -20,6 +20,9 @@ before(async () => {
     CHATIFY_LIMITS__MESSAGES_PER_SECOND: "1",
     CHATIFY_LIMITS__MESSAGE_BURST: "3",
     CHATIFY_LIMITS__MAX_PAYLOAD_BYTES: "4096",
+    // Misspelled: a single "_" and a wrong key. Reported at start, never silently ignored.
+    CHATIFY_LIMITS_ROOMS_PER_SOCKET: "7",
+    CHATIFY_LIMITS__ROOMS_PER_SOKCET: "7",
   });
 });
 
@@ -29,6 +32,15 @@ after(async () => {
 });
 
 describe("configured limits and origins", () => {
+  test("a CHATIFY_ variable that is no setting is named in a warning at start", () => {
+    const log = gw.proc.logTail(100_000);
+    for (const name of ["CHATIFY_LIMITS_ROOMS_PER_SOCKET", "CHATIFY_LIMITS__ROOMS_PER_SOKCET"]) {
+      assert.match(log, new RegExp(`WARN.*${name} is not a Chatify setting`), `no warning for ${name} in:\n${log.slice(0, 3000)}`);
+    }
+    assert.doesNotMatch(log, /CHATIFY_LIMITS__ROOMS_PER_SOCKET is not/, "a real setting was reported");
+    assert.doesNotMatch(log, /CHATIFY_(RUN_DIR|LB_URL|NATS_URL) is not/, "the run dir's own variables reached the gateway");
+  });
+
   test("allowed origins come from configuration", async () => {
     for (const origin of ["http://a.test", "http://b.test:8080"]) {
       const hs = await pollingHandshake(gw.url, { origin });

@@ -555,6 +555,17 @@ process.on("exit", () => {
   }
 });
 
+/**
+ * The environment for a Chatify binary: `env` without the CHATIFY_* variables of the scripts and
+ * the run dir (ports, URLs: names without "__"), which the binaries would warn about as unknown
+ * settings, and without unset (undefined) entries.
+ */
+export function binaryEnv(env) {
+  return Object.fromEntries(
+    Object.entries(env).filter(([k, v]) => v !== undefined && (!k.startsWith("CHATIFY_") || k.includes("__") || k === "CHATIFY_CONFIG")),
+  );
+}
+
 /** Spawns a long-running process with output in a log file. Returns a handle with stop(). */
 export function startProcess(cmd, args, { env, name }) {
   // one log per process name, overwritten by the next run (names are unique within a run)
@@ -618,8 +629,7 @@ export async function startGateway(name, extraEnv = {}, { waitReady = true, time
     CHATIFY_GATEWAY__NAME: name,
     ...extraEnv,
   };
-  for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
-  const proc = startProcess(bin, [], { env, name });
+  const proc = startProcess(bin, [], { env: binaryEnv(env), name });
   const url = `http://127.0.0.1:${port}`;
   if (waitReady) {
     try {
@@ -651,7 +661,7 @@ export async function startPersister(name, extraEnv = {}, { timeoutMs = 30000 } 
     CHATIFY_PERSISTER__PORT: String(port),
     ...extraEnv,
   };
-  const proc = startProcess(bin, [], { env, name });
+  const proc = startProcess(bin, [], { env: binaryEnv(env), name });
   const url = `http://127.0.0.1:${port}`;
   try {
     await waitHttp200(`${url}/readyz`, timeoutMs, () => !proc.exited);
