@@ -1,4 +1,4 @@
-//! NATS subject, stream, bucket and service names: the only place they are spelled.
+//! NATS subject, stream, consumer and service names: the only place they are spelled.
 //!
 //! A room name is any Unicode text, so it never goes into a subject as it is: `a.b` would be two
 //! tokens and `*` or `>` would be wildcards. [`RoomToken`] encodes the room's UTF-8 bytes as
@@ -158,7 +158,7 @@ pub fn room_event_kind(subject: &str) -> Option<RoomEventKind> {
 pub struct GatewayId(String);
 
 impl GatewayId {
-    /// A fresh id: a random UUID without hyphens, valid as a KV key part and subject token.
+    /// A fresh id: a random UUID without hyphens, valid as a subject token.
     pub fn random() -> Self {
         Self(uuid::Uuid::new_v4().simple().to_string())
     }

@@ -1,4 +1,4 @@
-//! Wire types: what clients see (see `../shared/contract.md`) and what services put on NATS.
+//! Wire types: what clients see (`docs/contract.md`) and what services put on NATS.
 //!
 //! Field names follow the contract (`createdTime`, `isTyping`, `hasMore`), hence camelCase.
 
@@ -125,9 +125,9 @@ pub enum PresenceChange {
 
 /// A membership change on one gateway, published on the room's presence subject.
 ///
-/// It carries that gateway's whole member list of the room and the presence-bucket revision
-/// at which that list was written, so receivers keep the newest list per gateway whatever order
-/// events and bucket reads arrive in.
+/// It carries that gateway's whole member list of the room and the revision (presence stream
+/// sequence) at which that list was written, so receivers keep the newest list per gateway
+/// whatever order announcements and record reads arrive in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PresenceEvent {

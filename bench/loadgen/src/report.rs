@@ -1,4 +1,4 @@
-//! The results table: medians of repeated runs, ratios Chatify / reference, each issue target
+//! The results table: medians of repeated runs, ratios Chatify / reference, each target
 //! met or missed. Summaries are files `<system>-<key>-<repeat>.json` with system `chatify` or
 //! `reference` (bench/run.sh writes them).
 
