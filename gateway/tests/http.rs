@@ -1,44 +1,12 @@
 //! Integration tests of the gateway's HTTP side against a real nats-server: routes, readiness,
 //! the Origin check on Socket.IO requests, CORS, and history errors with no persister running.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::{Duration, Instant};
 
-use chatify_gateway::startup::Application;
-use chatify_shared::Settings;
-use chatify_shared::testing::NatsServer;
 use serde_json::{Value, json};
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-struct TestApp {
-    addr: SocketAddr,
-    http: reqwest::Client,
-    nats: NatsServer,
-}
-
-impl TestApp {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-/// A gateway on a free port, on its own nats-server.
-async fn spawn_app() -> Result<TestApp, Box<dyn std::error::Error>> {
-    let nats = NatsServer::start().await?;
-    let mut settings = Settings::default();
-    settings.nats.url = nats.url.clone();
-    settings.nats.request_timeout_ms = 500;
-    settings.gateway.port = 0;
-    let app = Application::build(settings).await?;
-    let addr = app.local_addr()?;
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
-    Ok(TestApp {
-        addr,
-        http: reqwest::Client::new(),
-        nats,
-    })
-}
+use support::{TestResult, spawn_app};
 
 #[tokio::test]
 async fn plain_routes_answer() -> TestResult {
