@@ -2,7 +2,7 @@
 //! before it can reach NATS or HarperDB; anything else is refused with a precise message.
 
 use chatify_shared::config::Limits;
-use chatify_shared::wire::{ErrorCode, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX};
+use chatify_shared::wire::{CHAT_BOT, ErrorCode, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -70,7 +70,17 @@ fn required_string<'a>(o: &'a Map<String, Value>, names: &[&str]) -> Result<&'a 
     string_field(o, names)?.ok_or_else(|| ChatError::invalid(format!("{} is required", names[0])))
 }
 
-/// A name shown to people (room, username): 1..=max characters, no control characters.
+/// Characters that make a name look like another one: bidirectional controls (which reorder
+/// the text around them) and invisible separators.
+fn is_deceptive(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200B}' | '\u{2060}' | '\u{FEFF}'
+    )
+}
+
+/// A name shown to people (room, username): 1..=max characters, no control characters, no
+/// bidirectional controls or invisible separators.
 fn checked_name(what: &str, value: &str, max_chars: usize) -> Result<String, ChatError> {
     let chars = value.chars().count();
     if value.trim().is_empty() {
@@ -86,7 +96,19 @@ fn checked_name(what: &str, value: &str, max_chars: usize) -> Result<String, Cha
             "{what} must not contain control characters"
         )));
     }
+    if value.chars().any(is_deceptive) {
+        return Err(ChatError::invalid(format!(
+            "{what} must not contain bidirectional controls or invisible characters"
+        )));
+    }
     Ok(value.to_owned())
+}
+
+/// Whether `name` would pass for the server's own notices: `ChatBot` in any case, with
+/// surrounding white space or invisible characters.
+fn is_reserved(name: &str) -> bool {
+    let visible: String = name.chars().filter(|c| !is_deceptive(*c)).collect();
+    visible.trim().to_lowercase() == CHAT_BOT.to_lowercase()
 }
 
 pub fn room(o: &Map<String, Value>, names: &[&str], limits: &Limits) -> Result<String, ChatError> {
@@ -94,6 +116,11 @@ pub fn room(o: &Map<String, Value>, names: &[&str], limits: &Limits) -> Result<S
 }
 
 pub fn username(value: &str, limits: &Limits) -> Result<String, ChatError> {
+    if is_reserved(value) {
+        return Err(ChatError::invalid(format!(
+            "the username {CHAT_BOT} is reserved for server notices"
+        )));
+    }
     checked_name("username", value, limits.username_max_chars)
 }
 
@@ -319,6 +346,33 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn names_that_pass_for_others_are_refused() {
+        let l = limits();
+        for name in [
+            "ChatBot",
+            "chatbot",
+            "CHATBOT",
+            " ChatBot ",
+            "Chat\u{200B}Bot",
+            "\u{FEFF}ChatBot",
+            "\u{202E}toBtahC",
+            "ann\u{2066}",
+            "a\u{2060}b",
+        ] {
+            let v = json!({"username": name, "room": "r"});
+            assert_eq!(code(join(&v, &l)), ErrorCode::InvalidPayload, "{name:?}");
+        }
+        for room in ["a\u{202A}b", "\u{200B}", "x\u{2069}"] {
+            let v = json!({"username": "ann", "room": room});
+            assert_eq!(code(join(&v, &l)), ErrorCode::InvalidPayload, "{room:?}");
+        }
+        // A room may be called ChatBot; names that only contain it are fine.
+        assert!(join(&json!({"username": "ChatBotFan", "room": "ChatBot"}), &l).is_ok());
+        assert!(join(&json!({"username": "Chat Bot", "room": "r"}), &l).is_ok());
+        assert!(join(&json!({"username": "عربي", "room": "日本語 ✓"}), &l).is_ok());
     }
 
     #[test]
