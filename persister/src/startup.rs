@@ -13,10 +13,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer::{Consumer, ConsumerError};
 use crate::harperdb::{HarperDb, HarperError};
 use crate::history::{self, HistoryServiceError};
 use crate::http::{self, HttpState};
-use crate::writer::{Writer, WriterError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -34,7 +34,7 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Writer(#[from] WriterError),
+    Consumer(#[from] ConsumerError),
     #[error(transparent)]
     History(#[from] HistoryServiceError),
     #[error("the HTTP server failed: {0}")]
@@ -89,7 +89,7 @@ impl Application {
         tracing::info!(addr = ?self.listener.local_addr().ok(), "persister HTTP listening");
 
         let unwritten = crate::unwritten::Unwritten::new(self.stream.clone());
-        let writer = Writer::new(
+        let consumer = Consumer::new(
             self.stream,
             self.db.clone(),
             self.js,
@@ -103,8 +103,8 @@ impl Application {
             metrics,
         });
         let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
-        let writer_shutdown = shutdown.child_token();
-        tasks.spawn(async move { Ok(writer.run(writer_shutdown).await?) });
+        let consumer_shutdown = shutdown.child_token();
+        tasks.spawn(async move { Ok(consumer.run(consumer_shutdown).await?) });
         let (nats, db, history_shutdown) = (self.nats.clone(), self.db, shutdown.child_token());
         let cache_bytes = self.settings.persister.history_cache_bytes;
         tasks.spawn(async move {
