@@ -39,6 +39,9 @@ pub enum RunError {
     History(#[from] HistoryServiceError),
     #[error("the HTTP server failed: {0}")]
     Http(std::io::Error),
+    /// A part of the persister panicked (or was aborted): it is not running any more.
+    #[error("a persister task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub struct Application {
@@ -139,10 +142,27 @@ impl Application {
     }
 }
 
-/// A task's outcome; a panic is logged and counts as a clean stop (the others still finish).
+/// A task's outcome; a panic is an error like any other (the other tasks still finish).
 fn flatten(joined: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
     joined.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a persister task panicked");
-        Ok(())
+        Err(RunError::Task(e))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_task_is_an_error() {
+        let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
+        tasks.spawn(async { panic!("a part of the persister failed") });
+        tasks.spawn(async { Ok(()) });
+        let mut result = Ok(());
+        while let Some(done) = tasks.join_next().await {
+            result = result.and(flatten(done));
+        }
+        assert!(matches!(result, Err(RunError::Task(_))), "{result:?}");
+    }
 }
