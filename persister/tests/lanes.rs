@@ -186,17 +186,17 @@ async fn lanes_write_one_insert_per_connection_reconnect_and_store_the_backlog_o
     run_until(app, || fake.stored() >= MESSAGES).await?;
 
     assert_eq!(fake.stored(), MESSAGES, "every message stored once");
-    assert_eq!(fake.inserts(), BATCHES, "in full batches");
     assert_eq!(fake.most_at_once.load(Ordering::SeqCst), 2, "on both lanes");
     assert_eq!(fake.most_on_a_connection.load(Ordering::SeqCst), 1);
+    // Each connection carried RECONNECT_EVERY inserts, but the last of each lane fewer.
     let per_connection = fake.per_connection();
+    let every = RECONNECT_EVERY as usize;
+    let full = per_connection.iter().filter(|&&n| n == every).count();
     assert!(
-        per_connection.len() >= 6
-            && per_connection
-                .iter()
-                .all(|&n| n <= RECONNECT_EVERY as usize),
+        per_connection.iter().all(|&n| n <= every) && full + 2 >= per_connection.len(),
         "inserts per connection: {per_connection:?}"
     );
+    assert!(full >= 2, "inserts per connection: {per_connection:?}");
     Ok(())
 }
 
