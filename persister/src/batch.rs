@@ -140,7 +140,9 @@ mod tests {
     use chatify_shared::config::PersisterSettings;
 
     use super::*;
-    use crate::fakes::{Event, FakeDelivery, FakePublisher, FakeStore, Log, outage};
+    use crate::fakes::{
+        Event, FakeDelivery, FakePublisher, FakeStore, Log, outage, shutdown_after,
+    };
 
     fn writer(log: &Log) -> BatchWriter<FakePublisher> {
         let settings = PersisterSettings {
@@ -184,12 +186,7 @@ mod tests {
         let log = Log::default();
         let store = FakeStore::new(&log).failing((0..100).map(|_| outage()));
         let writer = writer(&log);
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            stop.cancel();
-        });
+        let shutdown = shutdown_after(Duration::from_secs(3));
         writer
             .write(&store, FakeDelivery::batch(&log, 0, 3, None), &shutdown)
             .await;

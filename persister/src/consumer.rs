@@ -205,16 +205,31 @@ mod tests {
     const BATCH: usize = 10;
 
     /// A consumer's parts on fakes: lanes whose inserts take 20 ms, batches of [`BATCH`]
-    /// waiting 5 ms, and the messages, which come from `tx`.
+    /// waiting 5 ms, and the messages, which come from the sender [`parts`] returns with them.
     struct Parts {
-        tx: mpsc::UnboundedSender<Delivered>,
         rx: mpsc::UnboundedReceiver<Delivered>,
         lanes: Lanes<FakeStore>,
         writer: BatchWriter<FakePublisher>,
         batching: Batching,
     }
 
-    fn parts(log: &Log, lanes: usize) -> Result<Parts, HarperError> {
+    impl Parts {
+        async fn drain(mut self, shutdown: &CancellationToken) {
+            drain(
+                self.rx,
+                &mut self.lanes,
+                &self.writer,
+                self.batching,
+                shutdown,
+            )
+            .await;
+        }
+    }
+
+    fn parts(
+        log: &Log,
+        lanes: usize,
+    ) -> Result<(mpsc::UnboundedSender<Delivered>, Parts), HarperError> {
         let (tx, rx) = mpsc::unbounded();
         let store = FakeStore::new(log).taking(Duration::from_millis(20));
         let retry = Retry::new(&PersisterSettings::default(), ACK_WAIT / 3);
@@ -223,13 +238,16 @@ mod tests {
             size: BATCH,
             wait: Duration::from_millis(5),
         };
-        Ok(Parts {
+        let lanes = Lanes::new(&store, lanes)?;
+        Ok((
             tx,
-            rx,
-            lanes: Lanes::new(&store, lanes)?,
-            writer,
-            batching,
-        })
+            Parts {
+                rx,
+                lanes,
+                writer,
+                batching,
+            },
+        ))
     }
 
     /// Whether every ack in `events` comes after an insert that stored its message.
@@ -246,18 +264,12 @@ mod tests {
     async fn a_backlog_is_written_in_full_batches_on_every_lane_and_acked_after_its_write()
     -> Result<(), HarperError> {
         let log = Log::default();
-        let Parts {
-            tx,
-            rx,
-            mut lanes,
-            writer,
-            batching,
-        } = parts(&log, 2)?;
+        let (tx, parts) = parts(&log, 2)?;
         for m in FakeDelivery::batch(&log, 0, 10 * BATCH as u64, None) {
             let _ = tx.unbounded_send(Ok(m));
         }
         drop(tx);
-        drain(rx, &mut lanes, &writer, batching, &CancellationToken::new()).await;
+        parts.drain(&CancellationToken::new()).await;
         assert_eq!(log.stored().len(), 10 * BATCH);
         assert_eq!(log.acked().len(), 10 * BATCH);
         let events = log.events();
@@ -276,13 +288,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn short_of_a_backlog_one_insert_at_a_time_is_written() -> Result<(), HarperError> {
         let log = Log::default();
-        let Parts {
-            tx,
-            rx,
-            mut lanes,
-            writer,
-            batching,
-        } = parts(&log, 2)?;
+        let (tx, parts) = parts(&log, 2)?;
         let (feeder, shutdown) = (log.clone(), CancellationToken::new());
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -297,7 +303,7 @@ mod tests {
             stop.cancel();
             drop(tx);
         });
-        drain(rx, &mut lanes, &writer, batching, &shutdown).await;
+        parts.drain(&shutdown).await;
         assert_eq!(log.stored().len(), 100);
         assert!(log.inserts() > 1, "{} inserts", log.inserts());
         assert_eq!(log.most_at_once(), 1);
@@ -308,13 +314,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_finishes_and_acks_the_batch_in_hand() -> Result<(), HarperError> {
         let log = Log::default();
-        let Parts {
-            tx,
-            rx,
-            mut lanes,
-            writer,
-            batching,
-        } = parts(&log, 2)?;
+        let (tx, parts) = parts(&log, 2)?;
         for m in FakeDelivery::batch(&log, 0, 5, None) {
             let _ = tx.unbounded_send(Ok(m));
         }
@@ -328,7 +328,7 @@ mod tests {
             stop.cancel();
         });
         // `tx` stays open: only shutdown ends the loop.
-        drain(rx, &mut lanes, &writer, batching, &shutdown).await;
+        parts.drain(&shutdown).await;
         assert_eq!(log.acked(), vec![1, 2, 3, 4, 5]);
         assert!(acked_after_written(&log.events()));
         drop(tx);

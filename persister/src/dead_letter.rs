@@ -98,7 +98,7 @@ mod tests {
     use chatify_shared::config::PersisterSettings;
 
     use super::*;
-    use crate::fakes::{Event, FakeDelivery, FakePublisher, Log, refusal};
+    use crate::fakes::{Event, FakeDelivery, FakePublisher, Log, refusal, shutdown_after};
 
     fn retry() -> Retry {
         Retry::new(&PersisterSettings::default(), Duration::from_secs(10))
@@ -131,12 +131,7 @@ mod tests {
     async fn shutdown_while_the_stream_fails_leaves_the_message_unacked() {
         let log = Log::default();
         let letters = DeadLetters::new(FakePublisher::new(&log).failing(usize::MAX), retry());
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            stop.cancel();
-        });
+        let shutdown = shutdown_after(Duration::from_secs(5));
         let message = FakeDelivery::new(&log, 7, "poison");
         assert!(!letters.move_aside(&message, &refusal(), &shutdown).await);
         assert_eq!(log.events(), vec![]);

@@ -42,6 +42,7 @@ pub enum Event {
 
 #[derive(Default)]
 struct State {
+    /// Everything that happened, in order.
     events: Vec<Event>,
     /// When each insert started.
     attempts: Vec<Instant>,
@@ -121,6 +122,17 @@ impl Log {
     }
 }
 
+/// A shutdown token cancelled `after` from now.
+pub fn shutdown_after(after: Duration) -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        stop.cancel();
+    });
+    shutdown
+}
+
 /// An outage as HarperDB reports one.
 pub fn outage() -> HarperError {
     HarperError::Server {
@@ -157,6 +169,7 @@ fn stored(text: &str) -> StoredMessage {
 /// batch holding a [`POISON`] message. Each [`Store::dedicated`] is a new connection.
 #[derive(Clone)]
 pub struct FakeStore {
+    /// Where inserts are written.
     log: Log,
     /// This client's connection number.
     connection: usize,
@@ -164,6 +177,7 @@ pub struct FakeStore {
     connections: Arc<AtomicUsize>,
     /// Errors the next inserts answer, shared by every client.
     failures: Arc<Mutex<VecDeque<HarperError>>>,
+    /// How long an insert takes.
     delay: Duration,
 }
 
@@ -247,10 +261,13 @@ impl Store for FakeStore {
 
 /// A message as JetStream delivers it, logging its acks.
 pub struct FakeDelivery {
+    /// Where its acks are written.
     log: Log,
+    /// Its place in the stream, which names it in the log.
     sequence: u64,
-    redelivered: bool,
+    /// Its room's store subject.
     subject: String,
+    /// The stored message as JSON, or anything else for an undecodable one.
     payload: Bytes,
 }
 
@@ -260,7 +277,6 @@ impl FakeDelivery {
         Self {
             log: log.clone(),
             sequence,
-            redelivered: false,
             subject: RoomToken::new("r").store_subject(),
             payload: serde_json::to_vec(&stored(text))
                 .map(Bytes::from)
@@ -296,8 +312,9 @@ impl Delivery for FakeDelivery {
         Ok(self.sequence)
     }
 
+    /// Every fake is a first delivery.
     fn redelivered(&self) -> bool {
-        self.redelivered
+        false
     }
 
     fn subject(&self) -> &str {
@@ -324,6 +341,7 @@ impl Delivery for FakeDelivery {
 /// The dead-letter stream: fails the first publishes it is told to, logs the others.
 #[derive(Clone)]
 pub struct FakePublisher {
+    /// Where dead letters are written.
     log: Log,
     /// Publishes still to fail.
     failures: Arc<AtomicUsize>,

@@ -45,12 +45,20 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    #[tokio::test]
-    async fn unwritten_counts_undelivered_and_unacked_messages() -> TestResult {
+    /// A nats-server (stopped on drop) with the messages stream.
+    async fn messages_stream()
+    -> Result<(NatsServer, async_nats::jetstream::Context, Stream), Box<dyn std::error::Error>>
+    {
         let nats = NatsServer::start().await?;
         let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await?);
         let stream =
             chatify_shared::bus::ensure_messages_stream(&js, &StreamSettings::default()).await?;
+        Ok((nats, js, stream))
+    }
+
+    #[tokio::test]
+    async fn unwritten_counts_undelivered_and_unacked_messages() -> TestResult {
+        let (_nats, js, stream) = messages_stream().await?;
         let consumer = stream
             .get_or_create_consumer(PERSISTER_CONSUMER, crate::consumer::consumer_config())
             .await?;
@@ -81,10 +89,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_reporter_stops_on_shutdown() -> TestResult {
-        let nats = NatsServer::start().await?;
-        let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await?);
-        let stream =
-            chatify_shared::bus::ensure_messages_stream(&js, &StreamSettings::default()).await?;
+        let (_nats, _js, stream) = messages_stream().await?;
         let shutdown = CancellationToken::new();
         let reporter = tokio::spawn(report(stream, shutdown.clone()));
         shutdown.cancel();

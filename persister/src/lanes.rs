@@ -163,19 +163,28 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    #[tokio::test]
-    async fn lanes_never_run_two_inserts_on_one_connection() -> TestResult {
-        let log = Log::default();
-        let store = FakeStore::new(&log).taking(Duration::from_millis(3));
-        let mut lanes = Lanes::new(&store, 3)?;
-        for i in 0..40u64 {
+    /// `count` lanes on a fake HarperDB whose inserts take `insert`.
+    fn lanes(log: &Log, count: usize, insert: Duration) -> Result<Lanes<FakeStore>, HarperError> {
+        Lanes::new(&FakeStore::new(log).taking(insert), count)
+    }
+
+    /// Starts `batches` writes of one message each, then waits for them all.
+    async fn write(lanes: &mut Lanes<FakeStore>, batches: u64) {
+        for i in 0..batches {
             lanes
                 .start(move |store| async move {
-                    let _ = store.insert(&crate::fakes::messages(i * 10, 2)).await;
+                    let _ = store.insert(&crate::fakes::messages(i, 1)).await;
                 })
                 .await;
         }
         lanes.finish_all().await;
+    }
+
+    #[tokio::test]
+    async fn lanes_never_run_two_inserts_on_one_connection() -> TestResult {
+        let log = Log::default();
+        let mut lanes = lanes(&log, 3, Duration::from_millis(3))?;
+        write(&mut lanes, 40).await;
         assert_eq!(log.inserts(), 40);
         assert_eq!(log.most_at_once_on_a_connection(), 1);
         assert_eq!(log.most_at_once(), 3, "every lane was used");
@@ -185,17 +194,8 @@ mod tests {
     #[tokio::test]
     async fn a_lane_takes_a_fresh_connection_every_reconnect_every_batches() -> TestResult {
         let log = Log::default();
-        let store = FakeStore::new(&log);
-        let mut lanes = Lanes::new(&store, 1)?;
-        let batches = 2 * RECONNECT_EVERY + 1;
-        for i in 0..u64::from(batches) {
-            lanes
-                .start(move |store| async move {
-                    let _ = store.insert(&crate::fakes::messages(i, 1)).await;
-                })
-                .await;
-        }
-        lanes.finish_all().await;
+        let mut lanes = lanes(&log, 1, Duration::ZERO)?;
+        write(&mut lanes, u64::from(2 * RECONNECT_EVERY + 1)).await;
         let per_connection = log.inserts_per_connection();
         assert_eq!(
             per_connection.values().copied().collect::<Vec<_>>(),
@@ -208,17 +208,11 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_write_frees_its_lane() -> TestResult {
         let log = Log::default();
-        let store = FakeStore::new(&log);
-        let mut lanes = Lanes::new(&store, 1)?;
+        let mut lanes = lanes(&log, 1, Duration::ZERO)?;
         lanes.start(|_| async { panic!("a write failed") }).await;
         lanes.finish_one().await;
         assert!(!lanes.busy());
-        lanes
-            .start(|store| async move {
-                let _ = store.insert(&crate::fakes::messages(1, 1)).await;
-            })
-            .await;
-        lanes.finish_all().await;
+        write(&mut lanes, 1).await;
         assert_eq!(log.inserts(), 1, "the lane was free again");
         Ok(())
     }

@@ -152,7 +152,9 @@ impl Retry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fakes::{Event, FakeDelivery, FakeStore, Log, messages, outage, refusal};
+    use crate::fakes::{
+        Event, FakeDelivery, FakeStore, Log, messages, outage, refusal, shutdown_after,
+    };
 
     /// Waits of 100 ms doubling up to 1 s; ack deadlines renewed after 2 s of retrying.
     fn retry() -> Retry {
@@ -161,6 +163,22 @@ mod tests {
             max: Duration::from_secs(1),
             keep_alive_after: Duration::from_secs(2),
         }
+    }
+
+    /// Writes `n` messages on a store that first answers `failures`, trying a refusal up to
+    /// `attempts` times.
+    async fn write(
+        log: &Log,
+        n: u64,
+        failures: impl IntoIterator<Item = HarperError>,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let store = FakeStore::new(log).failing(failures);
+        let delivered = FakeDelivery::batch(log, 0, n, None);
+        retry()
+            .write(&store, &messages(0, n), &delivered, attempts, shutdown)
+            .await
     }
 
     fn gaps_ms(attempts: &[Instant]) -> Vec<u128> {
@@ -173,17 +191,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_outage_is_retried_with_doubling_waits_up_to_the_max() {
         let log = Log::default();
-        let store = FakeStore::new(&log).failing((0..6).map(|_| outage()));
-        let delivered = FakeDelivery::batch(&log, 0, 2, None);
-        let outcome = retry()
-            .write(
-                &store,
-                &messages(0, 2),
-                &delivered,
-                1,
-                &CancellationToken::new(),
-            )
-            .await;
+        let failures = (0..6).map(|_| outage());
+        let outcome = write(&log, 2, failures, 1, &CancellationToken::new()).await;
         assert!(matches!(outcome, Outcome::Written), "{outcome:?}");
         assert_eq!(
             gaps_ms(&log.attempts()),
@@ -202,18 +211,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_outage_is_retried_until_shutdown() {
         let log = Log::default();
-        let store = FakeStore::new(&log).failing((0..1000).map(|_| outage()));
-        let delivered = FakeDelivery::batch(&log, 0, 1, None);
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            stop.cancel();
-        });
+        let shutdown = shutdown_after(Duration::from_secs(30));
         let started = Instant::now();
-        let outcome = retry()
-            .write(&store, &messages(0, 1), &delivered, 3, &shutdown)
-            .await;
+        let outcome = write(&log, 1, (0..1000).map(|_| outage()), 3, &shutdown).await;
         assert!(matches!(outcome, Outcome::Stopped), "{outcome:?}");
         assert_eq!(started.elapsed().as_secs(), 30, "stopped at once");
         assert!(log.attempts().len() > 3, "more than the refusals' attempts");
@@ -223,17 +223,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refusal_is_tried_the_allowed_number_of_times() {
         let log = Log::default();
-        let store = FakeStore::new(&log).failing((0..5).map(|_| refusal()));
-        let delivered = FakeDelivery::batch(&log, 0, 1, None);
-        let outcome = retry()
-            .write(
-                &store,
-                &messages(0, 1),
-                &delivered,
-                3,
-                &CancellationToken::new(),
-            )
-            .await;
+        let failures = (0..5).map(|_| refusal());
+        let outcome = write(&log, 1, failures, 3, &CancellationToken::new()).await;
         assert!(
             matches!(outcome, Outcome::Rejected(HarperError::Rejected { .. })),
             "{outcome:?}"

@@ -30,6 +30,8 @@ pub const ATTRIBUTES: [(&str, &str); 6] = [
 pub struct StoredRecord {
     /// The primary key: [`storage_key`] of the message's room and stream sequence.
     pub pk: String,
+    /// The rest is the message as clients see it ([`ChatMessage`]), so that a history answer
+    /// needs nothing but the record.
     pub id: Uuid,
     pub room: String,
     pub username: String,
