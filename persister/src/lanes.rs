@@ -109,7 +109,7 @@ impl<S: Store> Lanes<S> {
     }
 
     /// Starts `write` with a free lane's client, first waiting for a lane to free up if all
-    /// are busy. Every [`RECONNECT_EVERY`]th batch on a lane goes over a fresh connection.
+    /// are busy. After [`RECONNECT_EVERY`] batches on one connection, a lane takes a fresh one.
     pub async fn start<F, Fut>(&mut self, write: F)
     where
         F: FnOnce(S) -> Fut,
