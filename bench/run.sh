@@ -342,7 +342,7 @@ if wants persister; then
   for ((rep = 1; rep <= repeats; rep++)); do
     # The persister's workload: its batch size, as many rooms as the drain's senders, and as many
     # connections as its writer (persister.write_connections, 2), one insert at a time on each,
-    # kept on different HarperDB threads by the same policy (persister/src/spread.rs).
+    # each replaced after 64 batches as the writer's lanes are (persister/src/lanes.rs).
     run_one chatify direct "$rep" with_db lg_free harperdb-direct --pid "$(cpid harperdb)" "${DIRECT[@]}" \
       --batch 500 --concurrency 2 || true
     # For comparison, one connection (one HarperDB thread), into a table of its own that grows by

@@ -1,29 +1,26 @@
-//! HarperDB over its HTTP operations API.
+//! HarperDB over its HTTP operations API: the persister's table, written in batches and read
+//! by history queries.
 //!
-//! Table design (see `../shared/notes/harperdb-and-nats.md`): HarperDB 4.7 silently drops a
-//! `<` condition when a room filter and a time condition are combined, so the table has one
-//! index only, the primary key `pk = "<room token>|<stream sequence, 16 hex digits>"`. Room
-//! tokens hold no `|`, so keys sort by room, then by the room's one order (the stream's, which
-//! is also delivery order; message ids carry it, see `chatify_shared::id`); every history query
-//! is one `between` on `pk`, sorted by it, with a limit. Indexing nothing else also keeps
-//! writes fast.
+//! HarperDB 4.7's `search_by_conditions` silently drops a `<` condition combined with a room
+//! filter and a sort, on tables of realistic size. So the table has one index only, its primary
+//! key, which sorts by room and then by the room's order ([`chatify_shared::storage`]), and every
+//! history query is one `between` on that key, sorted by it, with a limit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chatify_shared::config::HarperDbSettings;
+use chatify_shared::storage::{ATTRIBUTES, StoredRecord, room_keys_end, storage_key};
 use chatify_shared::subjects::RoomToken;
 use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
-use crate::spread::CONNECTION_IDLE;
-
-/// Why an operation failed; [`HarperError::is_transient`] tells whether retrying can help.
+/// Why an operation failed; [`HarperError::is_outage`] tells HarperDB being out from the
+/// request being refused.
 #[derive(Debug, thiserror::Error)]
 pub enum HarperError {
     #[error("HarperDB is unreachable: {0}")]
@@ -44,10 +41,18 @@ pub enum HarperError {
 }
 
 impl HarperError {
-    /// Network trouble, server errors, refused credentials and a table not (yet) there can
-    /// pass; a 4xx rejection of the request itself will not.
-    pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Rejected { .. } | Self::Decode(_))
+    /// Whether HarperDB is out: unreachable, failing, refusing the configured credentials, or
+    /// without the table. That can pass, so writes are retried until it does, and meanwhile
+    /// history is unavailable. A rejection of the request itself, or an answer that cannot be
+    /// read, is no outage: retrying the same request will not help.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Self::Unreachable(_)
+            | Self::Unauthorized
+            | Self::Server { .. }
+            | Self::TableMissing { .. } => true,
+            Self::Rejected { .. } | Self::Decode(_) => false,
+        }
     }
 }
 
@@ -66,41 +71,6 @@ pub struct HarperDb {
     password: SecretString,
     database: String,
     table: String,
-}
-
-/// The stored shape of a message.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    pk: String,
-    id: Uuid,
-    room: String,
-    username: String,
-    message: String,
-    #[serde(rename = "createdTime")]
-    created_time: i64,
-}
-
-impl Record {
-    fn from_message(m: &ChatMessage) -> Self {
-        Self {
-            pk: storage_key(&RoomToken::new(&m.room), &sequence_key(m.sequence())),
-            id: m.id,
-            room: m.room.clone(),
-            username: m.username.clone(),
-            message: m.message.clone(),
-            created_time: m.created_time,
-        }
-    }
-
-    fn into_message(self) -> ChatMessage {
-        ChatMessage {
-            id: self.id,
-            room: self.room,
-            username: self.username,
-            message: self.message,
-            created_time: self.created_time,
-        }
-    }
 }
 
 /// Answers that the database or table is missing: `Table messages not found` (from a worker
@@ -124,18 +94,10 @@ fn is_refusal(message: &str) -> bool {
         .any(|m| message.contains(m))
 }
 
-/// `<room token>|<suffix>`: the primary key, or a bound of a room's key range.
-fn storage_key(room: &RoomToken, suffix: &str) -> String {
-    format!("{room}|{suffix}")
-}
-
-/// A stream sequence as fixed-width text, so keys sort as the sequences do.
-fn sequence_key(sequence: u64) -> String {
-    format!("{sequence:016x}")
-}
-
-/// The first character after every hex digit in byte order: the upper end of a room's keys.
-const KEY_RANGE_END: &str = "~";
+/// How long a dedicated connection may stay idle before its client closes it: before
+/// HarperDB, which closes keep-alive connections idle for 30 s, so that no request goes out on
+/// a connection the server is closing.
+const DEDICATED_IDLE: Duration = Duration::from_secs(20);
 
 /// A client for the operations API keeping at most `idle_connections` idle connections open.
 fn client(
@@ -168,12 +130,12 @@ impl HarperDb {
     }
 
     /// The same client on a connection of its own: used one request at a time, it keeps one
-    /// keep-alive connection (closed after [`CONNECTION_IDLE`] idle, before HarperDB would),
-    /// so the HarperDB thread that connection landed on serves all its requests. Calling it
-    /// again is how a writer lane reconnects (see [`crate::spread`]).
+    /// keep-alive connection (closed after [`DEDICATED_IDLE`] idle), so the HarperDB thread
+    /// that connection landed on serves all its requests. Calling it again is how a writer lane
+    /// takes a fresh connection (see [`crate::lanes`]).
     pub fn dedicated(&self) -> Result<Self, HarperError> {
         Ok(Self {
-            http: client(self.timeout, 1, CONNECTION_IDLE)?,
+            http: client(self.timeout, 1, DEDICATED_IDLE)?,
             ..self.clone()
         })
     }
@@ -186,13 +148,7 @@ impl HarperDb {
 
     async fn operation(&self, body: &Value) -> Result<Value, HarperError> {
         let result = self.operation_once(body).await;
-        let down = matches!(
-            result,
-            Err(HarperError::Unreachable(_)
-                | HarperError::Server { .. }
-                | HarperError::TableMissing { .. }
-                | HarperError::Unauthorized)
-        );
+        let down = result.as_ref().is_err_and(HarperError::is_outage);
         self.answering.store(!down, Ordering::Relaxed);
         result
     }
@@ -262,21 +218,19 @@ impl HarperDb {
             Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {}
             Err(e) => return Err(e),
         }
+        let (primary_key, _) = ATTRIBUTES[0];
+        let attributes: Vec<Value> = ATTRIBUTES
+            .iter()
+            .map(|(name, kind)| json!({"name": name, "type": kind}))
+            .collect();
         let created = self
             .operation(&json!({
                 "operation": "create_table",
                 "database": self.database,
                 "table": self.table,
-                "primary_key": "pk",
+                "primary_key": primary_key,
                 "audit": false,
-                "attributes": [
-                    {"name": "pk", "type": "String"},
-                    {"name": "id", "type": "String"},
-                    {"name": "room", "type": "String"},
-                    {"name": "username", "type": "String"},
-                    {"name": "message", "type": "String"},
-                    {"name": "createdTime", "type": "Float"},
-                ],
+                "attributes": attributes,
             }))
             .await;
         match created {
@@ -306,7 +260,7 @@ impl HarperDb {
     /// Inserts messages in one request; a message whose key exists is skipped, so storing the
     /// same message twice leaves one record. All-or-nothing: one bad record rejects the batch.
     pub async fn insert(&self, messages: &[ChatMessage]) -> Result<(), HarperError> {
-        let records: Vec<Record> = messages.iter().map(Record::from_message).collect();
+        let records: Vec<StoredRecord> = messages.iter().map(StoredRecord::new).collect();
         let answer = self
             .operation(&json!({
                 "operation": "insert",
@@ -338,10 +292,10 @@ impl HarperDb {
     pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, HarperError> {
         let room = RoomToken::new(&query.room);
         let (after, before) = query.sequence_bounds();
-        let lower = storage_key(&room, &sequence_key(after));
+        let lower = storage_key(&room, after);
         let upper = match query.before {
-            Some(_) => storage_key(&room, &sequence_key(before)),
-            None => storage_key(&room, KEY_RANGE_END),
+            Some(_) => storage_key(&room, before),
+            None => room_keys_end(&room),
         };
         let wanted = query.limit as usize + 1;
         // `between` is inclusive: ask for the bounds too and drop them below.
@@ -357,13 +311,13 @@ impl HarperDb {
                 "conditions": [{"search_attribute": "pk", "search_type": "between", "search_value": [lower, upper]}],
             }))
             .await?;
-        let records: Vec<Record> =
+        let records: Vec<StoredRecord> =
             serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
         let mut newest_first: Vec<ChatMessage> = records
             .into_iter()
             .filter(|r| r.pk != lower && r.pk != upper)
             .take(wanted)
-            .map(Record::into_message)
+            .map(StoredRecord::into_message)
             .collect();
         let has_more = newest_first.len() > query.limit as usize;
         newest_first.truncate(query.limit as usize);
@@ -382,34 +336,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_sort_by_room_then_sequence_and_never_cross_rooms() {
-        let a = RoomToken::new("a");
-        let ab = RoomToken::new("a.b");
-        let (id1, id2) = (sequence_key(9), sequence_key(10));
-        assert!(storage_key(&a, &id1) < storage_key(&a, &id2));
-        assert!(storage_key(&a, &sequence_key(u64::MAX)) < storage_key(&a, KEY_RANGE_END));
-        for room in [&a, &ab] {
-            let (lo, hi) = (storage_key(room, ""), storage_key(room, KEY_RANGE_END));
-            assert!(lo < storage_key(room, &id1) && storage_key(room, &id1) < hi);
-        }
-        let other = storage_key(&ab, &id1);
-        assert!(!(storage_key(&a, "") < other && other < storage_key(&a, KEY_RANGE_END)));
-    }
-
-    #[test]
-    fn only_request_rejections_are_permanent() {
+    fn only_a_refused_request_or_an_unreadable_answer_is_no_outage() {
         let rejected = HarperError::Rejected {
             status: StatusCode::BAD_REQUEST,
             message: "bad".into(),
         };
-        assert!(!rejected.is_transient());
-        assert!(HarperError::Unauthorized.is_transient());
+        assert!(!rejected.is_outage());
+        assert!(!HarperError::Decode("x".into()).is_outage());
+        assert!(HarperError::Unauthorized.is_outage());
         assert!(
             HarperError::Server {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 message: "x".into()
             }
-            .is_transient()
+            .is_outage()
+        );
+        assert!(
+            HarperError::TableMissing {
+                status: StatusCode::NOT_FOUND,
+                message: "x".into()
+            }
+            .is_outage()
         );
     }
 
@@ -517,7 +464,7 @@ mod tests {
             panic!("a table that is never there gave an answer");
         };
         assert!(matches!(e, HarperError::TableMissing { .. }), "{e}");
-        assert!(e.is_transient());
+        assert!(e.is_outage());
         assert_eq!(seen.calls(), MISSING_TABLE_TRIES as usize);
         assert!(!db.answering());
         Ok(())

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
 use chatify_shared::subjects::{HISTORY_SERVICE, HISTORY_SUBJECT};
-use chatify_shared::wire::{HistoryPage, HistoryQuery, SINCE_HISTORY_MAX};
+use chatify_shared::wire::{HistoryPage, HistoryQuery};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::harperdb::{HarperDb, HarperError};
+use crate::harperdb::HarperDb;
 use crate::recent::{KEEP_PER_ROOM, Recent};
 use crate::unwritten::{self, Unwritten};
 
@@ -86,18 +86,10 @@ async fn answer(sources: &Sources, payload: &[u8]) -> Result<Bytes, service::err
             status: format!("invalid history query: {e}"),
             code: 400,
         })?;
-    if query.limit == 0 || query.limit > SINCE_HISTORY_MAX || query.room.is_empty() {
-        return Err(service::error::Error {
-            status: "invalid history query: limit must be 1..=1000 and room non-empty".into(),
-            code: 400,
-        });
-    }
-    if query.checked_sequence_bounds().is_none() {
-        return Err(service::error::Error {
-            status: "invalid history query: a cursor is not a message id".into(),
-            code: 400,
-        });
-    }
+    query.validate().map_err(|e| service::error::Error {
+        status: format!("invalid history query: {e}"),
+        code: 400,
+    })?;
     let page = match cached(sources, &query).await {
         Some(page) => {
             metrics::counter!(crate::metrics::HISTORY_CACHE, "outcome" => "hit").increment(1);
@@ -176,12 +168,10 @@ async fn uncached(
     let stored = stored.map_err(|e| {
         tracing::warn!(error = %e, room_len = query.room.len(), "history query failed");
         service::error::Error {
-            status: match e {
-                HarperError::Unreachable(_)
-                | HarperError::Server { .. }
-                | HarperError::TableMissing { .. }
-                | HarperError::Unauthorized => "message history is unavailable".into(),
-                other => format!("history query failed: {other}"),
+            status: if e.is_outage() {
+                "message history is unavailable".into()
+            } else {
+                format!("history query failed: {e}")
             },
             code: 503,
         }

@@ -8,7 +8,6 @@ pub const REDELIVERIES: &str = "chatify_persister_redeliveries_total";
 pub const POISON_MESSAGES: &str = "chatify_persister_poison_messages_total";
 pub const DEAD_LETTERED: &str = "chatify_persister_dead_lettered_total";
 pub const HARPERDB_RECONNECTS: &str = "chatify_persister_harperdb_reconnects_total";
-pub const HARPERDB_SLOWDOWN: &str = "chatify_persister_harperdb_lane_slowdown_ratio";
 pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages";
 pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
 pub const HISTORY_CACHE: &str = "chatify_persister_history_cache_total";
@@ -36,11 +35,7 @@ pub fn describe() {
     describe_counter!(POISON_MESSAGES, "Undecodable messages terminated");
     describe_counter!(
         HARPERDB_RECONNECTS,
-        "Writer connections replaced because they shared a HarperDB worker thread"
-    );
-    describe_gauge!(
-        HARPERDB_SLOWDOWN,
-        "How many times slower per record the writer's HarperDB inserts were with every connection busy than alone, at the latest check (above 2.5 twice in a row: connections share a HarperDB thread, and one is replaced)"
+        "Writer connections replaced by fresh ones (one in every 64 batches on a connection), so that the kernel draws their HarperDB worker thread anew"
     );
     describe_gauge!(
         CONSUMER_PENDING,

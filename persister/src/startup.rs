@@ -13,10 +13,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer::{Consumer, ConsumerError};
 use crate::harperdb::{HarperDb, HarperError};
 use crate::history::{self, HistoryServiceError};
 use crate::http::{self, HttpState};
-use crate::writer::{Writer, WriterError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -34,11 +34,14 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Writer(#[from] WriterError),
+    Consumer(#[from] ConsumerError),
     #[error(transparent)]
     History(#[from] HistoryServiceError),
     #[error("the HTTP server failed: {0}")]
     Http(std::io::Error),
+    /// A part of the persister panicked (or was aborted): it is not running any more.
+    #[error("a persister task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub struct Application {
@@ -89,7 +92,7 @@ impl Application {
         tracing::info!(addr = ?self.listener.local_addr().ok(), "persister HTTP listening");
 
         let unwritten = crate::unwritten::Unwritten::new(self.stream.clone());
-        let writer = Writer::new(
+        let consumer = Consumer::new(
             self.stream,
             self.db.clone(),
             self.js,
@@ -103,8 +106,8 @@ impl Application {
             metrics,
         });
         let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
-        let writer_shutdown = shutdown.child_token();
-        tasks.spawn(async move { Ok(writer.run(writer_shutdown).await?) });
+        let consumer_shutdown = shutdown.child_token();
+        tasks.spawn(async move { Ok(consumer.run(consumer_shutdown).await?) });
         let (nats, db, history_shutdown) = (self.nats.clone(), self.db, shutdown.child_token());
         let cache_bytes = self.settings.persister.history_cache_bytes;
         tasks.spawn(async move {
@@ -139,10 +142,27 @@ impl Application {
     }
 }
 
-/// A task's outcome; a panic is logged and counts as a clean stop (the others still finish).
+/// A task's outcome; a panic is an error like any other (the other tasks still finish).
 fn flatten(joined: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
     joined.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a persister task panicked");
-        Ok(())
+        Err(RunError::Task(e))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_task_is_an_error() {
+        let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
+        tasks.spawn(async { panic!("a part of the persister failed") });
+        tasks.spawn(async { Ok(()) });
+        let mut result = Ok(());
+        while let Some(done) = tasks.join_next().await {
+            result = result.and(flatten(done));
+        }
+        assert!(matches!(result, Err(RunError::Task(_))), "{result:?}");
+    }
 }

@@ -1,7 +1,6 @@
-//! The writer's lanes against a fake HarperDB whose simulated worker threads slow down when
-//! they serve two inserts at once, as HarperDB's do: the persister, on a real nats-server,
-//! must notice its connections sharing a thread, reconnect until they are apart, and store
-//! the whole backlog once.
+//! The writer's lanes against a fake HarperDB on a real nats-server: each connection carries one
+//! insert at a time and is replaced after `RECONNECT_EVERY` batches, short of a backlog one
+//! insert runs at a time, and the whole backlog is stored once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, State};
 use axum::{Json, routing::post};
+use chatify_persister::lanes::RECONNECT_EVERY;
 use chatify_persister::startup::Application;
 use chatify_shared::Settings;
 use chatify_shared::subjects::RoomToken;
@@ -20,66 +20,56 @@ use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// How long an insert takes on a simulated thread serving nothing else.
-const INSERT_ALONE: Duration = Duration::from_millis(20);
+/// How long an insert takes.
+const INSERT: Duration = Duration::from_millis(20);
 
-/// A fake operations API with two simulated worker threads.
+/// A fake operations API that counts inserts per connection.
 #[derive(Default)]
 struct FakeHarper {
-    /// The thread of each connection that inserted, by its address, and how many there were.
-    threads: Mutex<HashMap<SocketAddr, usize>>,
-    /// Inserts in progress on each thread.
-    busy: [AtomicUsize; 2],
+    /// Inserts finished per connection, by its address.
+    per_connection: Mutex<HashMap<SocketAddr, usize>>,
+    /// Inserts in progress per connection, and the most there ever were on one.
+    on_connection: Mutex<HashMap<SocketAddr, usize>>,
+    most_on_a_connection: AtomicUsize,
     /// Inserts in progress anywhere, and the most there ever were.
     at_once: AtomicUsize,
     most_at_once: AtomicUsize,
     /// Primary keys stored.
     stored: Mutex<HashSet<String>>,
-    /// For every insert, in the order they finished: whether its thread served another insert
-    /// while it ran.
-    crowded: Mutex<Vec<bool>>,
 }
 
 impl FakeHarper {
-    /// The first two connections land on thread 0, as the kernel's hash sometimes puts them;
-    /// later ones alternate, starting on thread 0 again.
-    fn thread_of(&self, peer: SocketAddr) -> usize {
-        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        let next = threads.len();
-        *threads
-            .entry(peer)
-            .or_insert(if next < 2 { 0 } else { next % 2 })
+    fn per_connection(&self) -> Vec<usize> {
+        self.per_connection
+            .lock()
+            .map(|p| p.values().copied().collect())
+            .unwrap_or_default()
     }
 
-    fn connections(&self) -> usize {
-        self.threads.lock().map(|t| t.len()).unwrap_or(0)
+    fn inserts(&self) -> usize {
+        self.per_connection().iter().sum()
     }
 
     fn stored(&self) -> usize {
         self.stored.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    fn crowded(&self) -> Vec<bool> {
-        self.crowded.lock().map(|c| c.clone()).unwrap_or_default()
+    /// Adds `by` to the inserts in progress on `peer`; returns how many there are now.
+    fn on(&self, peer: SocketAddr, by: isize) -> usize {
+        let mut on = self.on_connection.lock().unwrap_or_else(|e| e.into_inner());
+        let n = on.entry(peer).or_default();
+        *n = n.saturating_add_signed(by);
+        *n
     }
 
-    /// An insert: `INSERT_ALONE` of work, done at a quarter of the speed while the thread
-    /// serves two (a HarperDB thread serving two inserts is about four times slower at each).
     async fn insert(&self, peer: SocketAddr, records: &[Value]) -> Value {
-        let thread = self.thread_of(peer);
-        self.busy[thread].fetch_add(1, Ordering::SeqCst);
+        let on = self.on(peer, 1);
+        self.most_on_a_connection.fetch_max(on, Ordering::SeqCst);
         let at_once = self.at_once.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_at_once.fetch_max(at_once, Ordering::SeqCst);
-        let (mut done, mut crowded) = (Duration::ZERO, false);
-        let step = Duration::from_millis(2);
-        while done < INSERT_ALONE {
-            tokio::time::sleep(step).await;
-            let sharing = self.busy[thread].load(Ordering::SeqCst) as u32;
-            crowded |= sharing > 1;
-            done += step / (sharing * sharing).max(1);
-        }
-        self.busy[thread].fetch_sub(1, Ordering::SeqCst);
+        tokio::time::sleep(INSERT).await;
         self.at_once.fetch_sub(1, Ordering::SeqCst);
+        self.on(peer, -1);
         let (mut inserted, mut skipped) = (Vec::new(), Vec::new());
         if let Ok(mut stored) = self.stored.lock() {
             for pk in records.iter().filter_map(|r| r["pk"].as_str()) {
@@ -90,8 +80,8 @@ impl FakeHarper {
                 }
             }
         }
-        if let Ok(mut c) = self.crowded.lock() {
-            c.push(crowded);
+        if let Ok(mut per) = self.per_connection.lock() {
+            *per.entry(peer).or_default() += 1;
         }
         json!({"inserted_hashes": inserted, "skipped_hashes": skipped})
     }
@@ -164,8 +154,11 @@ async fn run_until(app: Application, done: impl Fn() -> bool) -> TestResult {
 }
 
 #[tokio::test]
-async fn lanes_sharing_a_thread_are_moved_apart_and_the_backlog_is_stored_once() -> TestResult {
-    const MESSAGES: usize = 120 * BATCH;
+async fn lanes_write_one_insert_per_connection_reconnect_and_store_the_backlog_once() -> TestResult
+{
+    // Enough full batches for each of the two lanes to take a fresh connection twice.
+    const BATCHES: usize = 2 * (2 * RECONNECT_EVERY as usize + 10);
+    const MESSAGES: usize = BATCHES * BATCH;
     let nats = Nats::start().await?;
     let (url, fake) = fake_harperdb().await?;
     let settings = settings(&nats, url);
@@ -193,19 +186,17 @@ async fn lanes_sharing_a_thread_are_moved_apart_and_the_backlog_is_stored_once()
     run_until(app, || fake.stored() >= MESSAGES).await?;
 
     assert_eq!(fake.stored(), MESSAGES, "every message stored once");
-    // Connections 1 and 2 shared thread 0, and so did connection 3: the writer had to
-    // reconnect at least twice to get one onto thread 1.
+    assert_eq!(fake.most_at_once.load(Ordering::SeqCst), 2, "on both lanes");
+    assert_eq!(fake.most_on_a_connection.load(Ordering::SeqCst), 1);
+    // Each connection carried RECONNECT_EVERY inserts, but the last of each lane fewer.
+    let per_connection = fake.per_connection();
+    let every = RECONNECT_EVERY as usize;
+    let full = per_connection.iter().filter(|&&n| n == every).count();
     assert!(
-        fake.connections() >= 4,
-        "{} connections inserted",
-        fake.connections()
+        per_connection.iter().all(|&n| n <= every) && full + 2 >= per_connection.len(),
+        "inserts per connection: {per_connection:?}"
     );
-    let crowded = fake.crowded();
-    let tail = &crowded[crowded.len().saturating_sub(20)..];
-    assert!(
-        tail.iter().all(|c| !c),
-        "the last inserts still shared a thread: {crowded:?}"
-    );
+    assert!(full >= 2, "inserts per connection: {per_connection:?}");
     Ok(())
 }
 
@@ -241,7 +232,7 @@ async fn short_of_a_backlog_one_insert_at_a_time_is_written() -> TestResult {
     let _ = stop.send(());
     running.await??;
     assert_eq!(fake.stored(), MESSAGES);
-    assert!(fake.crowded().len() > 1, "{} inserts", fake.crowded().len());
+    assert!(fake.inserts() > 1, "{} inserts", fake.inserts());
     // Each insert took the messages that came while the one before it ran.
     assert_eq!(fake.most_at_once.load(Ordering::SeqCst), 1);
     Ok(())

@@ -150,7 +150,38 @@ pub struct HistoryQuery {
     pub limit: u32,
 }
 
+/// Why a [`HistoryQuery`] cannot be answered ([`HistoryQuery::validate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidQuery {
+    #[error("the room is empty")]
+    EmptyRoom,
+    #[error("limit must be between 1 and {max}, not {0}", max = HistoryQuery::LIMIT_MAX)]
+    Limit(u32),
+    #[error("a cursor is not a message id")]
+    Cursor,
+}
+
 impl HistoryQuery {
+    /// The most messages one query may ask for: the longest answer a client can get, `join_room`
+    /// with `since`.
+    pub const LIMIT_MAX: u32 = SINCE_HISTORY_MAX;
+
+    /// Whether the history service can answer the query: the room is named, `limit` is
+    /// `1..=`[`HistoryQuery::LIMIT_MAX`], and the cursors are message ids (their stream sequences
+    /// bound the answer). The one place these rules are spelled.
+    pub fn validate(&self) -> Result<(), InvalidQuery> {
+        if self.room.is_empty() {
+            return Err(InvalidQuery::EmptyRoom);
+        }
+        if !(1..=Self::LIMIT_MAX).contains(&self.limit) {
+            return Err(InvalidQuery::Limit(self.limit));
+        }
+        match self.checked_sequence_bounds() {
+            Some(_) => Ok(()),
+            None => Err(InvalidQuery::Cursor),
+        }
+    }
+
     /// The stream sequences strictly between which the answer lies; `None` when a cursor is not
     /// a message id (see [`crate::id`]).
     pub fn checked_sequence_bounds(&self) -> Option<(u64, u64)> {
@@ -253,6 +284,76 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(code).ok(), Some(json!(code.as_str())));
         }
+    }
+
+    fn query(limit: u32) -> HistoryQuery {
+        HistoryQuery {
+            room: "r".into(),
+            before: None,
+            after: None,
+            limit,
+        }
+    }
+
+    #[test]
+    fn history_queries_within_the_rules_are_valid() {
+        let id = crate::id::message_id(1_700_000_000_000, 42);
+        for q in [
+            query(1),
+            query(HistoryQuery::LIMIT_MAX),
+            HistoryQuery {
+                after: Some(id),
+                before: Some(id),
+                ..query(50)
+            },
+        ] {
+            assert_eq!(q.validate(), Ok(()), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn history_queries_breaking_a_rule_say_which() {
+        let not_ours = Uuid::new_v4();
+        let cases = [
+            (
+                HistoryQuery {
+                    room: String::new(),
+                    ..query(5)
+                },
+                InvalidQuery::EmptyRoom,
+            ),
+            (query(0), InvalidQuery::Limit(0)),
+            (
+                query(HistoryQuery::LIMIT_MAX + 1),
+                InvalidQuery::Limit(HistoryQuery::LIMIT_MAX + 1),
+            ),
+            (
+                HistoryQuery {
+                    after: Some(not_ours),
+                    ..query(5)
+                },
+                InvalidQuery::Cursor,
+            ),
+            (
+                HistoryQuery {
+                    before: Some(not_ours),
+                    ..query(5)
+                },
+                InvalidQuery::Cursor,
+            ),
+        ];
+        for (q, expected) in cases {
+            assert_eq!(q.validate(), Err(expected), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn the_limit_rule_is_told_from_the_constant() {
+        let told = InvalidQuery::Limit(0).to_string();
+        assert!(
+            told.contains(&format!("between 1 and {SINCE_HISTORY_MAX}")),
+            "{told}"
+        );
     }
 
     #[test]

@@ -4,9 +4,19 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chatify_shared::id::{message_id, now_millis};
+use chatify_shared::id::now_millis;
+use chatify_shared::storage::{ATTRIBUTES, StoredRecord, room_keys_end, storage_key};
 use chatify_shared::subjects::RoomToken;
+use chatify_shared::wire::StoredMessage;
 use serde_json::{Value, json};
+
+/// Batches the direct ceiling writes on one connection before it takes a fresh one, as the
+/// persister's lanes do (`RECONNECT_EVERY` in persister/src/lanes.rs: change both together).
+pub const RECONNECT_EVERY: u32 = 64;
+
+/// How long a dedicated connection may stay idle before its client closes it, as the
+/// persister's (`DEDICATED_IDLE` in persister/src/harperdb.rs).
+const DEDICATED_IDLE: Duration = Duration::from_secs(20);
 
 #[derive(Clone)]
 pub struct Harper {
@@ -16,24 +26,16 @@ pub struct Harper {
     pass: String,
 }
 
-/// The persister's storage key: `<room token>|<stream sequence, 16 hex digits>`
-/// (persister/src/harperdb.rs).
-pub fn storage_key(room: &str, sequence: u64) -> String {
-    format!("{}|{sequence:016x}", RoomToken::new(room))
-}
-
-/// One stored message in the persister's record shape, as if it had been stored at stream
-/// `sequence` just now (its id carries the sequence, as Chatify's ids do).
-pub fn record(room: &str, sequence: u64, text: &str) -> Value {
-    let created = now_millis();
-    json!({
-        "pk": storage_key(room, sequence),
-        "id": message_id(created, sequence).to_string(),
-        "room": room,
-        "username": "seed",
-        "message": text,
-        "createdTime": created,
-    })
+/// One message in the persister's record shape, as if it had been stored at stream `sequence`
+/// just now (its id carries the sequence, as Chatify's ids do).
+pub fn record(room: &str, sequence: u64, text: &str) -> StoredRecord {
+    let message = StoredMessage {
+        room: room.to_owned(),
+        username: "seed".to_owned(),
+        message: text.to_owned(),
+        created_time: now_millis(),
+    };
+    StoredRecord::new(&message.into_message(sequence))
 }
 
 impl Harper {
@@ -55,7 +57,7 @@ impl Harper {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(1)
-                .pool_idle_timeout(chatify_persister::spread::CONNECTION_IDLE)
+                .pool_idle_timeout(DEDICATED_IDLE)
                 .build()?,
             ..self.clone()
         })
@@ -93,15 +95,15 @@ impl Harper {
         let _ = self
             .op(&json!({"operation": "create_database", "database": db}))
             .await;
+        let (primary_key, _) = ATTRIBUTES[0];
+        let attributes: Vec<Value> = ATTRIBUTES
+            .iter()
+            .map(|(name, kind)| json!({"name": name, "type": kind}))
+            .collect();
         let _ = self
             .op(&json!({
                 "operation": "create_table", "database": db, "table": table,
-                "primary_key": "pk", "audit": false,
-                "attributes": [
-                    {"name": "pk", "type": "String"}, {"name": "id", "type": "String"},
-                    {"name": "room", "type": "String"}, {"name": "username", "type": "String"},
-                    {"name": "message", "type": "String"}, {"name": "createdTime", "type": "Float"},
-                ],
+                "primary_key": primary_key, "audit": false, "attributes": attributes,
             }))
             .await;
         for _ in 0..100 {
@@ -121,7 +123,7 @@ impl Harper {
         &self,
         db: &str,
         table: &str,
-        records: Vec<Value>,
+        records: Vec<StoredRecord>,
     ) -> anyhow::Result<usize> {
         let n = records.len();
         let answer = self
@@ -144,7 +146,7 @@ impl Harper {
     /// The message ids stored for `room` (a `between` on the primary key, as the persister reads).
     pub async fn room_ids(&self, db: &str, table: &str, room: &str) -> anyhow::Result<Vec<String>> {
         let token = RoomToken::new(room);
-        let (lo, hi) = (format!("{token}|"), format!("{token}|~"));
+        let (lo, hi) = (storage_key(&token, 0), room_keys_end(&token));
         let answer = self
             .op(&json!({
                 "operation": "search_by_conditions", "database": db, "table": table,
@@ -193,17 +195,12 @@ mod tests {
     use chatify_shared::id::sequence_of;
 
     #[test]
-    fn records_match_the_persister() {
-        assert_eq!(storage_key("a b", 0x2a), "YSBi|000000000000002a");
+    fn records_are_stored_as_at_their_sequence_now() {
         let r = record("r", 7, "hi");
-        assert_eq!(r["pk"], "cg|0000000000000007");
-        let id: uuid::Uuid = r["id"]
-            .as_str()
-            .unwrap_or_default()
-            .parse()
-            .unwrap_or_default();
-        assert_eq!(sequence_of(&id), Some(7));
-        assert!(r["createdTime"].as_u64().unwrap_or_default() > 1_700_000_000_000);
+        assert_eq!(r.pk, storage_key(&RoomToken::new("r"), 7));
+        assert_eq!(sequence_of(&r.id), Some(7));
+        assert_eq!((r.username.as_str(), r.message.as_str()), ("seed", "hi"));
+        assert!(r.created_time > 1_700_000_000_000);
     }
 
     #[test]

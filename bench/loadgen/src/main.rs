@@ -143,8 +143,8 @@ enum Command {
         records: usize,
         #[arg(long, default_value_t = 500)]
         batch: usize,
-        /// Connections, one insert in flight on each, kept on different HarperDB threads as the
-        /// persister's writer keeps its `persister.write_connections` (2).
+        /// Connections, one insert in flight on each, each replaced by a fresh one after 64
+        /// batches, as the persister's writer lanes (`persister.write_connections`, 2).
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
         #[arg(long, default_value_t = 100)]

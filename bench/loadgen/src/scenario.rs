@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use chatify_persister::spread::{Busy, Spread, Timing, Verdict};
+use chatify_shared::storage::StoredRecord;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -970,7 +970,7 @@ pub async fn harperdb_direct(
     let batch = batch.max(1);
     let rooms = rooms.max(1);
     // Records are built before the clock starts: the figure is HarperDB's, not ours.
-    let mut batches: VecDeque<Vec<Value>> = VecDeque::new();
+    let mut batches: VecDeque<Vec<StoredRecord>> = VecDeque::new();
     let mut made = 0;
     while made < records {
         let n = batch.min(records - made);
@@ -981,78 +981,47 @@ pub async fn harperdb_direct(
         );
         made += n;
     }
-    // One connection per lane and one insert at a time on each, kept on different HarperDB
-    // threads by the persister's own policy (persister/src/spread.rs), as its writer does.
+    // One connection per lane and one insert at a time on each, every lane taking a fresh
+    // connection after RECONNECT_EVERY batches, as the persister's lanes (persister/src/lanes.rs).
     let lanes = concurrency.max(1);
     let mut clients = (0..lanes)
-        .map(|_| h.dedicated())
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut spread = Spread::new(lanes);
+        .map(|_| Ok((h.dedicated()?, 0)))
+        .collect::<anyhow::Result<Vec<(Harper, u32)>>>()?;
     let mut free: Vec<usize> = (0..lanes).rev().collect();
-    let busy = Busy::default();
     let mut reconnects = 0u64;
-    // Every judgement of the lanes' placement, for the report.
-    let mut judged = Vec::new();
     let mut lat = new_histogram();
     let mut inserted = 0;
     let mut in_flight = tokio::task::JoinSet::new();
-    // Set while a lane's time alone is being taken: nothing else starts until it ends.
-    let mut exclusive = false;
     let before = stats::sample_all(pids, ticks);
     let started = Instant::now();
     while !batches.is_empty() || !in_flight.is_empty() {
-        // In order, as the persister stores a stream: keys ascend within each room.
-        let alone = match batches.front() {
-            Some(b) if b.len() == batch => spread.wants_alone(Instant::now()),
-            _ => None,
-        };
-        if batches.is_empty()
-            || free.is_empty()
-            || exclusive
-            || (alone.is_some() && !in_flight.is_empty())
-        {
+        if batches.is_empty() || free.is_empty() {
             let Some(done) = in_flight.join_next().await else {
                 break;
             };
-            exclusive = false;
-            let (lane, n, t): (usize, usize, Timing) = done??;
+            let (lane, n, elapsed): (usize, usize, Duration) = done??;
             free.push(lane);
             inserted += n;
-            let _ = lat.record((t.elapsed.as_micros() as u64).max(1));
-            match spread.record(t) {
-                Verdict::Pending => {}
-                Verdict::Apart { ratio } => judged.push(json!({"apart": ratio})),
-                Verdict::Shared { ratio, reconnect } => {
-                    judged.push(json!({"shared": ratio, "reconnected": reconnect}));
-                    if let Some(lane) = reconnect {
-                        clients[lane] = clients[lane].dedicated()?;
-                        reconnects += 1;
-                    }
-                }
-            }
+            let _ = lat.record((elapsed.as_micros() as u64).max(1));
             continue;
         }
-        let Some(b) = batches.pop_front() else { break };
-        let lane = match alone {
-            Some(lane) => {
-                free.retain(|&l| l != lane);
-                lane
-            }
-            None => free.pop().unwrap_or(0),
+        // In order, as the persister stores a stream: keys ascend within each room.
+        let (Some(b), Some(lane)) = (batches.pop_front(), free.pop()) else {
+            break;
         };
-        // Only full batches are timed for the placement (a timing of no records is not).
-        let timed = if b.len() == batch { b.len() } else { 0 };
-        let (c, busy, dbn, t) = (
-            clients[lane].clone(),
-            busy.clone(),
-            db.database.clone(),
-            table.to_owned(),
-        );
+        let (client, written) = &mut clients[lane];
+        if *written >= harper::RECONNECT_EVERY {
+            *client = client.dedicated()?;
+            *written = 0;
+            reconnects += 1;
+        }
+        *written += 1;
+        let (c, dbn, t) = (client.clone(), db.database.clone(), table.to_owned());
         in_flight.spawn(async move {
-            let (result, timing) = busy.time(lane, lanes, timed, c.insert(&dbn, &t, b)).await;
-            anyhow::Ok((lane, result?, timing))
+            let began = Instant::now();
+            let n = c.insert(&dbn, &t, b).await?;
+            anyhow::Ok((lane, n, began.elapsed()))
         });
-        exclusive = alone.is_some();
     }
     let secs = started.elapsed().as_secs_f64();
     let after = stats::sample_all(pids, ticks);
@@ -1066,7 +1035,6 @@ pub async fn harperdb_direct(
         "window_s": secs,
         "stored_per_s": inserted as f64 / secs.max(1e-9),
         "reconnects": reconnects,
-        "placement": judged,
         "batch_latency": batch_latency,
         "server": {"processes": procs},
         "ok": inserted == records,
@@ -1115,7 +1083,7 @@ pub async fn history(
                     break;
                 }
                 // Sequences 1..=seed: the room's order, as if the stream had stored them.
-                let recs: Vec<Value> = (done..done + n)
+                let recs: Vec<StoredRecord> = (done..done + n)
                     .map(|i| harper::record(&room, i as u64 + 1, &text))
                     .collect();
                 done += n;

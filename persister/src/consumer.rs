@@ -1,0 +1,337 @@
+//! The durable JetStream consumer that moves messages into HarperDB.
+//!
+//! It collects up to `persister.batch_size` messages (waiting at most `batch_wait_ms` once the
+//! first arrived) and hands each batch to a free lane ([`crate::lanes`]), which writes it in one
+//! insert ([`crate::batch`]); messages are acked only after HarperDB confirmed their write. A
+//! failed write is retried while the messages' ack deadline is kept extended, so nothing is
+//! redelivered behind the writer's back. Several persisters may share the consumer; inserts are
+//! idempotent, so a redelivery never creates a second record.
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use chatify_shared::config::PersisterSettings;
+use chatify_shared::subjects::{MESSAGES_STREAM, PERSISTER_CONSUMER};
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::BatchWriter;
+use crate::dead_letter::{DeadLetters, Publisher};
+use crate::delivery::Delivery;
+use crate::harperdb::{HarperDb, HarperError};
+use crate::lanes::{Lanes, Store};
+use crate::retry::Retry;
+
+/// How long JetStream waits for an ack before redelivering; kept extended while retrying.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("could not create the durable consumer {PERSISTER_CONSUMER}: {0}")]
+    Consumer(#[from] jetstream::stream::ConsumerError),
+    #[error("could not read from the durable consumer: {0}")]
+    Messages(#[from] jetstream::consumer::StreamError),
+    #[error("could not build the HarperDB clients: {0}")]
+    Client(#[from] HarperError),
+}
+
+/// The consumer's configuration: explicit acks, so each message is acked after its write.
+pub fn consumer_config() -> pull::Config {
+    pull::Config {
+        durable_name: Some(PERSISTER_CONSUMER.to_owned()),
+        description: Some("Chatify persisters: messages into HarperDB".to_owned()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+/// Reads the messages stream through the durable consumer and writes it to HarperDB.
+pub struct Consumer {
+    /// Where messages come from.
+    stream: jetstream::stream::Stream,
+    /// Where they go; each lane gets a connection of its own to it.
+    db: HarperDb,
+    /// Where messages HarperDB refuses for good go (the dead-letter stream).
+    js: jetstream::Context,
+    /// Batch size and wait, lanes, retries.
+    settings: PersisterSettings,
+    /// Set once the table exists and the consumer is bound; `/readyz` reads it.
+    ready: Arc<AtomicBool>,
+}
+
+impl Consumer {
+    pub fn new(
+        stream: jetstream::stream::Stream,
+        db: HarperDb,
+        js: jetstream::Context,
+        settings: PersisterSettings,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            stream,
+            db,
+            js,
+            settings,
+            ready,
+        }
+    }
+
+    /// Runs until `shutdown`, then finishes (and acks) the batches in hand.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let retry = Retry::new(&self.settings, ACK_WAIT / 3);
+        let schema = || self.db.ensure_schema();
+        if !retry
+            .until_ok(&shutdown, "creating the HarperDB table", schema)
+            .await
+        {
+            return Ok(());
+        }
+        let consumer = self
+            .stream
+            .get_or_create_consumer(PERSISTER_CONSUMER, consumer_config())
+            .await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.settings.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await?;
+        let mut lanes = Lanes::new(&self.db, self.settings.write_connections)?;
+        let dead_letters = DeadLetters::new(self.js.clone(), retry);
+        let writer = BatchWriter::new(retry, self.settings.max_attempts, dead_letters);
+        self.ready.store(true, Ordering::Relaxed);
+        tokio::spawn(crate::lag::report(self.stream.clone(), shutdown.clone()));
+        tracing::info!(
+            stream = MESSAGES_STREAM,
+            consumer = PERSISTER_CONSUMER,
+            "writing messages to HarperDB"
+        );
+        let batching = Batching {
+            size: self.settings.batch_size,
+            wait: Duration::from_millis(self.settings.batch_wait_ms),
+        };
+        drain(messages, &mut lanes, &writer, batching, &shutdown).await;
+        self.ready.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// How batches are cut from the messages.
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    /// The most messages in one batch (`persister.batch_size`).
+    size: usize,
+    /// How long a batch waits to fill once it has its first message (`persister.batch_wait_ms`).
+    wait: Duration,
+}
+
+/// Cuts `messages` into batches and writes each on a free lane, until shutdown or the end of
+/// `messages`; then waits for the writes in hand and their acks.
+async fn drain<D, E, S, P>(
+    mut messages: impl Stream<Item = Result<D, E>> + Unpin,
+    lanes: &mut Lanes<S>,
+    writer: &BatchWriter<P>,
+    batching: Batching,
+    shutdown: &CancellationToken,
+) where
+    D: Delivery,
+    E: Display,
+    S: Store,
+    P: Publisher,
+{
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = messages.next() => next,
+        };
+        let mut batch = match first {
+            Some(Ok(m)) => vec![m],
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer read failed; continuing");
+                continue;
+            }
+            None => break,
+        };
+        let deadline = tokio::time::Instant::now() + batching.wait;
+        while batch.len() < batching.size {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(Ok(m))) => batch.push(m),
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "consumer read failed mid-batch");
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // Short of a backlog one insert at a time is enough, and one insert never shares a
+        // HarperDB thread: a batch that is not full waits until no lane is busy, taking the
+        // messages that arrive meanwhile (filled up, it goes out like any full batch).
+        while batch.len() < batching.size && lanes.busy() {
+            tokio::select! {
+                () = lanes.finish_one() => {}
+                next = messages.next() => match next {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer read failed mid-batch");
+                    }
+                    None => break,
+                },
+            }
+        }
+        let (writer, shutdown) = (writer.clone(), shutdown.clone());
+        lanes
+            .start(move |store| async move { writer.write(&store, batch, &shutdown).await })
+            .await;
+    }
+    lanes.finish_all().await;
+    writer.acks_sent().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use chatify_shared::config::PersisterSettings;
+    use futures::channel::mpsc;
+
+    use super::*;
+    use crate::fakes::{Event, FakeDelivery, FakePublisher, FakeStore, Log};
+
+    type Delivered = Result<FakeDelivery, String>;
+
+    const BATCH: usize = 10;
+
+    /// A consumer's parts on fakes: lanes whose inserts take 20 ms, batches of [`BATCH`]
+    /// waiting 5 ms, and the messages, which come from the sender [`parts`] returns with them.
+    struct Parts {
+        rx: mpsc::UnboundedReceiver<Delivered>,
+        lanes: Lanes<FakeStore>,
+        writer: BatchWriter<FakePublisher>,
+        batching: Batching,
+    }
+
+    impl Parts {
+        async fn drain(mut self, shutdown: &CancellationToken) {
+            drain(
+                self.rx,
+                &mut self.lanes,
+                &self.writer,
+                self.batching,
+                shutdown,
+            )
+            .await;
+        }
+    }
+
+    fn parts(
+        log: &Log,
+        lanes: usize,
+    ) -> Result<(mpsc::UnboundedSender<Delivered>, Parts), HarperError> {
+        let (tx, rx) = mpsc::unbounded();
+        let store = FakeStore::new(log).taking(Duration::from_millis(20));
+        let retry = Retry::new(&PersisterSettings::default(), ACK_WAIT / 3);
+        let writer = BatchWriter::new(retry, 3, DeadLetters::new(FakePublisher::new(log), retry));
+        let batching = Batching {
+            size: BATCH,
+            wait: Duration::from_millis(5),
+        };
+        let lanes = Lanes::new(&store, lanes)?;
+        Ok((
+            tx,
+            Parts {
+                rx,
+                lanes,
+                writer,
+                batching,
+            },
+        ))
+    }
+
+    /// Whether every ack in `events` comes after an insert that stored its message.
+    fn acked_after_written(events: &[Event]) -> bool {
+        events.iter().enumerate().all(|(i, e)| match e {
+            Event::Acked(s) => events[..i]
+                .iter()
+                .any(|e| matches!(e, Event::Inserted(stored) if stored.contains(s))),
+            _ => true,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_written_in_full_batches_on_every_lane_and_acked_after_its_write()
+    -> Result<(), HarperError> {
+        let log = Log::default();
+        let (tx, parts) = parts(&log, 2)?;
+        for m in FakeDelivery::batch(&log, 0, 10 * BATCH as u64, None) {
+            let _ = tx.unbounded_send(Ok(m));
+        }
+        drop(tx);
+        parts.drain(&CancellationToken::new()).await;
+        assert_eq!(log.stored().len(), 10 * BATCH);
+        assert_eq!(log.acked().len(), 10 * BATCH);
+        let events = log.events();
+        assert!(acked_after_written(&events), "{events:?}");
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e, Event::Inserted(s) if s.len() != BATCH)),
+            "{events:?}"
+        );
+        assert_eq!(log.most_at_once(), 2, "both lanes wrote");
+        assert_eq!(log.most_at_once_on_a_connection(), 1);
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_of_a_backlog_one_insert_at_a_time_is_written() -> Result<(), HarperError> {
+        let log = Log::default();
+        let (tx, parts) = parts(&log, 2)?;
+        let (feeder, shutdown) = (log.clone(), CancellationToken::new());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            // One message every 4 ms: a batch would close after 5 ms, four times within an
+            // insert, and no batch fills up (5 messages come during an insert, a batch holds 10).
+            for m in FakeDelivery::batch(&feeder, 0, 100, None) {
+                let _ = tx.unbounded_send(Ok(m));
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            // The messages go on (`tx` is open) until shutdown.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stop.cancel();
+            drop(tx);
+        });
+        parts.drain(&shutdown).await;
+        assert_eq!(log.stored().len(), 100);
+        assert!(log.inserts() > 1, "{} inserts", log.inserts());
+        assert_eq!(log.most_at_once(), 1);
+        assert!(acked_after_written(&log.events()));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_finishes_and_acks_the_batch_in_hand() -> Result<(), HarperError> {
+        let log = Log::default();
+        let (tx, parts) = parts(&log, 2)?;
+        for m in FakeDelivery::batch(&log, 0, 5, None) {
+            let _ = tx.unbounded_send(Ok(m));
+        }
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let watcher = log.clone();
+        tokio::spawn(async move {
+            while watcher.attempts().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stop.cancel();
+        });
+        // `tx` stays open: only shutdown ends the loop.
+        parts.drain(&shutdown).await;
+        assert_eq!(log.acked(), vec![1, 2, 3, 4, 5]);
+        assert!(acked_after_written(&log.events()));
+        drop(tx);
+        Ok(())
+    }
+}
