@@ -94,10 +94,10 @@ fn is_refusal(message: &str) -> bool {
         .any(|m| message.contains(m))
 }
 
-/// How long a dedicated connection may stay idle before its client closes it: before
+/// How long a connection to HarperDB may stay idle before its client closes it: before
 /// HarperDB, which closes keep-alive connections idle for 30 s, so that no request goes out on
 /// a connection the server is closing.
-const DEDICATED_IDLE: Duration = Duration::from_secs(20);
+const CONNECTION_IDLE: Duration = Duration::from_secs(20);
 
 /// A client for the operations API keeping at most `idle_connections` idle connections open.
 fn client(
@@ -118,7 +118,7 @@ impl HarperDb {
     pub fn new(settings: &HarperDbSettings) -> Result<Self, HarperError> {
         let timeout = Duration::from_millis(settings.timeout_ms);
         Ok(Self {
-            http: client(timeout, usize::MAX, Duration::from_secs(30))?,
+            http: client(timeout, usize::MAX, CONNECTION_IDLE)?,
             answering: Arc::new(AtomicBool::new(true)),
             timeout,
             url: settings.url.trim_end_matches('/').to_owned(),
@@ -130,12 +130,12 @@ impl HarperDb {
     }
 
     /// The same client on a connection of its own: used one request at a time, it keeps one
-    /// keep-alive connection (closed after [`DEDICATED_IDLE`] idle), so the HarperDB thread
+    /// keep-alive connection (closed after [`CONNECTION_IDLE`] idle), so the HarperDB thread
     /// that connection landed on serves all its requests. Calling it again is how a writer lane
     /// takes a fresh connection (see [`crate::lanes`]).
     pub fn dedicated(&self) -> Result<Self, HarperError> {
         Ok(Self {
-            http: client(self.timeout, 1, DEDICATED_IDLE)?,
+            http: client(self.timeout, 1, CONNECTION_IDLE)?,
             ..self.clone()
         })
     }
