@@ -8,7 +8,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chatify_shared::subjects::{RoomEventKind, room_event_kind};
-use chatify_shared::wire::{ChatMessage, Notice, PresenceEvent, StoredMessage, TypingEvent};
+use chatify_shared::wire::{
+    ChatMessage, Notice, PresenceDelta, RoomPresence, StoredMessage, TypingEvent,
+};
 use futures::StreamExt;
 use serde::Serialize;
 use socketioxide::SocketIo;
@@ -17,7 +19,7 @@ use socketioxide::socket::Sid;
 
 use crate::metrics as m;
 use crate::order::Reorder;
-use crate::registry::{Room, Rooms};
+use crate::registry::{Room, Rooms, UsersUpdate};
 
 /// How long a membership change waits for others before the room gets `chatroom_users`. Each
 /// emission carries the whole list to every member, so a join storm of n members would send n
@@ -93,23 +95,46 @@ impl Delivery {
     }
 }
 
-/// Sends the room's local sockets `chatroom_users` within [`USERS_COALESCE`], with the list as
-/// it is then; changes until then share the one emission.
+/// How long a change in a room above `presence_list_max` members waits before its members get
+/// the new count: `room_presence` goes out at most once a second.
+const COUNT_COALESCE: Duration = Duration::from_secs(1);
+
+/// Tells the room's local sockets who is in it now: `chatroom_users` within [`USERS_COALESCE`]
+/// (changes until then share the one emission), or for a room above `presence_list_max`
+/// members, `room_presence` within [`COUNT_COALESCE`] if the count changed.
 pub fn users_changed(rooms: &Arc<Rooms>, room: &Arc<Room>) {
     if room.users_pending.swap(true, Ordering::AcqRel) {
         return;
     }
     let (rooms, room) = (rooms.clone(), room.clone());
     tokio::spawn(async move {
-        tokio::time::sleep(USERS_COALESCE).await;
-        room.users_pending.store(false, Ordering::Release);
-        let Some(users) = room.users().await else {
-            return;
+        let large = room.local_count.load(Ordering::Relaxed) > 0 && rooms.is_large(&room).await;
+        let wait = if large {
+            COUNT_COALESCE
+        } else {
+            USERS_COALESCE
         };
-        rooms
-            .delivery
-            .emit(&room.name, None, "chatroom_users", &users)
-            .await;
+        tokio::time::sleep(wait).await;
+        room.users_pending.store(false, Ordering::Release);
+        match room.users_update(rooms.list_max).await {
+            Some(UsersUpdate::List(users)) => {
+                rooms
+                    .delivery
+                    .emit(&room.name, None, "chatroom_users", &users)
+                    .await;
+            }
+            Some(UsersUpdate::Count(count)) => {
+                let presence = RoomPresence {
+                    room: room.name.clone(),
+                    count,
+                };
+                rooms
+                    .delivery
+                    .emit(&room.name, None, "room_presence", &presence)
+                    .await;
+            }
+            None => {}
+        }
     });
 }
 
@@ -153,8 +178,8 @@ pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_na
                 }
             }
             Some(RoomEventKind::Presence) => {
-                match serde_json::from_slice::<PresenceEvent>(&message.payload) {
-                    Ok(event) => rooms.on_presence(&room, event).await,
+                match serde_json::from_slice::<PresenceDelta>(&message.payload) {
+                    Ok(delta) => rooms.on_presence(&room, delta).await,
                     Err(e) => tracing::warn!(error = %e, "undecodable presence event"),
                 }
             }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use chatify_shared::id::now_millis;
 use chatify_shared::wire::{
-    ChatMessage, ErrorCode, Member, Notice, StoredMessage, Typing, TypingEvent,
+    ChatMessage, ErrorCode, JOIN_HISTORY_LEN, Member, Notice, SINCE_HISTORY_MAX, StoredMessage,
+    Typing, TypingEvent,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -127,7 +128,10 @@ where
 #[derive(Serialize)]
 struct Joined {
     room: String,
+    /// At most `limits.presence_list_max` members.
     users: Vec<Member>,
+    /// How many members the room has.
+    count: usize,
     history: Vec<ChatMessage>,
 }
 
@@ -157,7 +161,8 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                     ),
                 ));
             }
-            if !already_in && !session.allow_join() {
+            // Joining a room again counts too: it answers with history, which costs.
+            if !session.allow_join() {
                 metrics::counter!(m::RATE_LIMITED, "event" => "join_room").increment(1);
                 return Err(ChatError::new(
                     ErrorCode::RateLimited,
@@ -169,13 +174,22 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
             }
             // Joined first, then history: nothing stored meanwhile is missed. Without history a
             // (re)joining client would silently miss messages, so a join whose history fails
-            // is undone.
-            let history = history::on_join(&app.bus, &room, request.since);
+            // is undone. Joining again gets one page at most, whatever its `since`.
+            let history_max = if already_in {
+                JOIN_HISTORY_LEN
+            } else {
+                SINCE_HISTORY_MAX
+            };
+            let history = history::on_join(&app.bus, &room, request.since, history_max);
             let (users, history) = if already_in {
                 (app.rooms.users(&room).await, history.await?)
             } else {
+                let member = Member {
+                    id: session.member_id.clone(),
+                    username: username.clone(),
+                };
                 app.rooms
-                    .join(&socket, &session.rooms, &room, &username, history)
+                    .join(&socket, &session.rooms, &room, &member, history)
                     .await?
             };
             if !already_in {
@@ -189,7 +203,8 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
             tracing::debug!(socket_id = %socket.id, room = %room, "joined");
             Ok(Joined {
                 room,
-                users,
+                users: users.listed,
+                count: users.count,
                 history,
             })
         },
@@ -234,6 +249,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
             username,
             message: request.message,
             created_time: now_millis(),
+            user_id: session.identity.as_ref().map(|i| i.user_id.clone()),
         };
         let started = std::time::Instant::now();
         let stored = app.bus.publish_message(message, dedup).await?;
@@ -268,7 +284,9 @@ async fn leave_room(s: SocketRef, State(app): State<App>, event: Ordered) {
         "leave_room",
         |session, v| async move {
             let room = payload::leave(&v, &app.limits)?;
-            app.rooms.leave(&socket, &session.rooms, &room).await?;
+            app.rooms
+                .leave(&socket, &session.rooms, &room, &session.member_id)
+                .await?;
             Ok(Empty {})
         },
     )
@@ -320,7 +338,9 @@ async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectR
         return;
     };
     let _turn = session.sequencer.ticket().turn().await;
-    app.rooms.leave_all(&s, &session.rooms).await;
+    app.rooms
+        .leave_all(&s, &session.rooms, &session.member_id)
+        .await;
 }
 
 fn emit<T: Serialize + ?Sized>(socket: &SocketRef, event: &'static str, data: &T) {

@@ -36,18 +36,19 @@ pub async fn page(bus: &Bus, request: HistoryPageRequest) -> Result<Page, ChatEr
 }
 
 /// What a join sends, oldest first: the newest [`JOIN_HISTORY_LEN`] messages, or with `since`
-/// the messages after it (at most [`SINCE_HISTORY_MAX`], the newest of them).
+/// the messages after it (at most `since_max`, the newest of them).
 pub async fn on_join(
     bus: &Bus,
     room: &str,
     since: Option<Uuid>,
+    since_max: u32,
 ) -> Result<Vec<ChatMessage>, ChatError> {
     let query = HistoryQuery {
         room: room.to_owned(),
         before: None,
         after: since,
         limit: if since.is_some() {
-            SINCE_HISTORY_MAX
+            since_max.min(SINCE_HISTORY_MAX)
         } else {
             JOIN_HISTORY_LEN
         },

@@ -1,21 +1,29 @@
-//! Who is in a room across gateways: presence records and announcements.
+//! Who is in a room across gateways: presence records, announcements, and each room's roster.
 //!
-//! Each gateway keeps one record per room in the presence stream with its own members of the
-//! room, and announces every change on the room's presence subject with the record's revision.
-//! A gateway that starts listening to a room subscribes first and then reads the other
-//! gateways' records, so it misses no change; keeping the highest revision per gateway
-//! ([`RemoteMembers::apply`]) makes the order of the two irrelevant.
+//! A gateway writes one record per member it has in a room (the member's first connection in
+//! the room on that gateway writes it, the last one to leave purges it) and announces each
+//! arrival and departure on the room's presence subject as a [`PresenceDelta`]. A join or a
+//! leave therefore costs the same whatever the room's size: one record write or purge and one
+//! small announcement. A gateway that starts listening to a room subscribes first, then reads
+//! the room's records; announcements that arrived meanwhile wait in the subscription and are
+//! applied after the records, each only if it is not older than what the gateway knows of
+//! that member on that gateway ([`Roster::apply`]).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::time::Duration;
 
-use async_nats::jetstream::{self, stream::Stream};
+use async_nats::jetstream::{self, consumer, stream::Stream};
 use chatify_shared::subjects::{
-    GATEWAY_DEAD_SUBJECT, GatewayId, RoomToken, presence_record_gateway, presence_records_of,
+    GATEWAY_DEAD_SUBJECT, GatewayId, MemberToken, RoomToken, presence_record_gateway,
+    presence_records_of,
 };
-use chatify_shared::wire::{Member, PresenceChange, PresenceEvent};
+use chatify_shared::wire::{Member, PresenceDelta};
 use futures::StreamExt;
 
 use crate::error::ChatError;
+
+/// How long reading a room's records may take before the join answers `unavailable`.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Presence records and announcements of this gateway.
 pub struct Presence {
@@ -23,7 +31,7 @@ pub struct Presence {
     nats: async_nats::Client,
     /// Record writes, acknowledged by JetStream.
     js: jetstream::Context,
-    /// The presence stream: per-room, per-gateway member records.
+    /// The presence stream: one record per member, room and gateway.
     stream: Stream,
     /// This gateway's identity in records and announcements.
     gateway: GatewayId,
@@ -53,52 +61,59 @@ impl Presence {
         &self.gateway
     }
 
-    /// Writes this gateway's member list of the room and announces `change` at its revision.
-    pub async fn publish_change(
-        &self,
-        token: &RoomToken,
-        local: &[Member],
-        change: PresenceChange,
-    ) -> Result<(), ChatError> {
-        let revision = self.write_members(token, local).await?;
-        self.announce(token, revision, change, local).await;
-        Ok(())
-    }
-
-    /// Writes this gateway's member list of a room; returns its revision. An empty list is
-    /// written (for its revision) and then purged, so departed gateways leave no records.
-    async fn write_members(&self, token: &RoomToken, members: &[Member]) -> Result<u64, ChatError> {
-        let subject = token.presence_record_subject(&self.gateway);
-        let payload = serde_json::to_vec(members).map_err(|e| unavailable(&e))?;
+    /// Writes the record of a member who arrived on this gateway; returns its revision.
+    pub async fn write(&self, token: &RoomToken, member: &Member) -> Result<u64, ChatError> {
+        let subject = token.presence_record_subject(&self.gateway, &MemberToken::new(&member.id));
+        let payload = serde_json::to_vec(member).map_err(|e| unavailable(&e))?;
         let ack = self
             .js
-            .publish(subject.clone(), payload.into())
+            .publish(subject, payload.into())
             .await
             .map_err(|e| unavailable(&e))?
             .await
             .map_err(|e| unavailable(&e))?;
-        if members.is_empty()
-            && let Err(e) = self.stream.purge().filter(subject).await
-        {
-            tracing::warn!(error = %e, "an empty presence record could not be purged");
-        }
         Ok(ack.sequence)
     }
 
-    async fn announce(
+    /// Purges the record of a member who left this gateway. A failure is logged: the member
+    /// has left here whatever happens, and a record left behind is purged with the gateway's
+    /// others when it stops.
+    pub async fn erase(&self, token: &RoomToken, member_id: &str) {
+        let subject = token.presence_record_subject(&self.gateway, &MemberToken::new(member_id));
+        if let Err(e) = self.stream.purge().filter(subject).await {
+            tracing::warn!(error = %e, "a presence record could not be purged");
+        }
+    }
+
+    /// Purges every record of this gateway (on shutdown, once its members are announced gone).
+    pub async fn erase_all(&self) {
+        if let Err(e) = self
+            .stream
+            .purge()
+            .filter(presence_records_of(&self.gateway))
+            .await
+        {
+            tracing::warn!(error = %e, "this gateway's presence records could not be purged");
+        }
+    }
+
+    /// Announces an arrival or a departure on the room's presence subject.
+    pub async fn announce(
         &self,
         token: &RoomToken,
+        member: &Member,
+        present: bool,
         revision: u64,
-        change: PresenceChange,
-        members: &[Member],
+        quiet: bool,
     ) {
-        let event = PresenceEvent {
+        let delta = PresenceDelta {
             gateway: self.gateway.clone(),
+            member: member.clone(),
+            present,
             revision,
-            change,
-            members: members.to_vec(),
+            quiet,
         };
-        let result = match serde_json::to_vec(&event) {
+        let result = match serde_json::to_vec(&delta) {
             Ok(payload) => self
                 .nats
                 .publish(token.presence_subject(), payload.into())
@@ -111,44 +126,55 @@ impl Presence {
         }
     }
 
-    /// The other gateways' member records of a room.
-    pub async fn read_remote(&self, token: &RoomToken) -> Result<RemoteMembers, ChatError> {
-        let mut remote = RemoteMembers::default();
-        let mut subjects = self
+    /// The other gateways' records of a room: (gateway, member, revision).
+    pub async fn read(
+        &self,
+        token: &RoomToken,
+    ) -> Result<Vec<(GatewayId, Member, u64)>, ChatError> {
+        tokio::time::timeout(READ_TIMEOUT, self.read_records(token))
+            .await
+            .map_err(|_| unavailable(&"reading the room's presence records timed out"))?
+    }
+
+    async fn read_records(
+        &self,
+        token: &RoomToken,
+    ) -> Result<Vec<(GatewayId, Member, u64)>, ChatError> {
+        let consumer = self
             .stream
-            .info_with_subjects(token.presence_record_filter())
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: token.presence_record_filter(),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
             .await
             .map_err(|e| unavailable(&e))?;
-        let mut found = Vec::new();
-        while let Some(subject) = subjects.next().await {
-            let (subject, _count) = subject.map_err(|e| unavailable(&e))?;
-            found.push(subject);
+        let mut records = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(records);
         }
-        for subject in found {
-            let Some(gateway) = presence_record_gateway(&subject).filter(|g| *g != self.gateway)
-            else {
-                continue;
-            };
-            // The record may be purged between listing and reading: then it is simply gone.
-            let Ok(record) = self.stream.get_last_raw_message_by_subject(&subject).await else {
-                continue;
-            };
-            match serde_json::from_slice::<Vec<Member>>(&record.payload) {
-                Ok(members) => {
-                    remote.0.insert(
-                        gateway,
-                        Snapshot {
-                            revision: record.sequence,
-                            members,
-                        },
-                    );
+        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| unavailable(&e))?;
+            let info = message.info().map_err(|e| unavailable(&e))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            match (
+                presence_record_gateway(&message.subject),
+                serde_json::from_slice::<Member>(&message.payload),
+            ) {
+                (Some(gateway), Ok(member)) if gateway != self.gateway => {
+                    records.push((gateway, member, sequence));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, %subject, "undecodable presence record skipped")
+                (Some(_), Ok(_)) => {}
+                _ => {
+                    tracing::warn!(subject = %message.subject, "undecodable presence record skipped")
                 }
             }
+            if pending == 0 {
+                break;
+            }
         }
-        Ok(remote)
+        Ok(records)
     }
 
     /// Tells the other gateways that `gateway` is dead (so one that was only cut off
@@ -172,63 +198,232 @@ impl Presence {
     }
 }
 
-/// One other gateway's members of a room, as of a record revision.
-struct Snapshot {
-    revision: u64,
-    members: Vec<Member>,
+/// One member of a room, as this gateway knows it.
+#[derive(Debug)]
+struct Entry {
+    username: String,
+    /// The member's connections in the room on this gateway.
+    local: u32,
+    /// The revision of the member's record of this gateway, while `local > 0`.
+    local_revision: u64,
+    /// The other gateways the member is on, with the revision of each one's record.
+    remote: Vec<(GatewayId, u64)>,
 }
 
-/// The other gateways' members of one room: the newest list known of each.
-#[derive(Default)]
-pub struct RemoteMembers(BTreeMap<GatewayId, Snapshot>);
-
-impl RemoteMembers {
-    /// Takes another gateway's announced list, unless a newer one is known already.
-    pub fn apply(&mut self, event: &PresenceEvent) {
-        let newer = self
-            .0
-            .get(&event.gateway)
-            .is_none_or(|known| event.revision > known.revision);
-        if newer {
-            self.0.insert(
-                event.gateway.clone(),
-                Snapshot {
-                    revision: event.revision,
-                    members: event.members.clone(),
-                },
-            );
-        }
-    }
-
-    /// Forgets a gateway; returns the members it had.
-    pub fn remove(&mut self, gateway: &GatewayId) -> Vec<Member> {
-        self.0
-            .remove(gateway)
-            .map(|s| s.members)
-            .unwrap_or_default()
-    }
-
-    pub fn members(&self) -> impl Iterator<Item = &Member> {
-        self.0.values().flat_map(|s| s.members.iter())
+impl Entry {
+    fn present(&self) -> bool {
+        self.local > 0 || !self.remote.is_empty()
     }
 }
 
-/// The `ChatBot` notice text a change gives the room, and the socket that must not get it (a
-/// joiner is welcomed instead); `None` for a refresh, which gives no notice.
-pub fn notice(change: &PresenceChange) -> Option<(String, Option<&str>)> {
-    match change {
-        PresenceChange::Joined {
-            socket_id,
-            username,
-        } => Some((
-            format!("{username} has joined the chat room"),
-            Some(socket_id),
-        )),
-        PresenceChange::Left { username, .. } => {
-            Some((format!("{username} has left the chat room"), None))
-        }
-        PresenceChange::Refresh => None,
+/// What a change did to the room as a whole: the notice it calls for, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The member was in the room nowhere before, and now is.
+    Arrived(Member),
+    /// The member was in the room somewhere before, and now is nowhere.
+    Departed(Member),
+    /// The room's membership did not change (another connection or gateway of a member).
+    Unchanged,
+}
+
+/// Who is in one room across gateways, as this gateway knows it. Every operation costs the
+/// same whatever the room's size, but listing it.
+#[derive(Debug, Default)]
+pub struct Roster {
+    members: HashMap<String, Entry>,
+}
+
+impl Roster {
+    /// Members in the room.
+    pub fn len(&self) -> usize {
+        self.members.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Whether the member has a connection in the room on this gateway.
+    pub fn is_local(&self, member_id: &str) -> bool {
+        self.members.get(member_id).is_some_and(|e| e.local > 0)
+    }
+
+    /// At most `max` members, with the members of this gateway first.
+    pub fn users(&self, max: usize) -> Vec<Member> {
+        let mut local: Vec<Member> = Vec::new();
+        let mut remote: Vec<Member> = Vec::new();
+        for (id, e) in &self.members {
+            let member = Member {
+                id: id.clone(),
+                username: e.username.clone(),
+            };
+            if e.local > 0 {
+                local.push(member)
+            } else {
+                remote.push(member)
+            }
+            if local.len() >= max {
+                break;
+            }
+        }
+        local.extend(remote);
+        local.truncate(max);
+        local
+    }
+
+    /// The members with connections here, with their records' revisions (to re-announce).
+    pub fn local_members(&self) -> Vec<(Member, u64)> {
+        self.members
+            .iter()
+            .filter(|(_, e)| e.local > 0)
+            .map(|(id, e)| {
+                let member = Member {
+                    id: id.clone(),
+                    username: e.username.clone(),
+                };
+                (member, e.local_revision)
+            })
+            .collect()
+    }
+
+    /// One more connection of `member` in the room here. Returns whether it is the member's
+    /// first here (then its record must be written: [`Roster::set_local_revision`]) and what
+    /// it did to the room.
+    pub fn add_local(&mut self, member: &Member) -> (bool, Change) {
+        let entry = self
+            .members
+            .entry(member.id.clone())
+            .or_insert_with(|| Entry {
+                username: member.username.clone(),
+                local: 0,
+                local_revision: 0,
+                remote: Vec::new(),
+            });
+        let was_present = entry.present();
+        entry.local += 1;
+        let change = if was_present {
+            Change::Unchanged
+        } else {
+            Change::Arrived(member.clone())
+        };
+        (entry.local == 1, change)
+    }
+
+    /// The revision of the record written for a member's first connection here.
+    pub fn set_local_revision(&mut self, member_id: &str, revision: u64) {
+        if let Some(e) = self.members.get_mut(member_id) {
+            e.local_revision = revision;
+        }
+    }
+
+    /// One connection fewer of `member_id` here. Returns, when it was the member's last one
+    /// here, the revision of its record (to purge and announce), and what it did to the room.
+    pub fn remove_local(&mut self, member_id: &str) -> (Option<u64>, Change) {
+        let Some(entry) = self.members.get_mut(member_id) else {
+            return (None, Change::Unchanged);
+        };
+        if entry.local == 0 {
+            return (None, Change::Unchanged);
+        }
+        entry.local -= 1;
+        if entry.local > 0 {
+            return (None, Change::Unchanged);
+        }
+        let revision = entry.local_revision;
+        (Some(revision), self.forget_if_absent(member_id))
+    }
+
+    /// Another gateway's announcement, or a record read from the stream (`present`, without
+    /// notices: it is what the room was already). Applied unless what is known of the member
+    /// on that gateway is newer.
+    pub fn apply(
+        &mut self,
+        gateway: &GatewayId,
+        member: &Member,
+        present: bool,
+        revision: u64,
+    ) -> Change {
+        match self.members.get_mut(&member.id) {
+            Some(entry) => {
+                let known = entry.remote.iter().position(|(g, _)| g == gateway);
+                match (known, present) {
+                    (Some(at), true) => {
+                        let (_, rev) = &mut entry.remote[at];
+                        *rev = (*rev).max(revision);
+                        Change::Unchanged
+                    }
+                    (None, true) => {
+                        let was_present = entry.present();
+                        entry.remote.push((gateway.clone(), revision));
+                        if was_present {
+                            Change::Unchanged
+                        } else {
+                            Change::Arrived(member.clone())
+                        }
+                    }
+                    // A departure of the record this gateway knows (or of a newer one).
+                    (Some(at), false) if revision >= entry.remote[at].1 => {
+                        entry.remote.swap_remove(at);
+                        self.forget_if_absent(&member.id)
+                    }
+                    (_, false) => Change::Unchanged,
+                }
+            }
+            None if present => {
+                self.members.insert(
+                    member.id.clone(),
+                    Entry {
+                        username: member.username.clone(),
+                        local: 0,
+                        local_revision: 0,
+                        remote: vec![(gateway.clone(), revision)],
+                    },
+                );
+                Change::Arrived(member.clone())
+            }
+            None => Change::Unchanged,
+        }
+    }
+
+    /// A gateway is gone: the members it alone had leave the room (returned).
+    pub fn remove_gateway(&mut self, gateway: &GatewayId) -> Vec<Member> {
+        let mut departed = Vec::new();
+        self.members.retain(|id, e| {
+            e.remote.retain(|(g, _)| g != gateway);
+            let stays = e.present();
+            if !stays {
+                departed.push(Member {
+                    id: id.clone(),
+                    username: e.username.clone(),
+                });
+            }
+            stays
+        });
+        departed
+    }
+
+    fn forget_if_absent(&mut self, member_id: &str) -> Change {
+        match self.members.get(member_id) {
+            Some(e) if !e.present() => {
+                let username = self
+                    .members
+                    .remove(member_id)
+                    .map(|e| e.username)
+                    .unwrap_or_default();
+                Change::Departed(Member {
+                    id: member_id.to_owned(),
+                    username,
+                })
+            }
+            _ => Change::Unchanged,
+        }
+    }
+}
+
+/// The notice of a member who joined.
+pub fn joined_notice(username: &str) -> String {
+    format!("{username} has joined the chat room")
 }
 
 /// The notice of a member who left (also when their gateway died).
@@ -240,61 +435,106 @@ pub fn left_notice(username: &str) -> String {
 mod tests {
     use super::*;
 
-    fn event(gateway: &GatewayId, revision: u64, names: &[&str]) -> PresenceEvent {
-        PresenceEvent {
-            gateway: gateway.clone(),
-            revision,
-            change: PresenceChange::Refresh,
-            members: names
-                .iter()
-                .map(|n| Member {
-                    id: format!("id-{n}"),
-                    username: (*n).to_owned(),
-                })
-                .collect(),
+    fn member(id: &str) -> Member {
+        Member {
+            id: id.to_owned(),
+            username: format!("name-{id}"),
         }
     }
 
-    fn names(remote: &RemoteMembers) -> Vec<String> {
-        let mut names: Vec<String> = remote.members().map(|m| m.username.clone()).collect();
-        names.sort();
-        names
+    fn ids(members: &[Member]) -> Vec<String> {
+        let mut ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+        ids.sort();
+        ids
     }
 
     #[test]
-    fn the_newest_list_of_each_gateway_wins_whatever_order_they_arrive_in() {
-        let (a, b) = (GatewayId::random(), GatewayId::random());
-        let mut remote = RemoteMembers::default();
-        remote.apply(&event(&a, 5, &["ann", "bob"]));
-        remote.apply(&event(&b, 3, &["cy"]));
-        remote.apply(&event(&a, 4, &["ann"]));
+    fn a_user_with_several_connections_is_listed_once_and_arrives_and_leaves_once() {
+        let mut roster = Roster::default();
+        let ann = member("ann");
+        assert_eq!(roster.add_local(&ann), (true, Change::Arrived(ann.clone())));
+        roster.set_local_revision("ann", 7);
+        assert_eq!(roster.add_local(&ann), (false, Change::Unchanged));
+        assert_eq!(ids(&roster.users(10)), ["ann"]);
+        assert_eq!(roster.remove_local("ann"), (None, Change::Unchanged));
+        assert!(roster.is_local("ann"));
         assert_eq!(
-            names(&remote),
-            ["ann", "bob", "cy"],
-            "an older list was taken"
+            roster.remove_local("ann"),
+            (Some(7), Change::Departed(ann.clone()))
         );
-        remote.apply(&event(&a, 9, &["bob"]));
-        assert_eq!(names(&remote), ["bob", "cy"]);
-        assert_eq!(remote.remove(&b).len(), 1);
-        assert_eq!(names(&remote), ["bob"]);
-        assert!(remote.remove(&b).is_empty());
+        assert!(roster.is_empty());
+        assert_eq!(roster.remove_local("ann"), (None, Change::Unchanged));
     }
 
     #[test]
-    fn notices_name_the_member_and_spare_the_joiner() {
-        let joined = PresenceChange::Joined {
-            socket_id: "s1".into(),
-            username: "ann".into(),
-        };
+    fn a_member_on_two_gateways_leaves_the_room_when_the_last_one_says_so() {
+        let (g1, g2) = (GatewayId::random(), GatewayId::random());
+        let mut roster = Roster::default();
+        let ann = member("ann");
         assert_eq!(
-            notice(&joined),
-            Some(("ann has joined the chat room".to_owned(), Some("s1")))
+            roster.apply(&g1, &ann, true, 3),
+            Change::Arrived(ann.clone())
         );
-        let left = PresenceChange::Left {
-            socket_id: "s1".into(),
-            username: "ann".into(),
-        };
-        assert_eq!(notice(&left), Some((left_notice("ann"), None)));
-        assert_eq!(notice(&PresenceChange::Refresh), None);
+        assert_eq!(roster.apply(&g2, &ann, true, 4), Change::Unchanged);
+        assert_eq!(
+            roster.add_local(&ann),
+            (true, Change::Unchanged),
+            "here too: no notice"
+        );
+        assert_eq!(roster.remove_local("ann").1, Change::Unchanged);
+        assert_eq!(roster.apply(&g1, &ann, false, 3), Change::Unchanged);
+        assert_eq!(
+            roster.apply(&g2, &ann, false, 4),
+            Change::Departed(ann.clone())
+        );
+        assert!(roster.is_empty());
+    }
+
+    #[test]
+    fn an_older_departure_does_not_undo_a_newer_arrival() {
+        let g = GatewayId::random();
+        let mut roster = Roster::default();
+        let ann = member("ann");
+        // Read from the stream: the record of ann's second visit (revision 9).
+        assert_eq!(
+            roster.apply(&g, &ann, true, 9),
+            Change::Arrived(ann.clone())
+        );
+        // Then, from the subscription, the departure of her first visit (revision 5).
+        assert_eq!(roster.apply(&g, &ann, false, 5), Change::Unchanged);
+        assert_eq!(ids(&roster.users(10)), ["ann"]);
+        // A departure of an unknown member changes nothing.
+        assert_eq!(
+            roster.apply(&g, &member("bob"), false, 1),
+            Change::Unchanged
+        );
+        assert_eq!(roster.apply(&g, &ann, false, 9), Change::Departed(ann));
+    }
+
+    #[test]
+    fn a_dead_gateway_takes_only_its_own_members_along() {
+        let (g1, g2) = (GatewayId::random(), GatewayId::random());
+        let mut roster = Roster::default();
+        roster.apply(&g1, &member("ann"), true, 1);
+        roster.apply(&g1, &member("bob"), true, 2);
+        roster.apply(&g2, &member("bob"), true, 3);
+        roster.add_local(&member("cy"));
+        assert_eq!(ids(&roster.remove_gateway(&g1)), ["ann"]);
+        assert_eq!(ids(&roster.users(10)), ["bob", "cy"]);
+    }
+
+    #[test]
+    fn listings_are_capped_with_local_members_first() {
+        let g = GatewayId::random();
+        let mut roster = Roster::default();
+        for i in 0..50 {
+            roster.apply(&g, &member(&format!("r{i}")), true, i);
+        }
+        roster.add_local(&member("me"));
+        assert_eq!(roster.len(), 51);
+        let listed = roster.users(5);
+        assert_eq!(listed.len(), 5);
+        assert_eq!(listed[0].id, "me");
+        assert_eq!(roster.local_members().len(), 1);
     }
 }

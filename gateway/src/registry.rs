@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use chatify_shared::subjects::{GatewayId, RoomToken};
-use chatify_shared::wire::{Member, PresenceChange, PresenceEvent};
+use chatify_shared::wire::{Member, PresenceDelta};
 use socketioxide::extract::SocketRef;
 use tokio::task::JoinHandle;
 
@@ -20,7 +20,7 @@ use crate::delivery::{self, Delivery};
 use crate::error::ChatError;
 use crate::liveness::Liveness;
 use crate::metrics as m;
-use crate::presence::{self, Presence, RemoteMembers};
+use crate::presence::{self, Change, Presence, Roster};
 
 /// The rooms a socket is in, with the name it uses in each.
 ///
@@ -71,11 +71,12 @@ impl SocketRooms {
 pub struct Room {
     pub name: String,
     pub token: RoomToken,
-    /// Number of local members, readable without the state lock (delivery metrics).
+    /// Number of local sockets in the room, readable without the state lock (delivery metrics).
     pub local_count: AtomicUsize,
     /// Serializes membership changes of this room on this gateway.
     state: tokio::sync::Mutex<RoomState>,
-    /// Set while a `chatroom_users` emission is scheduled (see [`delivery::users_changed`]).
+    /// Set while a `chatroom_users` or `room_presence` emission is scheduled (see
+    /// [`delivery::users_changed`]).
     pub users_pending: AtomicBool,
 }
 
@@ -84,22 +85,29 @@ struct RoomState {
     /// Set when the last local member left and the room was dropped from the registry; a
     /// joiner that finds it set starts over with a fresh entry.
     closed: bool,
-    /// This gateway's members, in join order.
-    local: Vec<Member>,
-    /// The other gateways' members.
-    remote: RemoteMembers,
+    /// Who is in the room, here and on the other gateways.
+    roster: Roster,
+    /// The member count last sent as `room_presence` (large rooms), so an unchanged count is
+    /// not sent again.
+    count_sent: Option<usize>,
     /// The task delivering the room's subjects to local sockets.
     listener: Option<JoinHandle<()>>,
 }
 
-impl RoomState {
-    fn users(&self) -> Vec<Member> {
-        self.local
-            .iter()
-            .chain(self.remote.members())
-            .cloned()
-            .collect()
-    }
+/// Who is in a room, as a join ack and `chatroom_users` tell it.
+pub struct Users {
+    /// At most `limits.presence_list_max` members.
+    pub listed: Vec<Member>,
+    /// How many members the room has.
+    pub count: usize,
+}
+
+/// What a room's local sockets are to be told of its members now.
+pub enum UsersUpdate {
+    /// `chatroom_users`: the whole list (a room of at most `presence_list_max` members).
+    List(Vec<Member>),
+    /// `room_presence`: the count (a larger room), which changed since it was last sent.
+    Count(usize),
 }
 
 impl Room {
@@ -113,10 +121,28 @@ impl Room {
         }
     }
 
-    /// Everyone in the room across gateways; `None` once the room was dropped here.
-    pub async fn users(&self) -> Option<Vec<Member>> {
-        let state = self.state.lock().await;
-        (!state.closed).then(|| state.users())
+    /// Whether the room is listed to its members (else they get its count).
+    fn listed(count: usize, list_max: usize) -> bool {
+        count <= list_max
+    }
+
+    /// What the local sockets are to be told now, if anything; `None` once the room was
+    /// dropped here, or when a large room's count has not changed.
+    pub async fn users_update(&self, list_max: usize) -> Option<UsersUpdate> {
+        let mut state = self.state.lock().await;
+        if state.closed {
+            return None;
+        }
+        let count = state.roster.len();
+        if Self::listed(count, list_max) {
+            state.count_sent = None;
+            return Some(UsersUpdate::List(state.roster.users(list_max)));
+        }
+        if state.count_sent == Some(count) {
+            return None;
+        }
+        state.count_sent = Some(count);
+        Some(UsersUpdate::Count(count))
     }
 }
 
@@ -132,10 +158,13 @@ pub struct Rooms {
     nats: async_nats::Client,
     /// Rooms with at least one local member (or being joined).
     rooms: Mutex<HashMap<String, Arc<Room>>>,
+    /// Rooms with more members than this are not listed to their members, only counted, and
+    /// have no join and leave notices.
+    pub list_max: usize,
 }
 
 impl Rooms {
-    pub fn new(nats: async_nats::Client, presence: Presence) -> Self {
+    pub fn new(nats: async_nats::Client, presence: Presence, list_max: usize) -> Self {
         let liveness = Liveness::new(presence.gateway().clone());
         Self {
             delivery: Delivery::default(),
@@ -143,6 +172,7 @@ impl Rooms {
             liveness,
             nats,
             rooms: Mutex::new(HashMap::new()),
+            list_max,
         }
     }
 
@@ -190,33 +220,45 @@ impl Rooms {
         metrics::gauge!(m::ROOMS).set(registry.len() as f64);
     }
 
-    /// Everyone in a room this gateway has members in.
-    pub async fn users(&self, name: &str) -> Vec<Member> {
+    /// Whether the room has more members than are listed to them.
+    pub async fn is_large(&self, room: &Room) -> bool {
+        !Room::listed(room.state.lock().await.roster.len(), self.list_max)
+    }
+
+    /// Who is in a room this gateway has members in.
+    pub async fn users(&self, name: &str) -> Users {
         let room = self.registry().get(name).cloned();
-        match room {
-            Some(room) => room.users().await.unwrap_or_default(),
-            None => Vec::new(),
+        let Some(room) = room else {
+            return Users {
+                listed: Vec::new(),
+                count: 0,
+            };
+        };
+        let state = room.state.lock().await;
+        Users {
+            listed: state.roster.users(self.list_max),
+            count: state.roster.len(),
         }
     }
 
-    /// Adds the socket to a room as `username` and announces it, then runs `then` (the join's
+    /// Adds the socket to a room as `member` and announces it, then runs `then` (the join's
     /// history), which must succeed for the join to stand: if it fails, the socket leaves again
-    /// and its error is returned. Returns everyone in the room and what `then` gave.
+    /// and its error is returned. Returns who is in the room and what `then` gave.
     pub async fn join<T>(
         self: &Arc<Self>,
         socket: &SocketRef,
         rooms: &SocketRooms,
         name: &str,
-        username: &str,
+        member: &Member,
         then: impl Future<Output = Result<T, ChatError>>,
-    ) -> Result<(Vec<Member>, T), ChatError> {
-        let users = self.add(socket, name, username).await?;
-        rooms.add(name, username);
+    ) -> Result<(Users, T), ChatError> {
+        let users = self.add(socket, name, member).await?;
+        rooms.add(name, &member.username);
         match then.await {
             Ok(value) => Ok((users, value)),
             Err(e) => {
                 rooms.remove(name);
-                self.remove(socket, name).await;
+                self.remove(socket, name, member).await;
                 Err(e)
             }
         }
@@ -224,32 +266,47 @@ impl Rooms {
 
     /// Takes the socket out of a room and announces it; `not_in_room` if it was not in it.
     pub async fn leave(
-        &self,
+        self: &Arc<Self>,
         socket: &SocketRef,
         rooms: &SocketRooms,
         name: &str,
+        member_id: &str,
     ) -> Result<(), ChatError> {
-        if !rooms.remove(name) {
+        let Some(username) = rooms.username_in(name) else {
             return Err(ChatError::not_in_room(name));
-        }
-        self.remove(socket, name).await;
+        };
+        rooms.remove(name);
+        let member = Member {
+            id: member_id.to_owned(),
+            username,
+        };
+        self.remove(socket, name, &member).await;
         Ok(())
     }
 
     /// Takes the socket out of every room it is in (on disconnect).
-    pub async fn leave_all(&self, socket: &SocketRef, rooms: &SocketRooms) {
-        for (name, _username) in rooms.take() {
-            self.remove(socket, &name).await;
+    pub async fn leave_all(
+        self: &Arc<Self>,
+        socket: &SocketRef,
+        rooms: &SocketRooms,
+        member_id: &str,
+    ) {
+        for (name, username) in rooms.take() {
+            let member = Member {
+                id: member_id.to_owned(),
+                username,
+            };
+            self.remove(socket, &name, &member).await;
         }
     }
 
-    /// Adds a local socket to a room and announces it; returns everyone in the room.
+    /// Adds a local socket to a room and announces the member if it is new here.
     async fn add(
         self: &Arc<Self>,
         socket: &SocketRef,
         name: &str,
-        username: &str,
-    ) -> Result<Vec<Member>, ChatError> {
+        member: &Member,
+    ) -> Result<Users, ChatError> {
         loop {
             let room = self.entry(name);
             let mut state = room.state.lock().await;
@@ -257,117 +314,116 @@ impl Rooms {
                 continue;
             }
             if state.listener.is_none() {
-                match self.start_listening(&room).await {
-                    Ok((listener, remote)) => {
-                        state.listener = Some(listener);
-                        state.remote = remote;
-                        metrics::gauge!(m::ROOMS).set(self.len() as f64);
+                if let Err(e) = self.start_listening(&room, &mut state).await {
+                    if room.local_count.load(Ordering::Relaxed) == 0 {
+                        self.forget(&room, &mut state);
+                    }
+                    return Err(e);
+                }
+                metrics::gauge!(m::ROOMS).set(self.len() as f64);
+            }
+            let (first_here, change) = state.roster.add_local(member);
+            socket.join(name.to_owned());
+            room.local_count.fetch_add(1, Ordering::Relaxed);
+            if first_here {
+                match self.presence.write(&room.token, member).await {
+                    Ok(revision) => {
+                        state.roster.set_local_revision(&member.id, revision);
+                        self.presence
+                            .announce(&room.token, member, true, revision, false)
+                            .await;
                     }
                     Err(e) => {
-                        if state.local.is_empty() {
+                        state.roster.remove_local(&member.id);
+                        socket.leave(name.to_owned());
+                        if room.local_count.fetch_sub(1, Ordering::Relaxed) == 1 {
                             self.forget(&room, &mut state);
                         }
                         return Err(e);
                     }
                 }
             }
-            let member = Member {
-                id: socket.id.to_string(),
-                username: username.to_owned(),
-            };
-            socket.join(name.to_owned());
-            state.local.push(member.clone());
-            room.local_count.store(state.local.len(), Ordering::Relaxed);
-            let joined = PresenceChange::Joined {
-                socket_id: member.id.clone(),
-                username: member.username,
-            };
-            match self
-                .presence
-                .publish_change(&room.token, &state.local, joined)
-                .await
+            let count = state.roster.len();
+            if let Change::Arrived(m) = change
+                && Room::listed(count, self.list_max)
             {
-                Ok(()) => return Ok(state.users()),
-                Err(e) => {
-                    state.local.retain(|m| m.id != member.id);
-                    room.local_count.store(state.local.len(), Ordering::Relaxed);
-                    socket.leave(name.to_owned());
-                    if state.local.is_empty() {
-                        self.forget(&room, &mut state);
-                    }
-                    return Err(e);
-                }
+                let text = presence::joined_notice(&m.username);
+                let joiner = socket.id.to_string();
+                self.delivery.notice(&room.name, text, Some(&joiner)).await;
             }
+            delivery::users_changed(self, &room);
+            return Ok(Users {
+                listed: state.roster.users(self.list_max),
+                count,
+            });
         }
     }
 
-    /// Removes a local socket from a room and announces it. The socket is out of the room
-    /// locally whatever happens; a failed announcement is logged.
-    async fn remove(&self, socket: &SocketRef, name: &str) {
+    /// Removes a local socket from a room, and announces the member's departure from this
+    /// gateway if it was its last connection here. The socket is out of the room locally
+    /// whatever happens; a failed announcement is logged.
+    async fn remove(self: &Arc<Self>, socket: &SocketRef, name: &str, member: &Member) {
         let Some(room) = self.registry().get(name).cloned() else {
             return;
         };
         let mut state = room.state.lock().await;
-        let id = socket.id.to_string();
         socket.leave(name.to_owned());
-        let Some(pos) = state.local.iter().position(|m| m.id == id) else {
-            return;
-        };
-        let member = state.local.remove(pos);
-        room.local_count.store(state.local.len(), Ordering::Relaxed);
-        let left = PresenceChange::Left {
-            socket_id: member.id,
-            username: member.username,
-        };
-        if let Err(e) = self
-            .presence
-            .publish_change(&room.token, &state.local, left)
-            .await
-        {
-            tracing::warn!(error = %e.message, "a leave could not be announced");
+        let count_before = state.roster.len();
+        let (last_here, change) = state.roster.remove_local(&member.id);
+        if let Some(revision) = last_here {
+            self.presence.erase(&room.token, &member.id).await;
+            self.presence
+                .announce(&room.token, member, false, revision, false)
+                .await;
         }
-        if state.local.is_empty() {
+        if let Change::Departed(m) = change
+            && Room::listed(count_before, self.list_max)
+        {
+            let text = presence::left_notice(&m.username);
+            self.delivery.notice(&room.name, text, None).await;
+        }
+        delivery::users_changed(self, &room);
+        if room.local_count.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.forget(&room, &mut state);
         }
     }
 
-    /// Removes every local member from every room, announcing each departure (on shutdown,
-    /// where socketioxide closes sockets without running their disconnect handlers).
+    /// Announces every local member's departure from every room and purges this gateway's
+    /// records (on shutdown, where socketioxide closes sockets without running their disconnect
+    /// handlers).
     pub async fn leave_everyone(&self) {
         for room in self.all() {
             let mut state = room.state.lock().await;
-            while let Some(member) = state.local.pop() {
-                room.local_count.store(state.local.len(), Ordering::Relaxed);
-                let left = PresenceChange::Left {
-                    socket_id: member.id,
-                    username: member.username,
-                };
-                if let Err(e) = self
-                    .presence
-                    .publish_change(&room.token, &state.local, left)
-                    .await
-                {
-                    tracing::warn!(error = %e.message, "a departure could not be announced");
-                }
+            for (member, revision) in state.roster.local_members() {
+                self.presence
+                    .announce(&room.token, &member, false, revision, false)
+                    .await;
             }
+            room.local_count.store(0, Ordering::Relaxed);
             self.forget(&room, &mut state);
         }
+        self.presence.erase_all().await;
     }
 
     /// Rewrites this gateway's member records and re-announces them, without notices.
     pub async fn refresh_all(&self) {
         for room in self.all() {
-            let state = room.state.lock().await;
-            if state.closed || state.local.is_empty() {
+            let mut state = room.state.lock().await;
+            if state.closed {
                 continue;
             }
-            let refresh = PresenceChange::Refresh;
-            if let Err(e) = self
-                .presence
-                .publish_change(&room.token, &state.local, refresh)
-                .await
-            {
-                tracing::warn!(error = %e.message, "members could not be re-announced");
+            for (member, _) in state.roster.local_members() {
+                match self.presence.write(&room.token, &member).await {
+                    Ok(revision) => {
+                        state.roster.set_local_revision(&member.id, revision);
+                        self.presence
+                            .announce(&room.token, &member, true, revision, true)
+                            .await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "a member could not be re-announced");
+                    }
+                }
             }
         }
     }
@@ -379,30 +435,32 @@ impl Rooms {
         metrics::counter!(m::DEAD_GATEWAYS).increment(1);
         self.presence.declare_dead(gateway).await;
         for room in self.all() {
-            let gone = {
-                let mut state = room.state.lock().await;
-                if state.closed {
-                    continue;
-                }
-                state.remote.remove(gateway)
-            };
-            if gone.is_empty() {
+            let mut state = room.state.lock().await;
+            if state.closed {
                 continue;
             }
-            for member in gone {
-                self.delivery
-                    .notice(&room.name, presence::left_notice(&member.username), None)
-                    .await;
+            let count_before = state.roster.len();
+            let departed = state.roster.remove_gateway(gateway);
+            if departed.is_empty() {
+                continue;
+            }
+            if Room::listed(count_before, self.list_max) {
+                for member in departed {
+                    let text = presence::left_notice(&member.username);
+                    self.delivery.notice(&room.name, text, None).await;
+                }
             }
             delivery::users_changed(self, &room);
         }
     }
 
-    /// Subscribes to the room, then reads the other gateways' member records.
+    /// Subscribes to the room, reads the other gateways' records into its roster, then starts
+    /// the room's listener (announcements that came meanwhile wait in the subscription).
     async fn start_listening(
         self: &Arc<Self>,
         room: &Arc<Room>,
-    ) -> Result<(JoinHandle<()>, RemoteMembers), ChatError> {
+        state: &mut RoomState,
+    ) -> Result<(), ChatError> {
         let subscriber = self
             .nats
             .subscribe(room.token.room_wildcard())
@@ -411,28 +469,52 @@ impl Rooms {
                 tracing::warn!(error = %e, "could not subscribe to a room");
                 ChatError::unavailable("room membership could not be updated; try again")
             })?;
-        let remote = self.presence.read_remote(&room.token).await?;
-        let listener = tokio::spawn(delivery::listen(self.clone(), room.clone(), subscriber));
-        Ok((listener, remote))
+        for (gateway, member, revision) in self.presence.read(&room.token).await? {
+            self.liveness.saw(&gateway);
+            state.roster.apply(&gateway, &member, true, revision);
+        }
+        state.listener = Some(tokio::spawn(delivery::listen(
+            self.clone(),
+            room.clone(),
+            subscriber,
+        )));
+        Ok(())
     }
 
-    /// A presence announcement on a room's subject: the announcing gateway's new member list,
-    /// and the notices and fresh `chatroom_users` it gives the room's local sockets.
-    pub async fn on_presence(self: &Arc<Self>, room: &Arc<Room>, event: PresenceEvent) {
-        {
-            let mut state = room.state.lock().await;
-            if state.closed {
-                return;
-            }
-            if event.gateway != *self.gateway() {
-                self.liveness.saw(&event.gateway);
-                state.remote.apply(&event);
+    /// Another gateway's announcement on a room's subject, with the notices and the fresh
+    /// member list it gives the room's local sockets.
+    pub async fn on_presence(self: &Arc<Self>, room: &Arc<Room>, delta: PresenceDelta) {
+        if delta.gateway == *self.gateway() {
+            return;
+        }
+        self.liveness.saw(&delta.gateway);
+        let mut state = room.state.lock().await;
+        if state.closed {
+            return;
+        }
+        let count_before = state.roster.len();
+        let change =
+            state
+                .roster
+                .apply(&delta.gateway, &delta.member, delta.present, delta.revision);
+        let count = state.roster.len();
+        if !delta.quiet {
+            let text = match change {
+                Change::Arrived(m) if Room::listed(count, self.list_max) => {
+                    Some(presence::joined_notice(&m.username))
+                }
+                Change::Departed(m) if Room::listed(count_before, self.list_max) => {
+                    Some(presence::left_notice(&m.username))
+                }
+                _ => None,
+            };
+            if let Some(text) = text {
+                self.delivery.notice(&room.name, text, None).await;
             }
         }
-        if let Some((text, except)) = presence::notice(&event.change) {
-            self.delivery.notice(&room.name, text, except).await;
+        if count != count_before || !delta.quiet {
+            delivery::users_changed(self, room);
         }
-        delivery::users_changed(self, room);
     }
 }
 

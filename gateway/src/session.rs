@@ -25,6 +25,9 @@ pub struct Session {
     pub sequencer: Arc<Sequencer>,
     /// Who the auth token says this is, when auth is on.
     pub identity: Option<Identity>,
+    /// This connection's id in member lists: the user's id with auth, else random. Never the
+    /// session id, which would let others act as this connection.
+    pub member_id: String,
     /// Rooms joined, with the name used in each; changed only through [`crate::registry`].
     pub rooms: SocketRooms,
     /// `send_message` rate limit.
@@ -45,9 +48,14 @@ impl Session {
             Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
                 .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
         };
+        let member_id = match &identity {
+            Some(identity) => identity.user_id.clone(),
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
         Self {
             sequencer: Arc::new(Sequencer::default()),
             identity,
+            member_id,
             rooms: SocketRooms::default(),
             sends: RateLimiter::direct(quota(limits.messages_per_second, limits.message_burst)),
             joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),

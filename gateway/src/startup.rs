@@ -80,7 +80,11 @@ impl Application {
         let messages = bus::ensure_messages_stream(&js, &settings.stream).await?;
         let presence = bus::ensure_presence_stream(&js, settings.stream.replicas).await?;
         let presence = Presence::new(nats.clone(), js, presence, GatewayId::random());
-        let rooms = Arc::new(Rooms::new(nats.clone(), presence));
+        let rooms = Arc::new(Rooms::new(
+            nats.clone(),
+            presence,
+            settings.limits.presence_list_max,
+        ));
         let app = App::new(AppInner {
             limits: settings.limits.clone(),
             bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),

@@ -162,6 +162,7 @@ fn stored(text: &str) -> StoredMessage {
         username: "u".into(),
         message: text.into(),
         created_time: 1_700_000_000_000,
+        user_id: None,
     }
 }
 

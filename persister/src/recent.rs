@@ -246,6 +246,7 @@ mod tests {
                     username: "u".into(),
                     message: format!("m{s}"),
                     created_time: 1_700_000_000_000,
+                    user_id: None,
                 }
                 .into_message(s)
             })

@@ -120,6 +120,7 @@ pub(crate) mod tests {
                     username: "u".into(),
                     message: format!("m{i}"),
                     created_time: 1_700_000_000_000 - i as i64,
+                    user_id: None,
                 }
                 .into_message(100 + i as u64)
             })

@@ -135,6 +135,7 @@ fn message(i: usize) -> StoredMessage {
         username: "tester".to_owned(),
         message: format!("m{i}"),
         created_time: chatify_shared::id::now_millis(),
+        user_id: None,
     }
 }
 

@@ -6,8 +6,9 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::{NatsSettings, StreamSettings};
 use crate::subjects::{
-    DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SUBJECTS, MESSAGES_REPUBLISH_DESTINATION,
-    MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS, PRESENCE_STREAM, PRESENCE_STREAM_SUBJECTS,
+    DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SUBJECTS, LEGACY_PRESENCE_RECORDS,
+    MESSAGES_REPUBLISH_DESTINATION, MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS, PRESENCE_STREAM,
+    PRESENCE_STREAM_SUBJECTS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -97,9 +98,9 @@ pub async fn ensure_messages_stream(
     Ok(js.get_stream(MESSAGES_STREAM).await?)
 }
 
-/// The stream of per-room, per-gateway member lists: one record per subject. On disk, so a
-/// NATS restart keeps it; records of gateways that died meanwhile are purged by the others
-/// once those gateways miss their heartbeats.
+/// The stream of presence records: one per member, room and gateway (the last message of its
+/// subject). On disk, so a NATS restart keeps it; records of gateways that died meanwhile are
+/// purged by the others once those gateways miss their heartbeats.
 pub fn presence_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
         name: PRESENCE_STREAM.to_owned(),
@@ -113,14 +114,20 @@ pub fn presence_stream_config(replicas: usize) -> stream::Config {
     }
 }
 
-/// Creates the presence stream, or brings an existing one to the expected settings.
+/// Creates the presence stream, or brings an existing one to the expected settings, and drops
+/// the records an older Chatify wrote (whole member lists; gateways of both kinds cannot share
+/// rooms, so an upgrade restarts every gateway).
 pub async fn ensure_presence_stream(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<stream::Stream, BusError> {
     js.create_or_update_stream(presence_stream_config(replicas))
         .await?;
-    Ok(js.get_stream(PRESENCE_STREAM).await?)
+    let stream = js.get_stream(PRESENCE_STREAM).await?;
+    if let Err(e) = stream.purge().filter(LEGACY_PRESENCE_RECORDS).await {
+        tracing::warn!(error = %e, "could not purge presence records of an older Chatify");
+    }
+    Ok(stream)
 }
 
 /// The stream keeping messages HarperDB refused for good, for an operator to inspect (30 days).

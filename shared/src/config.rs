@@ -204,9 +204,9 @@ pub struct PersisterSettings {
     pub batch_size: usize,
     /// How long a batch waits to fill once it has its first message.
     pub batch_wait_ms: u64,
-    /// HarperDB connections the writer inserts on, one insert at a time on each; the writer
-    /// keeps them on different HarperDB worker threads. Best at HarperDB's thread count
-    /// (`threads.count`, by default its number of cores).
+    /// HarperDB connections the writer inserts on, one insert at a time on each, each replaced
+    /// by a fresh one after 64 batches (so two the kernel put on one HarperDB worker thread do
+    /// not stay there). Best at HarperDB's thread count (`threads.count`, by default its cores).
     pub write_connections: usize,
     /// First delay before a failed write is retried; doubles up to `retry_max_ms`.
     pub retry_initial_ms: u64,
@@ -260,6 +260,9 @@ pub struct Limits {
     /// Peers (load balancers) whose `X-Forwarded-For` names the client address; comma
     /// separated in the environment.
     pub trusted_proxies: Vec<String>,
+    /// Rooms with more members than this are not listed to their members (`chatroom_users`,
+    /// join and leave notices), only counted (`room_presence`).
+    pub presence_list_max: usize,
 }
 
 impl Default for Limits {
@@ -276,6 +279,7 @@ impl Default for Limits {
             join_burst: 50,
             connections_per_address: 256,
             trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
+            presence_list_max: 500,
         }
     }
 }

@@ -29,11 +29,14 @@ pub const DEAD_LETTER_REASON_HEADER: &str = "Chatify-Dead-Letter-Reason";
 pub const DEAD_LETTER_SEQUENCE_HEADER: &str = "Chatify-Stream-Sequence";
 /// Durable consumer through which persisters share the stream.
 pub const PERSISTER_CONSUMER: &str = "chatify-persister";
-/// The JetStream stream holding, per room and gateway, the members that gateway has in the
-/// room: the last record per subject `chatify.presence.<room token>.<gateway id>`.
+/// The JetStream stream holding one record per member, room and gateway the member is on:
+/// the last message of subject `chatify.presence.<room token>.<gateway id>.<member token>`.
 pub const PRESENCE_STREAM: &str = "CHATIFY_PRESENCE";
 /// Subjects captured by [`PRESENCE_STREAM`].
-pub const PRESENCE_STREAM_SUBJECTS: &str = "chatify.presence.*.*";
+pub const PRESENCE_STREAM_SUBJECTS: &str = "chatify.presence.>";
+/// Records of Chatify before member ids (one whole member list per room and gateway), purged
+/// when a gateway starts.
+pub const LEGACY_PRESENCE_RECORDS: &str = "chatify.presence.*.*";
 /// Core NATS subject on which every gateway announces, periodically, that it is alive.
 pub const GATEWAY_HEARTBEAT_SUBJECT: &str = "chatify.gateways.heartbeat";
 /// Core NATS subject on which a gateway says it declared another one dead (by its id), so a
@@ -89,14 +92,14 @@ impl RoomToken {
         format!("chatify.room.{}.*", self.0)
     }
 
-    /// Subject in [`PRESENCE_STREAM`] of one gateway's member list for this room.
-    pub fn presence_record_subject(&self, gateway_id: &GatewayId) -> String {
-        format!("chatify.presence.{}.{}", self.0, gateway_id.0)
+    /// Subject in [`PRESENCE_STREAM`] of one member's record on one gateway in this room.
+    pub fn presence_record_subject(&self, gateway_id: &GatewayId, member: &MemberToken) -> String {
+        format!("chatify.presence.{}.{}.{}", self.0, gateway_id.0, member.0)
     }
 
-    /// Filter matching every gateway's member list for this room in [`PRESENCE_STREAM`].
+    /// Filter matching every record of this room in [`PRESENCE_STREAM`].
     pub fn presence_record_filter(&self) -> String {
-        format!("chatify.presence.{}.*", self.0)
+        format!("chatify.presence.{}.>", self.0)
     }
 }
 
@@ -110,14 +113,37 @@ pub fn dead_letter_subject(store_subject: &str) -> String {
 
 /// Filter matching every presence record of one gateway, in all rooms (to purge a dead one's).
 pub fn presence_records_of(gateway_id: &GatewayId) -> String {
-    format!("chatify.presence.*.{}", gateway_id.0)
+    format!("chatify.presence.*.{}.*", gateway_id.0)
 }
 
 /// The gateway a [`RoomToken::presence_record_subject`] belongs to.
 pub fn presence_record_gateway(subject: &str) -> Option<GatewayId> {
     let rest = subject.strip_prefix("chatify.presence.")?;
-    let (_token, gateway) = rest.split_once('.')?;
+    let mut tokens = rest.split('.');
+    let (_room, gateway, _member) = (tokens.next()?, tokens.next()?, tokens.next()?);
+    if tokens.next().is_some() {
+        return None;
+    }
     GatewayId::parse(gateway)
+}
+
+/// A member id (any text: a token's `sub`) as one fixed-size subject token: 128 bits of its
+/// SHA-256, unpadded base64url. The record's payload carries the id itself.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct MemberToken(String);
+
+impl MemberToken {
+    pub fn new(member_id: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(member_id.as_bytes());
+        Self(URL_SAFE_NO_PAD.encode(&digest[..16]))
+    }
+}
+
+impl fmt::Debug for MemberToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemberToken({})", self.0)
+    }
 }
 
 impl fmt::Display for RoomToken {
@@ -247,16 +273,27 @@ mod tests {
         assert_eq!(room_event_kind("chatify.room.YS5i.other"), None);
         assert_eq!(room_event_kind("elsewhere.YS5i.msg"), None);
         let gw = GatewayId::random();
+        let member = MemberToken::new("auth0|user.with*dots>");
+        assert_eq!(member.0.len(), 22);
+        assert!(is_safe_token(&member.0));
+        assert_ne!(member, MemberToken::new("auth0|user.with*dots"));
         assert_eq!(
-            t.presence_record_subject(&gw),
-            format!("chatify.presence.YS5i.{gw}")
+            t.presence_record_subject(&gw, &member),
+            format!("chatify.presence.YS5i.{gw}.{}", member.0)
         );
-        assert_eq!(t.presence_record_filter(), "chatify.presence.YS5i.*");
+        assert_eq!(t.presence_record_filter(), "chatify.presence.YS5i.>");
         assert_eq!(
-            presence_record_gateway(&t.presence_record_subject(&gw)),
+            presence_record_gateway(&t.presence_record_subject(&gw, &member)),
             Some(gw.clone())
         );
-        assert_eq!(presence_records_of(&gw), format!("chatify.presence.*.{gw}"));
+        assert_eq!(
+            presence_record_gateway(&format!("chatify.presence.YS5i.{gw}")),
+            None
+        );
+        assert_eq!(
+            presence_records_of(&gw),
+            format!("chatify.presence.*.{gw}.*")
+        );
         assert_eq!(
             dead_letter_subject(&t.store_subject()),
             "chatify.deadletter.YS5i"

@@ -27,6 +27,9 @@ pub struct ChatMessage {
     pub username: String,
     pub message: String,
     pub created_time: i64,
+    /// With auth, the author's user id (the token's `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -45,6 +48,9 @@ pub struct StoredMessage {
     pub username: String,
     pub message: String,
     pub created_time: i64,
+    /// With auth, the author's user id (the token's `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
 }
 
 impl StoredMessage {
@@ -56,6 +62,7 @@ impl StoredMessage {
             username: self.username,
             message: self.message,
             created_time: self.created_time,
+            user_id: self.user_id,
         }
     }
 }
@@ -81,11 +88,22 @@ impl Notice {
     }
 }
 
-/// One entry of `chatroom_users`: a socket id and the name it joined with.
+/// One entry of `chatroom_users` and of a join ack's `users`: a member of the room. The id
+/// grants nothing: with auth it is the user's id (the token's `sub`), listed once however many
+/// connections the user has in the room; without auth a random id per connection. Never a
+/// session id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub id: String,
     pub username: String,
+}
+
+/// `room_presence`: how many members a room has, sent instead of `chatroom_users` (and the
+/// join and leave notices) to the members of a room above `presence_list_max` members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPresence {
+    pub room: String,
+    pub count: usize,
 }
 
 /// `typing` as clients see it.
@@ -106,35 +124,25 @@ pub struct TypingEvent {
     pub typing: Typing,
 }
 
-/// What changed in a room's membership on one gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum PresenceChange {
-    Joined {
-        socket_id: String,
-        username: String,
-    },
-    Left {
-        socket_id: String,
-        username: String,
-    },
-    /// The gateway re-announces its members (after a NATS outage, or after others wrongly
-    /// declared it dead): receivers update their view without notices.
-    Refresh,
-}
-
-/// A membership change on one gateway, published on the room's presence subject.
+/// A member arrived on a gateway (its first connection there joined the room) or left it (its
+/// last connection there left), published on the room's presence subject.
 ///
-/// It carries that gateway's whole member list of the room and the revision (presence stream
-/// sequence) at which that list was written, so receivers keep the newest list per gateway
-/// whatever order announcements and record reads arrive in.
+/// `revision` is the sequence of the member's presence record, which the gateway writes before
+/// it announces an arrival and purges before it announces a departure. A gateway that starts
+/// listening to a room subscribes first, then reads the room's records: an announcement about
+/// a record it read is applied only if it is not older than the record ([`PresenceDelta::revision`]
+/// of a departure is the departed record's), so the order of the two does not matter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PresenceEvent {
+pub struct PresenceDelta {
     pub gateway: GatewayId,
+    pub member: Member,
+    pub present: bool,
     pub revision: u64,
-    pub change: PresenceChange,
-    pub members: Vec<Member>,
+    /// A re-announcement (after a NATS outage, or after others wrongly declared the gateway
+    /// dead): receivers update their view without notices.
+    #[serde(default)]
+    pub quiet: bool,
 }
 
 /// A history query to the persisters' service. Returns the messages stored after `after` and
@@ -264,6 +272,7 @@ mod tests {
             username: "u".into(),
             message: "hi".into(),
             created_time: 5,
+            user_id: None,
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap_or_default(),

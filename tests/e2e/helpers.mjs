@@ -110,14 +110,46 @@ export const show = (v, max = 1500) => {
   return s.length > max ? `${s.slice(0, max)}...(${s.length} chars)` : s;
 };
 
-/** Users as comparable sorted "id|username" strings. */
-export const userKeys = (list) => (Array.isArray(list) ? list.map((u) => `${u?.id}|${u?.username}`).sort() : list);
-export const me = (socket, username) => ({ id: socket.id, username });
+/**
+ * Users as comparable sorted usernames. Member ids are not the clients' to know (they are the
+ * token's `sub` with auth, random per connection without): tests name each member uniquely and
+ * check the ids apart ({@link assertMemberIds}).
+ */
+export const userKeys = (list) => (Array.isArray(list) ? list.map((u) => u?.username).sort() : list);
+/** The entry a socket that joined as `username` has in member lists. */
+export const me = (_socket, username) => ({ username });
 
-/** Asserts a users list equals exactly the expected set (order ignored). */
+/** Every Socket.IO and Engine.IO session id of the sockets this run opened. */
+export function sessionIds() {
+  const found = new Set();
+  for (const s of allSockets) {
+    if (s.id) found.add(s.id);
+    const engineId = s.io?.engine?.id;
+    if (engineId) found.add(engineId);
+  }
+  for (const id of knownSessionIds) found.add(id);
+  return found;
+}
+
+/** Asserts member ids are ids that grant nothing: strings, one per member, no session id. */
+export function assertMemberIds(list, what = "users") {
+  assert.ok(Array.isArray(list), `${what}: expected an array, got ${show(list)}`);
+  const sessions = sessionIds();
+  const seen = new Set();
+  for (const u of list) {
+    assert.equal(typeof u?.id, "string", `${what}: a member without a string id: ${show(u)}`);
+    assert.ok(u.id.length > 0, `${what}: an empty member id: ${show(u)}`);
+    assert.ok(!sessions.has(u.id), `${what}: member ${show(u)} is listed by a session id`);
+    assert.ok(!seen.has(u.id), `${what}: member id ${u.id} is listed twice: ${show(list)}`);
+    seen.add(u.id);
+  }
+}
+
+/** Asserts a users list equals exactly the expected set (order ignored), with member ids. */
 export function assertUsers(actual, expected, what = "users") {
   assert.ok(Array.isArray(actual), `${what}: expected an array, got ${show(actual)}`);
   assert.deepEqual(userKeys(actual), userKeys(expected), `${what}: expected ${show(expected)}, got ${show(actual)}`);
+  assertMemberIds(actual, what);
 }
 
 const pickMsg = (m) => ({ id: m?.id, room: m?.room, username: m?.username, message: m?.message, createdTime: m?.createdTime });
@@ -134,6 +166,8 @@ export const uuidv7Ms = (id) => parseInt(id.replace(/-/g, "").slice(0, 12), 16);
 // ---------------------------------------------------------------------------------------------
 
 const allSockets = new Set();
+/** Session ids seen once (kept after their sockets are gone). */
+const knownSessionIds = new Set();
 
 function attachRecorder(socket) {
   const rec = { events: [], waiters: new Set() };
@@ -162,6 +196,8 @@ export async function connect(url, opts = {}, t = undefined, timeoutMs = WAIT_MS
     };
     const onConnect = () => {
       cleanup();
+      knownSessionIds.add(socket.id);
+      if (socket.io?.engine?.id) knownSessionIds.add(socket.io.engine.id);
       resolve();
     };
     const onError = (err) => {

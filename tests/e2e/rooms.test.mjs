@@ -31,7 +31,7 @@ describe("room names never leak into each other", () => {
       sockets.push(s);
       names.push(name);
     }
-    const ourIds = new Set(sockets.map((s) => s.id));
+    const ourNames = new Set(names);
     const tokens = rooms.map((_, i) => `token ${i} ${p}`);
     const acks = [];
     for (let i = 0; i < rooms.length; i++) acks.push(await send(sockets[i], rooms[i], tokens[i]));
@@ -50,7 +50,7 @@ describe("room names never leak into each other", () => {
       const typing = received(s, "typing", (p2) => p2?.room !== rooms[i] || names.includes(p2?.username));
       assert.deepEqual(typing, [], `member of ${show(rooms[i])} got typing of other rooms`);
       for (const list of received(s, "chatroom_users")) {
-        const others = (list ?? []).filter((u) => u.id !== s.id && ourIds.has(u.id));
+        const others = (list ?? []).filter((u) => u.username !== names[i] && ourNames.has(u.username));
         assert.deepEqual(others, [], `chatroom_users of ${show(rooms[i])} lists members of other rooms`);
       }
     }
@@ -162,7 +162,7 @@ describe("join storms", () => {
     for (const s of [observer, ...members.slice(0, 4), ...members.slice(-4)]) {
       await waitFor(s, "chatroom_users", (users) => Array.isArray(users) && users.length === everyone.length);
       const lists = received(s, "chatroom_users");
-      assertUsers(lists.at(-1), everyone, `the last chatroom_users of ${s.id}`);
+      assertUsers(lists.at(-1), everyone, "the last chatroom_users of a member");
     }
     // one list per coalescing interval, not one per join (40 lists of up to 41 entries each)
     await sleep(QUIET_MS);

@@ -72,6 +72,7 @@ async fn publish(
                     username: "loadgen".into(),
                     message: text.clone(),
                     created_time: chatify_shared::id::now_millis(),
+                    user_id: None,
                 };
                 let created_time = message.created_time;
                 let Ok(payload) = serde_json::to_vec(&message) else {
