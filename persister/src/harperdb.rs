@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chatify_shared::config::HarperDbSettings;
-use chatify_shared::storage::{ATTRIBUTES, StoredRecord, room_keys_end, storage_key};
-use chatify_shared::subjects::RoomToken;
+use chatify_shared::storage::{ATTRIBUTES, RoomKey, StoredRecord, room_keys_end, storage_key};
 use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
@@ -288,9 +287,54 @@ impl HarperDb {
         Ok(())
     }
 
+    /// Up to `limit` records whose keys an older Chatify wrote for long rooms (see
+    /// [`RoomKey::is_legacy_long_key`]). A scan of the whole table (HarperDB's SQL), for the
+    /// one-off migration only.
+    pub async fn legacy_long_key_records(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, HarperError> {
+        let min_len = chatify_shared::storage::LEGACY_KEY_MIN_LEN;
+        // The names come from the configuration; refuse anything that is not a plain name
+        // rather than quote it into SQL.
+        for name in [&self.database, &self.table] {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(HarperError::Rejected {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!("{name:?} is not a plain database or table name"),
+                });
+            }
+        }
+        let sql = format!(
+            "SELECT * FROM {}.{} WHERE LENGTH(pk) >= {min_len} AND pk NOT LIKE '-%' LIMIT {limit}",
+            self.database, self.table
+        );
+        let answer = self
+            .operation(&json!({"operation": "sql", "sql": sql}))
+            .await?;
+        let records: Vec<StoredRecord> =
+            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
+        Ok(records
+            .into_iter()
+            .filter(|r| RoomKey::is_legacy_long_key(&r.pk))
+            .collect())
+    }
+
+    /// Deletes records by key.
+    pub async fn delete(&self, keys: &[String]) -> Result<(), HarperError> {
+        self.operation(&json!({
+            "operation": "delete",
+            "database": self.database,
+            "table": self.table,
+            "hash_values": keys,
+        }))
+        .await?;
+        Ok(())
+    }
+
     /// The newest `query.limit` messages of the room with `after < id < before`, oldest first.
     pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, HarperError> {
-        let room = RoomToken::new(&query.room);
+        let room = RoomKey::new(&query.room);
         let (after, before) = query.sequence_bounds();
         let lower = storage_key(&room, after);
         let upper = match query.before {
@@ -307,7 +351,7 @@ impl HarperDb {
                 "operator": "and",
                 "limit": wanted + 2,
                 "sort": {"attribute": "pk", "descending": true},
-                "get_attributes": ["pk", "id", "room", "username", "message", "createdTime"],
+                "get_attributes": ATTRIBUTES.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
                 "conditions": [{"search_attribute": "pk", "search_type": "between", "search_value": [lower, upper]}],
             }))
             .await?;

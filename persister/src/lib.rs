@@ -17,6 +17,7 @@ pub mod http;
 pub mod lag;
 pub mod lanes;
 pub mod metrics;
+pub mod migrate;
 pub mod recent;
 pub mod retry;
 pub mod startup;

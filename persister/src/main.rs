@@ -1,4 +1,6 @@
 use anyhow::Context;
+use chatify_persister::harperdb::HarperDb;
+use chatify_persister::migrate;
 use chatify_persister::startup::Application;
 use chatify_shared::{Settings, healthcheck, telemetry};
 
@@ -13,6 +15,14 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init(&settings.log).context("while setting up logging")?;
     chatify_shared::config::warn_unknown(&unknown_keys);
+    if std::env::args().nth(1).as_deref() == Some("migrate-keys") {
+        let db = HarperDb::new(&settings.harperdb).context("while reading HarperDB settings")?;
+        let moved = migrate::migrate_long_keys(&db)
+            .await
+            .context("while moving rows to their rooms' current keys")?;
+        tracing::info!(moved, "migration done");
+        return Ok(());
+    }
     let app = Application::build(settings)
         .await
         .context("while starting the persister")?;

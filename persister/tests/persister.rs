@@ -81,6 +81,7 @@ fn message(room: &str, text: &str) -> StoredMessage {
         username: "tester".to_owned(),
         message: text.to_owned(),
         created_time: chatify_shared::id::now_millis(),
+        user_id: None,
     }
 }
 
@@ -412,12 +413,36 @@ async fn a_message_harperdb_refuses_is_dead_lettered_without_blocking_the_others
     settings.persister.batch_wait_ms = 300;
     settings.persister.retry_initial_ms = 10;
     settings.persister.max_attempts = 2;
+    // The table declares `userId` a number, so HarperDB refuses the one message that has one
+    // (a user id is text); the others have none.
+    let mut attributes: Vec<serde_json::Value> = chatify_shared::storage::ATTRIBUTES
+        .iter()
+        .map(|(name, kind)| serde_json::json!({"name": name, "type": kind}))
+        .collect();
+    for a in &mut attributes {
+        if a["name"] == "userId" {
+            a["type"] = "Float".into();
+        }
+    }
+    harperdb_operation(
+        &settings,
+        serde_json::json!({"operation": "create_database", "database": settings.harperdb.database}),
+    )
+    .await?;
+    harperdb_operation(
+        &settings,
+        serde_json::json!({"operation": "create_table", "database": settings.harperdb.database,
+            "table": settings.harperdb.table, "primary_key": "pk", "attributes": attributes}),
+    )
+    .await?;
     let persister = spawn_persister(settings.clone()).await?;
     let client = async_nats::connect(&nats.url).await?;
     let js = async_nats::jetstream::new(client.clone());
 
-    // A room name no gateway would accept makes a storage key HarperDB refuses.
-    let poison = message(&"p".repeat(3000), "poison");
+    let poison = StoredMessage {
+        user_id: Some("a user id HarperDB refuses here".into()),
+        ..message("poison", "poison")
+    };
     let mut good = Vec::new();
     for i in 0..6 {
         if i == 3 {
@@ -456,7 +481,7 @@ async fn a_message_harperdb_refuses_is_dead_lettered_without_blocking_the_others
         .and_then(|h| h.get(chatify_shared::subjects::DEAD_LETTER_REASON_HEADER))
         .map(|v| v.as_str().to_owned())
         .unwrap_or_default();
-    assert!(reason.contains("too large"), "reason: {reason:?}");
+    assert!(reason.contains("must be a number"), "reason: {reason:?}");
     assert!(
         batch.next().await.is_none(),
         "only the poison is dead-lettered"
@@ -574,5 +599,133 @@ async fn history_from_recent_messages_in_memory_is_exactly_the_stored_history() 
 
     persister.stop().await;
     drop_database(&settings).await;
+    Ok(())
+}
+
+/// Waits until the persisters' consumer has every stored message written and acked.
+async fn wait_until_written(js: &async_nats::jetstream::Context) -> TestResult {
+    use chatify_shared::subjects::{MESSAGES_STREAM, PERSISTER_CONSUMER};
+    let stream = js.get_stream(MESSAGES_STREAM).await?;
+    let started = Instant::now();
+    loop {
+        let info = stream.consumer_info(PERSISTER_CONSUMER).await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err(format!("still unwritten after 15 s: {info:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn long_rooms_keep_their_history_and_rows_under_old_long_keys_are_migrated() -> TestResult {
+    let nats = Nats::start().await?;
+    let mut settings = settings(&nats)?;
+    // Every answer from HarperDB itself, never from the recent messages in memory.
+    settings.persister.history_cache_bytes = 0;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let running = spawn_persister(settings.clone()).await?;
+
+    // 128 × "日": 384 bytes, a 512-character token, far past what HarperDB ranges over.
+    let room = "日".repeat(128);
+    let mut sent = Vec::new();
+    for i in 0..6 {
+        let by_a_user = StoredMessage {
+            user_id: Some(format!("user {i}")),
+            ..message(&room, &format!("long {i}"))
+        };
+        sent.push(publish(&js, &by_a_user).await?);
+    }
+    wait_until_written(&js).await?;
+    assert_eq!(history(&client, &query(&room, 100)).await?.messages, sent);
+    let since = HistoryQuery {
+        after: Some(sent[1].id),
+        ..query(&room, 100)
+    };
+    assert_eq!(history(&client, &since).await?.messages, sent[2..]);
+    let before = HistoryQuery {
+        before: Some(sent[4].id),
+        ..query(&room, 2)
+    };
+    let page = history(&client, &before).await?;
+    assert_eq!((page.messages, page.has_more), (sent[2..4].to_vec(), true));
+    // A room one character shorter is another room.
+    let neighbour = format!("{}月", "日".repeat(127));
+    assert!(
+        history(&client, &query(&neighbour, 100))
+            .await?
+            .messages
+            .is_empty()
+    );
+
+    // A row an older Chatify stored under the room's whole token: no reader finds it...
+    let legacy_room = "ü".repeat(128);
+    let legacy = message(&legacy_room, "written before digests").into_message(1_000_000);
+    let mut record = chatify_shared::storage::StoredRecord::new(&legacy);
+    record.pk = format!(
+        "{}|{:016x}",
+        RoomToken::new(&legacy_room),
+        legacy.sequence()
+    );
+    assert!(chatify_shared::storage::RoomKey::is_legacy_long_key(
+        &record.pk
+    ));
+    harperdb_operation(
+        &settings,
+        serde_json::json!({"operation": "insert", "database": settings.harperdb.database,
+            "table": settings.harperdb.table, "records": [record]}),
+    )
+    .await?;
+    assert!(
+        history(&client, &query(&legacy_room, 100))
+            .await?
+            .messages
+            .is_empty()
+    );
+    // ...until the migration moves it to the room's current key.
+    let db = chatify_persister::harperdb::HarperDb::new(&settings.harperdb)?;
+    assert_eq!(chatify_persister::migrate::migrate_long_keys(&db).await?, 1);
+    assert_eq!(
+        history(&client, &query(&legacy_room, 100)).await?.messages,
+        vec![legacy]
+    );
+    assert_eq!(
+        chatify_persister::migrate::migrate_long_keys(&db).await?,
+        0,
+        "run again: nothing left"
+    );
+    assert_eq!(
+        history(&client, &query(&room, 100)).await?.messages,
+        sent,
+        "others untouched"
+    );
+
+    running.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}
+
+async fn harperdb_operation(settings: &Settings, body: serde_json::Value) -> TestResult {
+    use secrecy::ExposeSecret;
+    let answer = reqwest::Client::new()
+        .post(&settings.harperdb.url)
+        .basic_auth(
+            &settings.harperdb.username,
+            Some(settings.harperdb.password.expose_secret()),
+        )
+        .json(&body)
+        .send()
+        .await?;
+    if !answer.status().is_success() {
+        return Err(format!(
+            "HarperDB answered {}: {}",
+            answer.status(),
+            answer.text().await?
+        )
+        .into());
+    }
     Ok(())
 }

@@ -3,26 +3,35 @@
 //! generator seeds rooms into it, reads them back, and measures HarperDB's write ceiling on the
 //! same records.
 //!
-//! The table has one index, its primary key `pk = "<room token>|<stream sequence, 16 hex
-//! digits>"`. Room tokens hold no `|` (see [`RoomToken`]), so keys sort by room, then by the
-//! room's one order (the stream's, which message ids carry: see [`crate::id`]), and a room's
-//! messages between two sequences are one `between` on `pk`. Indexing nothing else keeps writes
-//! fast.
+//! The table has one index, its primary key `pk = "<room key>|<stream sequence, 16 hex
+//! digits>"`. Room keys hold no `|` (see [`RoomKey`]), so keys sort by room, then by the room's
+//! one order (the stream's, which message ids carry: see [`crate::id`]), and a room's messages
+//! between two sequences are one `between` on `pk`. Indexing nothing else keeps writes fast.
+//!
+//! A key has a bounded size whatever the room's name: HarperDB 4.7 finds nothing with a
+//! `between` whose lower bound is longer than 256 characters (measured: a row is stored and
+//! found by its exact key, but a range starting at a longer key is empty), so a room whose
+//! token is too long for that is keyed by a digest of its name instead ([`RoomKey`]).
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
 
 use crate::subjects::RoomToken;
 use crate::wire::ChatMessage;
 
 /// The table's attributes and their HarperDB types, the primary key first.
-pub const ATTRIBUTES: [(&str, &str); 6] = [
+pub const ATTRIBUTES: [(&str, &str); 7] = [
     ("pk", "String"),
     ("id", "String"),
     ("room", "String"),
     ("username", "String"),
     ("message", "String"),
     ("createdTime", "Float"),
+    ("userId", "String"),
 ];
 
 /// A message as the table holds it.
@@ -38,17 +47,22 @@ pub struct StoredRecord {
     pub message: String,
     #[serde(rename = "createdTime")]
     pub created_time: i64,
+    /// With auth, the author's user id; absent in rows written without auth (and before it
+    /// was stored).
+    #[serde(rename = "userId", default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
 }
 
 impl StoredRecord {
     pub fn new(m: &ChatMessage) -> Self {
         Self {
-            pk: storage_key(&RoomToken::new(&m.room), m.sequence()),
+            pk: storage_key(&RoomKey::new(&m.room), m.sequence()),
             id: m.id,
             room: m.room.clone(),
             username: m.username.clone(),
             message: m.message.clone(),
             created_time: m.created_time,
+            user_id: m.user_id.clone(),
         }
     }
 
@@ -59,20 +73,60 @@ impl StoredRecord {
             username: self.username,
             message: self.message,
             created_time: self.created_time,
+            user_id: self.user_id,
         }
     }
 }
 
+/// The longest room token a key holds as it is: with `|` and 16 hex digits, 256 characters,
+/// the longest range bound HarperDB searches correctly. Longer ones are digested.
+pub const ROOM_TOKEN_KEY_MAX: usize = 256 - 1 - 16;
+
+/// A room's part of its messages' keys: the room's token ([`RoomToken`], one-to-one with the
+/// name, as every key written before digests existed), or for a token longer than
+/// [`ROOM_TOKEN_KEY_MAX`], `-` and the unpadded base64url SHA-256 of the name (44 characters).
+/// The two never meet: a token is base64url of UTF-8, whose first character is never `-` or
+/// `_` (that would be a first byte of 0xF8 or more, which UTF-8 never has).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomKey(String);
+
+impl RoomKey {
+    pub fn new(room: &str) -> Self {
+        let token = RoomToken::new(room);
+        if token.as_str().len() <= ROOM_TOKEN_KEY_MAX {
+            return Self(token.as_str().to_owned());
+        }
+        Self(format!(
+            "-{}",
+            URL_SAFE_NO_PAD.encode(Sha256::digest(room.as_bytes()))
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether a key was written for a long room by a Chatify that did not digest them yet
+    /// (see [`LEGACY_KEY_MIN_LEN`]).
+    pub fn is_legacy_long_key(pk: &str) -> bool {
+        pk.len() >= LEGACY_KEY_MIN_LEN && !pk.starts_with('-')
+    }
+}
+
+/// Keys of this length or longer were written by a Chatify that kept every room's token in the
+/// key; HarperDB cannot range over them, and `chatify-persister migrate-keys` rewrites them.
+pub const LEGACY_KEY_MIN_LEN: usize = ROOM_TOKEN_KEY_MAX + 1 + 1 + 16;
+
 /// The key of `room`'s message at stream `sequence` (fixed-width hex, so keys sort as the
 /// sequences do); also a bound of a range of the room's keys.
-pub fn storage_key(room: &RoomToken, sequence: u64) -> String {
-    format!("{room}|{sequence:016x}")
+pub fn storage_key(room: &RoomKey, sequence: u64) -> String {
+    format!("{}|{sequence:016x}", room.0)
 }
 
 /// Above every key of `room` and below those of the rooms after it: the upper end of a range
 /// of the room's keys (`~` comes after every hex digit).
-pub fn room_keys_end(room: &RoomToken) -> String {
-    format!("{room}|~")
+pub fn room_keys_end(room: &RoomKey) -> String {
+    format!("{}|~", room.0)
 }
 
 #[cfg(test)]
@@ -82,8 +136,8 @@ mod tests {
 
     #[test]
     fn keys_sort_by_room_then_sequence_and_never_cross_rooms() {
-        let a = RoomToken::new("a");
-        let ab = RoomToken::new("a.b");
+        let a = RoomKey::new("a");
+        let ab = RoomKey::new("a.b");
         assert!(storage_key(&a, 9) < storage_key(&a, 10));
         assert!(storage_key(&a, u64::MAX) < room_keys_end(&a));
         for room in [&a, &ab] {
@@ -101,6 +155,7 @@ mod tests {
             username: "u".into(),
             message: "hi".into(),
             created_time: 1_700_000_000_000,
+            user_id: Some("user-7".into()),
         }
         .into_message(0x2a);
         let record = StoredRecord::new(&message);
@@ -118,5 +173,45 @@ mod tests {
         assert_eq!(serde_json::from_value::<StoredRecord>(json)?, record);
         assert_eq!(record.into_message(), message);
         Ok(())
+    }
+
+    #[test]
+    fn every_key_is_short_enough_for_a_range_and_rooms_stay_apart() {
+        // 128 characters of 4 bytes each: the longest room the contract allows, in bytes.
+        let longest = "𝄞".repeat(128);
+        let short = RoomKey::new("general");
+        assert_eq!(
+            short.as_str(),
+            RoomToken::new("general").as_str(),
+            "unchanged"
+        );
+        // 179 bytes: a token of exactly ROOM_TOKEN_KEY_MAX characters.
+        let at_edge = "x".repeat(179);
+        assert_eq!(RoomToken::new(&at_edge).as_str().len(), ROOM_TOKEN_KEY_MAX);
+        assert_eq!(
+            RoomKey::new(&at_edge).as_str(),
+            RoomToken::new(&at_edge).as_str()
+        );
+        let rooms = [
+            longest.clone(),
+            format!("{}a", "日".repeat(127)),
+            format!("{}b", "日".repeat(127)),
+            "日".repeat(128),
+            format!("{at_edge}x"),
+        ];
+        let keys: Vec<RoomKey> = rooms.iter().map(|r| RoomKey::new(r)).collect();
+        for (room, key) in rooms.iter().zip(&keys) {
+            assert!(key.as_str().starts_with('-'), "{room} is digested");
+            assert_eq!(key.as_str().len(), 44);
+            assert!(room_keys_end(key).len() <= 256);
+            assert!(storage_key(key, u64::MAX).len() <= 256);
+            assert!(!RoomKey::is_legacy_long_key(&storage_key(key, 1)));
+        }
+        let distinct: std::collections::HashSet<_> = keys.iter().map(RoomKey::as_str).collect();
+        assert_eq!(distinct.len(), rooms.len());
+        // What an older Chatify wrote for the longest room.
+        let legacy = format!("{}|{:016x}", RoomToken::new(&longest), 1);
+        assert!(RoomKey::is_legacy_long_key(&legacy));
+        assert!(!RoomKey::is_legacy_long_key(&storage_key(&short, 1)));
     }
 }

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chatify_shared::id::now_millis;
-use chatify_shared::storage::{ATTRIBUTES, StoredRecord, room_keys_end, storage_key};
-use chatify_shared::subjects::RoomToken;
+use chatify_shared::storage::{ATTRIBUTES, RoomKey, StoredRecord, room_keys_end, storage_key};
 use chatify_shared::wire::StoredMessage;
 use serde_json::{Value, json};
 
@@ -34,6 +33,7 @@ pub fn record(room: &str, sequence: u64, text: &str) -> StoredRecord {
         username: "seed".to_owned(),
         message: text.to_owned(),
         created_time: now_millis(),
+        user_id: None,
     };
     StoredRecord::new(&message.into_message(sequence))
 }
@@ -145,8 +145,8 @@ impl Harper {
 
     /// The message ids stored for `room` (a `between` on the primary key, as the persister reads).
     pub async fn room_ids(&self, db: &str, table: &str, room: &str) -> anyhow::Result<Vec<String>> {
-        let token = RoomToken::new(room);
-        let (lo, hi) = (storage_key(&token, 0), room_keys_end(&token));
+        let key = RoomKey::new(room);
+        let (lo, hi) = (storage_key(&key, 0), room_keys_end(&key));
         let answer = self
             .op(&json!({
                 "operation": "search_by_conditions", "database": db, "table": table,
@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn records_are_stored_as_at_their_sequence_now() {
         let r = record("r", 7, "hi");
-        assert_eq!(r.pk, storage_key(&RoomToken::new("r"), 7));
+        assert_eq!(r.pk, storage_key(&RoomKey::new("r"), 7));
         assert_eq!(sequence_of(&r.id), Some(7));
         assert_eq!((r.username.as_str(), r.message.as_str()), ("seed", "hi"));
         assert!(r.created_time > 1_700_000_000_000);
