@@ -23,6 +23,7 @@ use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError};
 
 use crate::metrics as m;
+use crate::session::{Session, WaitingAnswer};
 
 /// How often a waiting answer tries the queue again.
 const RETRY_EVERY: Duration = Duration::from_millis(20);
@@ -77,10 +78,14 @@ impl Answer {
         match self.try_send(kind, value) {
             Ok(()) => {}
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                let session = self.socket.extensions.get::<Arc<Session>>();
+                let Some(place) = session.as_ref().and_then(Session::wait_for_room) else {
+                    return self.give_up_on_socket(event);
+                };
                 match serde_json::to_value(value) {
                     Ok(kept) => {
                         metrics::counter!(m::ANSWERS_DELAYED, "event" => event).increment(1);
-                        tokio::spawn(self.wait_and_send(kind, event, kept));
+                        tokio::spawn(self.wait_and_send(kind, event, kept, place));
                     }
                     Err(e) => self.dropped(event, &e),
                 }
@@ -91,7 +96,13 @@ impl Answer {
 
     /// Tries again every [`RETRY_EVERY`] until the answer fits, the socket closes, or
     /// [`GIVE_UP_AFTER`].
-    async fn wait_and_send(self, kind: Kind, event: &'static str, value: Value) {
+    async fn wait_and_send(
+        self,
+        kind: Kind,
+        event: &'static str,
+        value: Value,
+        _place: WaitingAnswer,
+    ) {
         let deadline = tokio::time::Instant::now() + GIVE_UP_AFTER;
         loop {
             tokio::time::sleep(RETRY_EVERY).await;
@@ -124,6 +135,20 @@ impl Answer {
         match made {
             Ok(sender) => sender,
             Err(never) => match never {},
+        }
+    }
+
+    /// The socket has `limits.answers_waiting_per_socket` answers waiting already: it does not
+    /// read, so it is disconnected rather than kept with a growing backlog (its rooms hear it
+    /// left; a client that reads again reconnects and recovers with `since`).
+    fn give_up_on_socket(&self, event: &'static str) {
+        metrics::counter!(m::SLOW_CLIENT_DISCONNECTS).increment(1);
+        self.dropped(
+            event,
+            &"the socket does not read its answers; disconnecting it",
+        );
+        if let Err(e) = self.socket.clone().disconnect() {
+            tracing::debug!(socket_id = %self.socket.id, error = %e, "the slow socket was gone already");
         }
     }
 

@@ -14,14 +14,8 @@ pub struct Identity {
     pub user_id: String,
     /// Display name (`name`).
     pub name: String,
-    /// Expiry, seconds since the epoch: events after it are `unauthorized`.
+    /// Expiry, seconds since the epoch: the connection ends then (see [`crate::expiry`]).
     pub expires_at: u64,
-}
-
-impl Identity {
-    pub fn expired(&self) -> bool {
-        jsonwebtoken::get_current_timestamp() >= self.expires_at
-    }
 }
 
 /// Why a connection was refused; the text is what the client's `connect_error` shows.
@@ -31,6 +25,8 @@ pub enum AuthError {
     MissingToken,
     #[error("the auth token has expired")]
     Expired,
+    #[error("the auth token is not valid yet (nbf)")]
+    NotYetValid,
     #[error("the auth token's signature is invalid")]
     BadSignature,
     #[error("the auth token is for another audience")]
@@ -40,6 +36,9 @@ pub enum AuthError {
     #[error("the auth token is invalid: {0}")]
     Invalid(String),
 }
+
+/// Longest accepted `sub`: it is shown to other members as the user's id.
+const SUB_MAX_BYTES: usize = 256;
 
 #[derive(Deserialize)]
 struct Claims {
@@ -61,6 +60,7 @@ impl Authenticator {
         let secret = settings.secret()?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         match &settings.jwt_audience {
             Some(aud) if !aud.is_empty() => {
                 validation.set_audience(&[aud]);
@@ -84,6 +84,11 @@ impl Authenticator {
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::MissingToken)?;
+        self.verify_token(token, limits)
+    }
+
+    /// Verifies a token.
+    pub fn verify_token(&self, token: &str, limits: &Limits) -> Result<Identity, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         if header.alg != Algorithm::HS256 {
@@ -92,6 +97,7 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAudience => AuthError::WrongAudience,
                 ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm,
@@ -101,8 +107,10 @@ impl Authenticator {
         let claims = data.claims;
         let name = crate::payload::username(&claims.name, limits)
             .map_err(|e| AuthError::Invalid(format!("name claim: {}", e.message)))?;
-        if claims.sub.is_empty() {
-            return Err(AuthError::Invalid("sub claim is empty".into()));
+        if claims.sub.is_empty() || claims.sub.len() > SUB_MAX_BYTES {
+            return Err(AuthError::Invalid(format!(
+                "sub claim must be 1..={SUB_MAX_BYTES} bytes"
+            )));
         }
         Ok(Identity {
             user_id: claims.sub,
@@ -201,6 +209,23 @@ mod tests {
             a.verify(Some(&json!({"token": no_aud})), &l).is_err(),
             "aud is required when configured"
         );
+        let later = jsonwebtoken::get_current_timestamp() + 600;
+        let not_yet = token(
+            json!({"sub": "u", "name": "n", "exp": exp, "nbf": later, "aud": "chat"}),
+            "secret",
+        );
+        assert_eq!(
+            a.verify(Some(&json!({"token": not_yet})), &l),
+            Err(AuthError::NotYetValid)
+        );
+        let long_sub = token(
+            json!({"sub": "s".repeat(257), "name": "n", "exp": exp, "aud": "chat"}),
+            "secret",
+        );
+        assert!(matches!(
+            a.verify(Some(&json!({"token": long_sub})), &l),
+            Err(AuthError::Invalid(_))
+        ));
         let no_name = token(json!({"sub": "u", "exp": exp, "aud": "chat"}), "secret");
         assert!(matches!(
             a.verify(Some(&json!({"token": no_name})), &l),

@@ -1,13 +1,21 @@
 //! The cap on connections per client address, and how a client's address is told: the TCP
 //! peer, or — when the peer is a trusted proxy (the load balancer) — the address the proxy
 //! appended to `X-Forwarded-For`.
+//!
+//! A connection is counted from its Engine.IO handshake (the request that opens a session,
+//! without a `sid`), before the client has sent anything else: the permit rides in the
+//! handshake request's extensions, which the session keeps for its life, so it is freed when
+//! the session ends, whether or not the client ever joined the namespace.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 
 /// Counts live connections per client address.
 pub struct ConnectionLimiter {
@@ -18,7 +26,7 @@ pub struct ConnectionLimiter {
     live: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// One counted connection; dropping it (with the socket's session) frees its place.
+/// One counted connection; dropping it (with the session's handshake request) frees its place.
 pub struct ConnectionPermit {
     limiter: Arc<ConnectionLimiter>,
     address: IpAddr,
@@ -54,21 +62,25 @@ impl ConnectionLimiter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The client's address from the handshake request, if known.
+    /// The client's address from a request's parts, if known.
     pub fn client_address(&self, request: &Parts) -> Option<IpAddr> {
         let peer = request.extensions.get::<ConnectInfo<SocketAddr>>()?.0.ip();
+        Some(self.client_of(peer, &request.headers))
+    }
+
+    /// The client's address of a request from `peer` with these headers.
+    pub fn client_of(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if !self.trusted_proxies.contains(&peer) {
-            return Some(peer);
+            return peer;
         }
-        let forwarded = request
-            .headers
+        let forwarded = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|a| a.trim().parse::<IpAddr>().ok())
             .next_back();
-        Some(forwarded.unwrap_or(peer))
+        forwarded.unwrap_or(peer)
     }
 
     /// A place for one more connection from `address`, or `None` when it has its share.
@@ -84,6 +96,46 @@ impl ConnectionLimiter {
             address,
         })
     }
+}
+
+/// Middleware on Engine.IO requests: a handshake (no `sid`) takes a place under the cap for
+/// its client address or is refused with 429; its permit goes into the request, which the
+/// session keeps.
+pub async fn count_handshakes(
+    State(limiter): State<Arc<ConnectionLimiter>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let handshake = request.uri().path().starts_with("/socket.io")
+        && !request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("sid=")));
+    if handshake {
+        let (parts, body) = request.into_parts();
+        let address = limiter.client_address(&parts);
+        request = Request::from_parts(parts, body);
+        if let Some(address) = address {
+            match limiter.acquire(address) {
+                Some(permit) => {
+                    request.extensions_mut().insert(Arc::new(permit));
+                }
+                None => {
+                    metrics::counter!(crate::metrics::CONNECTION_REFUSALS).increment(1);
+                    tracing::debug!(%address, "too many connections from one address");
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        axum::Json(serde_json::json!({
+                            "code": "rate_limited",
+                            "message": "too many connections from your address",
+                        })),
+                    )
+                        .into_response();
+                }
+            }
+        }
+    }
+    next.run(request).await
 }
 
 #[cfg(test)]

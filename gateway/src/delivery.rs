@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chatify_shared::subjects::{RoomEventKind, room_event_kind};
 use chatify_shared::wire::{
-    ChatMessage, Notice, PresenceDelta, RoomPresence, StoredMessage, TypingEvent,
+    ChatMessage, Notice, PresenceDelta, RoomPresence, StoredMessage, Typing, TypingEvent,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -95,6 +95,40 @@ impl Delivery {
     }
 }
 
+/// How long `typing` waits before going out to a room's local sockets: the changes of a room
+/// within it go out together, the latest of each typist's only.
+const TYPING_COALESCE: Duration = Duration::from_millis(250);
+
+/// The most typists whose `typing` a room's local sockets get per [`TYPING_COALESCE`]: the
+/// latest ones. Typing is never stored; what a crowd of typists sends beyond this is dropped.
+const TYPISTS_PER_FLUSH: usize = 20;
+
+/// The `typing` changes of one room waiting to go out, latest last.
+#[derive(Default)]
+struct PendingTyping {
+    /// (the typist's socket, which must not get it back; what it says).
+    changes: Vec<(String, Typing)>,
+    /// When they go out; `None` while nothing waits.
+    deadline: Option<Instant>,
+}
+
+impl PendingTyping {
+    fn add(&mut self, event: TypingEvent, now: Instant) {
+        self.changes
+            .retain(|(socket, _)| *socket != event.socket_id);
+        self.changes.push((event.socket_id, event.typing));
+        if self.changes.len() > TYPISTS_PER_FLUSH {
+            self.changes.remove(0);
+        }
+        self.deadline.get_or_insert(now + TYPING_COALESCE);
+    }
+
+    fn take(&mut self) -> Vec<(String, Typing)> {
+        self.deadline = None;
+        std::mem::take(&mut self.changes)
+    }
+}
+
 /// How long a change in a room above `presence_list_max` members waits before its members get
 /// the new count: `room_presence` goes out at most once a second.
 const COUNT_COALESCE: Duration = Duration::from_secs(1);
@@ -143,6 +177,7 @@ pub fn users_changed(rooms: &Arc<Rooms>, room: &Arc<Room>) {
 /// [`Reorder`]), the rest in the order NATS delivers them.
 pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_nats::Subscriber) {
     let mut order = Reorder::default();
+    let mut typing = PendingTyping::default();
     loop {
         let gap_deadline = order.deadline();
         let message = tokio::select! {
@@ -150,6 +185,12 @@ pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_na
                 Some(message) => message,
                 None => break,
             },
+            () = sleep_until_some(typing.deadline) => {
+                for (typist, change) in typing.take() {
+                    rooms.delivery.emit(&room.name, Some(&typist), "typing", &change).await;
+                }
+                continue;
+            }
             () = sleep_until_some(gap_deadline) => {
                 let held = order.expire();
                 metrics::counter!(m::ORDER_GAPS).increment(1);
@@ -168,12 +209,7 @@ pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_na
             },
             Some(RoomEventKind::Typing) => {
                 match serde_json::from_slice::<TypingEvent>(&message.payload) {
-                    Ok(event) => {
-                        rooms
-                            .delivery
-                            .emit(&room.name, Some(&event.socket_id), "typing", &event.typing)
-                            .await;
-                    }
+                    Ok(event) => typing.add(event, Instant::now()),
                     Err(e) => tracing::warn!(error = %e, "undecodable typing event"),
                 }
             }
@@ -223,6 +259,50 @@ fn log_emit(event: &'static str, result: Result<(), socketioxide::BroadcastError
 mod tests {
     use super::*;
     use socketioxide::extract::SocketRef;
+
+    fn typing(socket: &str, username: &str, is_typing: bool) -> TypingEvent {
+        TypingEvent {
+            socket_id: socket.into(),
+            typing: Typing {
+                room: "r".into(),
+                username: username.into(),
+                is_typing,
+            },
+        }
+    }
+
+    #[test]
+    fn typing_goes_out_once_per_interval_the_latest_of_each_typist() {
+        let now = Instant::now();
+        let mut pending = PendingTyping::default();
+        assert_eq!(pending.deadline, None);
+        pending.add(typing("s1", "ann", true), now);
+        pending.add(typing("s2", "bob", true), now + Duration::from_millis(10));
+        pending.add(typing("s1", "ann", false), now + Duration::from_millis(20));
+        assert_eq!(
+            pending.deadline,
+            Some(now + TYPING_COALESCE),
+            "from the first"
+        );
+        let out = pending.take();
+        assert_eq!(
+            out.iter()
+                .map(|(s, t)| (s.as_str(), t.is_typing))
+                .collect::<Vec<_>>(),
+            [("s2", true), ("s1", false)]
+        );
+        assert_eq!(pending.deadline, None);
+        for i in 0..100 {
+            pending.add(typing(&format!("s{i}"), "x", true), now);
+        }
+        let out = pending.take();
+        assert_eq!(out.len(), TYPISTS_PER_FLUSH);
+        assert_eq!(
+            out.last().map(|(s, _)| s.as_str()),
+            Some("s99"),
+            "the latest kept"
+        );
+    }
 
     /// The room listeners outlive `SocketIo::close` during shutdown: what they deliver then
     /// finds no room (it used to panic in `SocketIo::to`).

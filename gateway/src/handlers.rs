@@ -18,7 +18,7 @@ use socketioxide::socket::DisconnectReason;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::auth::{AuthError, Identity};
+use crate::auth::AuthError;
 use crate::bus::{Stored, dedup_key};
 use crate::error::{ChatError, Empty, reply};
 use crate::history;
@@ -32,8 +32,6 @@ use crate::state::App;
 pub enum Refused {
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("too many connections from your address")]
-    TooManyConnections,
 }
 
 /// Connect middleware: authenticates (when auth is on), then sets the socket up. Runs before
@@ -54,24 +52,17 @@ pub async fn accept(
         },
         None => None,
     };
-    let permit = match app.connections.client_address(s.req_parts()) {
-        Some(address) => match app.connections.acquire(address) {
-            Some(permit) => Some(permit),
-            None => {
-                metrics::counter!(m::CONNECTION_REFUSALS).increment(1);
-                tracing::debug!(socket_id = %s.id, %address, "too many connections from one address");
-                return Err(Refused::TooManyConnections);
-            }
-        },
-        None => None,
-    };
-    s.extensions
-        .insert(Arc::new(Session::new(identity, &app.limits, permit)));
+    let session = Arc::new(Session::new(identity, &app.limits));
+    if session.identity.is_some() {
+        app.expiry.watch(s.id, None, session.expires_at());
+    }
+    s.extensions.insert(session);
     s.on("join_room", join_room);
     s.on("send_message", send_message);
     s.on("leave_room", leave_room);
     s.on("get_history", get_history);
     s.on("typing", typing);
+    s.on("refresh_token", refresh_token);
     s.on_disconnect(on_disconnect);
     Ok(())
 }
@@ -94,7 +85,19 @@ where
         answer,
         session,
         ticket,
+        overflow,
     } = event;
+    if overflow {
+        metrics::counter!(m::RATE_LIMITED, "event" => name).increment(1);
+        let e = ChatError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "too many events waiting: at most {} unanswered per connection",
+                app.limits.events_queued_per_socket
+            ),
+        );
+        return reply::<Empty>(answer, name, Err(e));
+    }
     let (Some(session), Some(ticket)) = (session, ticket) else {
         let e = ChatError::unavailable("the connection is not set up yet; try again");
         return reply::<Empty>(answer, name, Err(e));
@@ -116,7 +119,7 @@ where
         Err(e) => Err(ChatError::invalid(format!(
             "{name} payload could not be decoded: {e}"
         ))),
-        Ok(_) if session.identity.as_ref().is_some_and(Identity::expired) => Err(ChatError::new(
+        Ok(_) if session.expired() => Err(ChatError::new(
             ErrorCode::Unauthorized,
             "your auth token has expired; reconnect with a new one",
         )),
@@ -315,6 +318,16 @@ async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
             .rooms
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+        if !session.allow_typing() {
+            metrics::counter!(m::RATE_LIMITED, "event" => "typing").increment(1);
+            return Err(ChatError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many typing events: at most {} a second, with bursts of {}",
+                    app.limits.typing_per_second, app.limits.typing_burst
+                ),
+            ));
+        }
         app.bus
             .publish_typing(&TypingEvent {
                 socket_id,
@@ -330,6 +343,47 @@ async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
     .await;
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Refreshed {
+    /// The connection's new expiry, seconds since the epoch.
+    expires_at: u64,
+}
+
+/// `refresh_token { token }`: a new token of the same user extends the connection's life.
+async fn refresh_token(s: SocketRef, State(app): State<App>, event: Ordered) {
+    let sid = s.id;
+    run(
+        app.clone(),
+        s,
+        event,
+        "refresh_token",
+        |session, v| async move {
+            let (Some(authenticator), Some(identity)) = (&app.auth, &session.identity) else {
+                return Err(ChatError::invalid(
+                    "refresh_token needs auth, which is off on this server",
+                ));
+            };
+            let token = payload::refresh(&v)?;
+            let fresh = authenticator
+                .verify_token(&token, &app.limits)
+                .map_err(|e| ChatError::new(ErrorCode::Unauthorized, e.to_string()))?;
+            if fresh.user_id != identity.user_id {
+                return Err(ChatError::new(
+                    ErrorCode::Unauthorized,
+                    "the token is for another user",
+                ));
+            }
+            let previous = session.extend(fresh.expires_at);
+            app.expiry.watch(sid, Some(previous), fresh.expires_at);
+            Ok(Refreshed {
+                expires_at: fresh.expires_at,
+            })
+        },
+    )
+    .await;
+}
+
 /// Leaves every room (after the socket's pending events), so the others get the notices.
 async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectReason) {
     metrics::gauge!(m::CONNECTED_SOCKETS).decrement(1);
@@ -337,6 +391,9 @@ async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectR
     let Some(session) = s.extensions.get::<Arc<Session>>() else {
         return;
     };
+    if session.identity.is_some() {
+        app.expiry.forget(s.id, session.expires_at());
+    }
     let _turn = session.sequencer.ticket().turn().await;
     app.rooms
         .leave_all(&s, &session.rooms, &session.member_id)

@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{OriginalUri, Path, Query, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, OriginalUri, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,7 +18,9 @@ use chatify_shared::wire::ErrorCode;
 use serde_json::json;
 use socketioxide::layer::SocketIoLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::address_limit::AddressLimit;
 use crate::error::ChatError;
 use crate::history;
 use crate::payload;
@@ -28,6 +32,8 @@ pub struct HttpState {
     pub app: App,
     pub nats: async_nats::Client,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The history route's rate limit per client address.
+    pub history_limit: Arc<AddressLimit>,
 }
 
 /// The allowed browser origins, shared by CORS and the Origin check.
@@ -110,7 +116,13 @@ async fn detach_request_head(mut request: Request) -> Request {
     request
 }
 
-pub fn router(state: HttpState, socket_io: SocketIoLayer, origins: Origins) -> Router {
+pub fn router(
+    state: HttpState,
+    socket_io: SocketIoLayer,
+    origins: Origins,
+    body_read_timeout: std::time::Duration,
+) -> Router {
+    let connections = state.app.connections.clone();
     Router::new()
         .route(
             "/",
@@ -122,6 +134,11 @@ pub fn router(state: HttpState, socket_io: SocketIoLayer, origins: Origins) -> R
         .route("/api/rooms/{room}/messages", get(room_messages))
         .with_state(state)
         .layer(socket_io)
+        .layer(middleware::from_fn_with_state(
+            connections,
+            crate::connections::count_handshakes,
+        ))
+        .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
         .layer(middleware::map_request(detach_request_head))
         .layer(origins.cors())
         .layer(middleware::from_fn_with_state(origins, check_origin))
@@ -142,9 +159,23 @@ async fn metrics(State(state): State<HttpState>) -> String {
 /// `GET /api/rooms/{room}/messages?before=&limit=`: the `get_history` page as JSON.
 async fn room_messages(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(room): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
+    let address = state.app.connections.client_of(peer.ip(), &headers);
+    if !state.history_limit.allow(address) {
+        metrics::counter!(crate::metrics::RATE_LIMITED, "event" => "http_history").increment(1);
+        let limits = &state.app.limits;
+        return error_response(&ChatError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "too many history requests: at most {} a second per address, with bursts of {}",
+                limits.http_history_per_second, limits.http_history_burst
+            ),
+        ));
+    }
     let result = async {
         let request = payload::history_query(
             &room,

@@ -2,12 +2,14 @@
 //! messages in NATS JetStream, and fans them out to its own sockets in each room; every other
 //! gateway with members in the room does the same, so no chat state lives only here.
 
+pub mod address_limit;
 pub mod answer;
 pub mod auth;
 pub mod bus;
 pub mod connections;
 pub mod delivery;
 pub mod error;
+pub mod expiry;
 pub mod handlers;
 pub mod history;
 pub mod http;

@@ -21,6 +21,9 @@ pub const DELIVERY_DROPS: &str = "chatify_gateway_delivery_drops_total";
 pub const DEAD_GATEWAYS: &str = "chatify_gateway_dead_gateways_total";
 pub const ANSWER_DROPS: &str = "chatify_gateway_answer_drops_total";
 pub const ANSWERS_DELAYED: &str = "chatify_gateway_answers_delayed_total";
+pub const TOKEN_EXPIRIES: &str = "chatify_gateway_token_expiries_total";
+pub const SLOW_CLIENT_DISCONNECTS: &str = "chatify_gateway_slow_client_disconnects_total";
+pub const HTTP_TIMEOUTS: &str = "chatify_gateway_http_timeouts_total";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
@@ -95,6 +98,18 @@ pub fn describe() {
     describe_counter!(
         ANSWERS_DELAYED,
         "Acks and error events that found the socket's outgoing queue full and waited for room"
+    );
+    describe_counter!(
+        HTTP_TIMEOUTS,
+        "HTTP connections closed for sending a request's headers too slowly, or idling too long between requests"
+    );
+    describe_counter!(
+        SLOW_CLIENT_DISCONNECTS,
+        "Sockets disconnected because answers to them piled up in their full outgoing queue (they did not read)"
+    );
+    describe_counter!(
+        TOKEN_EXPIRIES,
+        "Connections disconnected because their token expired (and was not refreshed)"
     );
     // Gauges show from the start, not only after their first change.
     metrics::gauge!(ROOMS).set(0.0);

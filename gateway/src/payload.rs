@@ -235,6 +235,21 @@ pub fn history_query(
     history(&Value::Object(o), limits)
 }
 
+/// Longest accepted token text.
+const TOKEN_MAX_BYTES: usize = 8192;
+
+/// `refresh_token { token }`.
+pub fn refresh(v: &Value) -> Result<String, ChatError> {
+    let o = object(v, "refresh_token", "{ token }")?;
+    let token = required_string(o, &["token"])?;
+    if token.is_empty() || token.len() > TOKEN_MAX_BYTES {
+        return Err(ChatError::invalid(format!(
+            "token must be 1..={TOKEN_MAX_BYTES} bytes"
+        )));
+    }
+    Ok(token.to_owned())
+}
+
 pub fn typing(v: &Value, limits: &Limits) -> Result<TypingRequest, ChatError> {
     let o = object(v, "typing", "{ room, isTyping }")?;
     let room = room(o, &["room"], limits)?;

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chatify_shared::config::Limits;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -15,7 +16,6 @@ use socketioxide::socket::Socket;
 
 use crate::answer::Answer;
 use crate::auth::Identity;
-use crate::connections::ConnectionPermit;
 use crate::registry::SocketRooms;
 use crate::turns::{Sequencer, Ticket};
 
@@ -28,22 +28,26 @@ pub struct Session {
     /// This connection's id in member lists: the user's id with auth, else random. Never the
     /// session id, which would let others act as this connection.
     pub member_id: String,
+    /// When the connection's token expires (seconds since the epoch; never without auth):
+    /// the connect token's, or a refreshed one's.
+    expires_at: AtomicU64,
     /// Rooms joined, with the name used in each; changed only through [`crate::registry`].
     pub rooms: SocketRooms,
     /// `send_message` rate limit.
     sends: DefaultDirectRateLimiter,
     /// `join_room` rate limit.
     joins: DefaultDirectRateLimiter,
-    /// This connection's place under the per-address cap, freed with the session.
-    _permit: Option<ConnectionPermit>,
+    /// `typing` rate limit.
+    typings: DefaultDirectRateLimiter,
+    /// Most events received and not finished (`limits.events_queued_per_socket`).
+    queued_max: usize,
+    /// Answers waiting for room in the socket's outgoing queue, and the most allowed.
+    answers_waiting: AtomicUsize,
+    answers_waiting_max: usize,
 }
 
 impl Session {
-    pub fn new(
-        identity: Option<Identity>,
-        limits: &Limits,
-        permit: Option<ConnectionPermit>,
-    ) -> Self {
+    pub fn new(identity: Option<Identity>, limits: &Limits) -> Self {
         let quota = |rate: u32, burst: u32| {
             Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
                 .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
@@ -52,15 +56,35 @@ impl Session {
             Some(identity) => identity.user_id.clone(),
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
+        let expires_at = identity.as_ref().map_or(u64::MAX, |i| i.expires_at);
         Self {
             sequencer: Arc::new(Sequencer::default()),
             identity,
             member_id,
+            expires_at: AtomicU64::new(expires_at),
             rooms: SocketRooms::default(),
             sends: RateLimiter::direct(quota(limits.messages_per_second, limits.message_burst)),
             joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),
-            _permit: permit,
+            typings: RateLimiter::direct(quota(limits.typing_per_second, limits.typing_burst)),
+            queued_max: limits.events_queued_per_socket,
+            answers_waiting: AtomicUsize::new(0),
+            answers_waiting_max: limits.answers_waiting_per_socket,
         }
+    }
+
+    /// When the connection's token expires (seconds since the epoch).
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at.load(Ordering::Relaxed)
+    }
+
+    /// Extends the connection's life to a refreshed token's expiry; returns the one before.
+    pub fn extend(&self, expires_at: u64) -> u64 {
+        self.expires_at.swap(expires_at, Ordering::Relaxed)
+    }
+
+    /// Whether the connection's token has expired.
+    pub fn expired(&self) -> bool {
+        jsonwebtoken::get_current_timestamp() >= self.expires_at()
     }
 
     /// Whether one more `send_message` fits the rate limit now (and counts it if so).
@@ -68,9 +92,34 @@ impl Session {
         self.sends.check().is_ok()
     }
 
-    /// Whether one more `join_room` of a new room fits the rate limit now.
+    /// Whether one more `join_room` fits the rate limit now.
     pub fn allow_join(&self) -> bool {
         self.joins.check().is_ok()
+    }
+
+    /// Whether one more `typing` fits the rate limit now.
+    pub fn allow_typing(&self) -> bool {
+        self.typings.check().is_ok()
+    }
+
+    /// A place for one more answer waiting for room in the outgoing queue, or `None` when the
+    /// socket has its share (it does not read).
+    pub fn wait_for_room(self: &Arc<Self>) -> Option<WaitingAnswer> {
+        let waiting = self.answers_waiting.fetch_add(1, Ordering::Relaxed);
+        if waiting >= self.answers_waiting_max {
+            self.answers_waiting.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(WaitingAnswer(self.clone()))
+    }
+}
+
+/// One answer waiting for room in a socket's outgoing queue; dropping it frees its place.
+pub struct WaitingAnswer(Arc<Session>);
+
+impl Drop for WaitingAnswer {
+    fn drop(&mut self) {
+        self.0.answers_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -81,6 +130,9 @@ pub struct Ordered {
     pub answer: Answer,
     pub session: Option<Arc<Session>>,
     pub ticket: Option<Ticket>,
+    /// Set when the socket already had `limits.events_queued_per_socket` events unfinished:
+    /// this one is refused without being decoded or queued.
+    pub overflow: bool,
 }
 
 impl FromMessageParts<LocalAdapter> for Ordered {
@@ -91,10 +143,23 @@ impl FromMessageParts<LocalAdapter> for Ordered {
         v: &mut socketioxide_core::Value,
         ack_id: &Option<i64>,
     ) -> Result<Self, Infallible> {
-        let TryData(payload) = TryData::<Value>::from_message_parts(s, v, ack_id)?;
         let session = s.extensions.get::<Arc<Session>>();
+        let overflow = session
+            .as_ref()
+            .is_some_and(|s| s.sequencer.queued() >= s.queued_max as u64);
+        if overflow {
+            return Ok(Self {
+                payload: Err("not decoded".into()),
+                answer: Answer::new(s.clone(), *ack_id),
+                session,
+                ticket: None,
+                overflow,
+            });
+        }
+        let TryData(payload) = TryData::<Value>::from_message_parts(s, v, ack_id)?;
         let ticket = session.as_ref().map(|s| s.sequencer.ticket());
         Ok(Self {
+            overflow,
             payload: payload.map_err(|e| e.to_string()),
             answer: Answer::new(s.clone(), *ack_id),
             session,
@@ -114,7 +179,7 @@ mod tests {
             message_burst: 40,
             ..Limits::default()
         };
-        let session = Session::new(None, &limits, None);
+        let session = Session::new(None, &limits);
         let allowed = (0..100).filter(|_| session.allow_send()).count();
         assert!(
             (40..=42).contains(&allowed),

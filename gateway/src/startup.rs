@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use chatify_shared::Settings;
 use chatify_shared::bus::{self, BusError};
 use chatify_shared::subjects::GatewayId;
@@ -16,6 +15,7 @@ use socketioxide::handler::ConnectHandler;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::address_limit::AddressLimit;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
@@ -62,6 +62,8 @@ pub struct Application {
     gateway_timeout: Duration,
     /// Connections whose writes stall this long are aborted (see `tcp`).
     write_stall_limit: Duration,
+    /// How the HTTP port bounds its clients.
+    http_limits: chatify_shared::serve::Limits,
     name: String,
 }
 
@@ -90,6 +92,7 @@ impl Application {
             bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
+            expiry: Arc::default(),
             lifecycle: Lifecycle::default(),
             connections: Arc::new(ConnectionLimiter::new(
                 settings.limits.connections_per_address,
@@ -99,6 +102,8 @@ impl Application {
 
         let max_payload = settings.limits.max_payload_bytes;
         let max_ws = usize::try_from(max_payload).unwrap_or(usize::MAX);
+        // socketioxide's builder starts from engineioxide's defaults and forwards no byte bound.
+        engineioxide::config::set_default_max_buffer_bytes(gw.max_buffer_bytes);
         let (layer, io) = SocketIo::builder()
             .with_state(app.clone())
             .max_payload(max_payload)
@@ -119,9 +124,14 @@ impl Application {
                 app: app.clone(),
                 nats: nats.clone(),
                 metrics,
+                history_limit: Arc::new(AddressLimit::new(
+                    settings.limits.http_history_per_second,
+                    settings.limits.http_history_burst,
+                )),
             },
             layer,
             Origins::new(&settings.cors),
+            Duration::from_millis(gw.body_read_timeout_ms),
         );
         tracing::info!(gateway_id = %rooms.gateway(), name = %gw.name, auth = app.auth.is_some(), "gateway built");
         Ok(Self {
@@ -133,6 +143,10 @@ impl Application {
             shutdown_timeout: Duration::from_millis(gw.shutdown_timeout_ms),
             heartbeat_interval: Duration::from_millis(gw.heartbeat_interval_ms),
             gateway_timeout: Duration::from_millis(gw.gateway_timeout_ms),
+            http_limits: chatify_shared::serve::Limits {
+                header_read_timeout: Duration::from_millis(gw.header_read_timeout_ms),
+                timeouts_metric: crate::metrics::HTTP_TIMEOUTS,
+            },
             write_stall_limit: tcp::write_stall_limit(
                 Duration::from_millis(gw.ping_interval_ms),
                 Duration::from_millis(gw.ping_timeout_ms),
@@ -152,16 +166,21 @@ impl Application {
     ) -> Result<(), std::io::Error> {
         tracing::info!(addr = ?self.listener.local_addr().ok(), name = %self.name, "gateway listening");
         let stop_accepting = CancellationToken::new();
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
         let stall_limit = self.write_stall_limit;
-        let listener = self
-            .listener
-            .tap_io(move |stream| tcp::abort_stalled_writes(stream, stall_limit));
-        let server = axum::serve(listener, service)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-        let mut server = tokio::spawn(async move { server.await });
+        let server = chatify_shared::serve::serve(
+            self.listener,
+            self.router,
+            self.http_limits,
+            move |stream| tcp::abort_stalled_writes(stream, stall_limit),
+            stop_accepting.clone().cancelled_owned(),
+        );
+        let mut server = tokio::spawn(server);
+        let expiry = tokio::spawn(
+            self.app
+                .expiry
+                .clone()
+                .run(self.io.clone(), stop_accepting.child_token()),
+        );
         let liveness = tokio::spawn(crate::liveness::run(
             self.nats.clone(),
             self.app.rooms.clone(),
@@ -185,6 +204,7 @@ impl Application {
         let drain = async {
             stop_accepting.cancel();
             let _ = liveness.await;
+            let _ = expiry.await;
             // Events already running finish and answer; new ones are refused.
             self.app.lifecycle.stop();
             self.app.lifecycle.idle(deadline / 2).await;

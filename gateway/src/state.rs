@@ -8,6 +8,7 @@ use chatify_shared::config::Limits;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
+use crate::expiry::Expiry;
 use crate::lifecycle::Lifecycle;
 use crate::registry::Rooms;
 
@@ -24,6 +25,8 @@ pub struct AppInner {
     pub rooms: Arc<Rooms>,
     /// Token checks, when auth is on.
     pub auth: Option<Authenticator>,
+    /// Disconnects connections whose tokens expire.
+    pub expiry: Arc<Expiry>,
     /// The per-address connection cap.
     pub connections: Arc<ConnectionLimiter>,
     /// Refuses new events and tracks running ones during shutdown.

@@ -31,12 +31,12 @@ struct Sources {
 }
 
 /// Serves history queries until `shutdown`; queries in flight are finished first.
-/// `cache_bytes` bounds the recent messages kept in memory (see [`crate::recent`]).
+/// `cache` (bytes, rooms) bounds the recent messages kept in memory (see [`crate::recent`]).
 pub async fn serve(
     client: async_nats::Client,
     db: HarperDb,
     unwritten: Unwritten,
-    cache_bytes: usize,
+    cache: (usize, usize),
     shutdown: CancellationToken,
 ) -> Result<(), HistoryServiceError> {
     let service = client
@@ -54,7 +54,7 @@ pub async fn serve(
     let sources = Arc::new(Sources {
         db,
         unwritten,
-        recent: Recent::new(cache_bytes),
+        recent: Recent::new(cache.0, cache.1),
     });
     endpoint
         .take_until(shutdown.cancelled())

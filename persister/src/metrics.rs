@@ -1,5 +1,6 @@
 //! The persister's Prometheus metrics: names (used only through these constants) and help texts.
 
+pub const HTTP_TIMEOUTS: &str = "chatify_persister_http_timeouts_total";
 pub const MESSAGES_STORED: &str = "chatify_persister_messages_stored_total";
 pub const BATCH_MESSAGES: &str = "chatify_persister_batch_messages";
 pub const WRITE_DURATION: &str = "chatify_persister_write_duration_seconds";
@@ -16,6 +17,10 @@ pub const HISTORY_CACHE_BYTES: &str = "chatify_persister_history_cache_bytes";
 /// Registers the help texts; call once at start.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        HTTP_TIMEOUTS,
+        "HTTP connections closed for sending a request's headers too slowly, or idling too long between requests"
+    );
     describe_counter!(
         MESSAGES_STORED,
         "Messages written to HarperDB (and then acked)"

@@ -24,13 +24,18 @@ pub const KEEP_PER_ROOM: usize = 100;
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// What one message is counted as beyond its text, name and room (the struct, the queue slot).
 const MESSAGE_OVERHEAD: usize = 96;
+/// What one room's entry is counted as beyond its name and messages (the map's node and
+/// slot, the entry's fields), so that entries of empty rooms cost their memory too.
+const ENTRY_OVERHEAD: usize = 160;
 
 /// The cache of all rooms (shared by the history service's concurrent queries).
 pub struct Recent {
     /// Rooms by name, least recently used first out.
     rooms: Mutex<Rooms>,
-    /// Most bytes of messages kept over all rooms; 0 turns the cache off.
+    /// Most bytes kept over all rooms (names and messages); 0 turns the cache off.
     budget: usize,
+    /// Most rooms kept.
+    max_rooms: usize,
 }
 
 struct Rooms {
@@ -51,8 +56,14 @@ struct Entry {
     newest: u64,
     /// When the entry was filled from HarperDB.
     filled: Instant,
-    /// Bytes of `messages`.
+    /// Bytes of the entry: its room's name twice (the key and the messages' room), its
+    /// overhead and `messages`.
     bytes: usize,
+}
+
+/// What a room's entry costs without its messages.
+fn entry_cost(room: &str) -> usize {
+    ENTRY_OVERHEAD + room.len()
 }
 
 fn cost(m: &ChatMessage) -> usize {
@@ -60,13 +71,14 @@ fn cost(m: &ChatMessage) -> usize {
 }
 
 impl Recent {
-    pub fn new(budget: usize) -> Self {
+    pub fn new(budget: usize, max_rooms: usize) -> Self {
         Self {
             rooms: Mutex::new(Rooms {
                 entries: LruCache::unbounded(),
                 bytes: 0,
             }),
-            budget,
+            budget: if max_rooms == 0 { 0 } else { budget },
+            max_rooms,
         }
     }
 
@@ -117,7 +129,7 @@ impl Recent {
         }
         entry.trim();
         let page = entry.answer(query);
-        rooms.put(query.room.clone(), entry, self.budget);
+        rooms.put(query.room.clone(), entry, self.budget, self.max_rooms);
         page
     }
 
@@ -143,7 +155,7 @@ impl Recent {
             return;
         }
         let mut entry = Entry {
-            bytes: messages.iter().map(cost).sum(),
+            bytes: entry_cost(room) + messages.iter().map(cost).sum::<usize>(),
             messages,
             complete: !page.has_more,
             newest,
@@ -151,7 +163,7 @@ impl Recent {
         };
         entry.trim();
         rooms.take(room);
-        rooms.put(room.to_owned(), entry, self.budget);
+        rooms.put(room.to_owned(), entry, self.budget, self.max_rooms);
     }
 
     /// Drops `room`'s entry.
@@ -173,11 +185,12 @@ impl Rooms {
         Some(entry)
     }
 
-    /// Inserts (as most recently used), then drops least recently used rooms beyond `budget`.
-    fn put(&mut self, room: String, entry: Entry, budget: usize) {
+    /// Inserts (as most recently used), then drops least recently used rooms beyond `budget`
+    /// bytes or `max_rooms` rooms.
+    fn put(&mut self, room: String, entry: Entry, budget: usize, max_rooms: usize) {
         self.bytes += entry.bytes;
         self.entries.put(room, entry);
-        while self.bytes > budget {
+        while self.bytes > budget || self.entries.len() > max_rooms {
             match self.entries.pop_lru() {
                 Some((_, dropped)) => self.bytes -= dropped.bytes,
                 None => break,
@@ -276,7 +289,7 @@ mod tests {
     #[test]
     fn a_filled_room_answers_its_latest_page_and_new_messages_join_it() {
         let all = room(&(1..=150).collect::<Vec<_>>());
-        let recent = Recent::new(1 << 20);
+        let recent = Recent::new(1 << 20, 1000);
         recent.fill("r", &latest(&all[..120]), 0);
         assert_eq!(recent.newest("r"), Some(120));
         let q = query(50, None, None);
@@ -290,7 +303,7 @@ mod tests {
 
     #[test]
     fn an_empty_room_is_cached_as_empty_and_complete() {
-        let recent = Recent::new(1 << 20);
+        let recent = Recent::new(1 << 20, 1000);
         recent.fill("r", &latest(&[]), 7);
         assert_eq!(recent.newest("r"), Some(7));
         let q = query(50, None, None);
@@ -300,16 +313,16 @@ mod tests {
 
     #[test]
     fn an_uncached_room_and_a_disabled_cache_answer_nothing() {
-        let recent = Recent::new(1 << 20);
+        let recent = Recent::new(1 << 20, 1000);
         assert_eq!(recent.newest("r"), None);
-        let off = Recent::new(0);
+        let off = Recent::new(0, 1000);
         off.fill("r", &latest(&room(&[1, 2])), 0);
         assert_eq!(off.newest("r"), None);
     }
 
     #[test]
     fn a_forgotten_room_is_not_cached() {
-        let recent = Recent::new(1 << 20);
+        let recent = Recent::new(1 << 20, 1000);
         recent.fill("r", &latest(&room(&[1, 2])), 0);
         recent.forget("r");
         assert_eq!(recent.newest("r"), None);
@@ -319,7 +332,7 @@ mod tests {
     #[test]
     fn a_fill_never_replaces_a_newer_entry() {
         let all = room(&[1, 2, 3, 4]);
-        let recent = Recent::new(1 << 20);
+        let recent = Recent::new(1 << 20, 1000);
         recent.fill("r", &latest(&all), 0);
         recent.fill("r", &latest(&all[..2]), 0);
         assert_eq!(recent.newest("r"), Some(4));
@@ -328,8 +341,8 @@ mod tests {
     #[test]
     fn rooms_beyond_the_byte_budget_go_least_recently_used_first() {
         let one = latest(&room(&[1, 2, 3]));
-        let per_room: usize = one.messages.iter().map(cost).sum();
-        let recent = Recent::new(per_room * 2);
+        let per_room: usize = entry_cost("a") + one.messages.iter().map(cost).sum::<usize>();
+        let recent = Recent::new(per_room * 2, 1000);
         recent.fill("a", &one, 0);
         recent.fill("b", &one, 0);
         assert!(recent.newest("a").is_some()); // a is now more recent than b
@@ -337,6 +350,28 @@ mod tests {
         assert_eq!(recent.size(), (2, per_room * 2));
         assert!(recent.newest("b").is_none());
         assert!(recent.newest("a").is_some() && recent.newest("c").is_some());
+    }
+
+    #[test]
+    fn empty_rooms_cost_their_names_and_rooms_are_counted_too() {
+        let empty = latest(&[]);
+        let long = "x".repeat(1000);
+        let recent = Recent::new(10 * (entry_cost(&long)), 1000);
+        for i in 0..100 {
+            recent.fill(&format!("{long}{i}"), &empty, 5);
+        }
+        let (rooms, bytes) = recent.size();
+        assert!(
+            rooms <= 10,
+            "{rooms} empty rooms kept within a 10-room budget"
+        );
+        assert!(bytes <= 10 * entry_cost(&long) + 20, "{bytes}");
+        let few = Recent::new(1 << 30, 3);
+        for i in 0..100 {
+            few.fill(&format!("r{i}"), &empty, 5);
+        }
+        assert_eq!(few.size().0, 3, "at most max_rooms rooms");
+        assert!(few.newest("r99").is_some() && few.newest("r0").is_none());
     }
 
     proptest! {
@@ -354,7 +389,7 @@ mod tests {
             let seqs: Vec<u64> = gaps.iter().map(|g| { seq += g; seq }).collect();
             let all = room(&seqs);
             let split = filled_at.min(all.len());
-            let recent = Recent::new(1 << 24);
+            let recent = Recent::new(1 << 24, 1000);
             let current_to = all[..split].last().map(ChatMessage::sequence).unwrap_or(0);
             recent.fill("r", &latest(&all[..split]), current_to);
             let id = |i: usize| all.get(i).map(|m| m.id);

@@ -109,15 +109,27 @@ impl Application {
         let consumer_shutdown = shutdown.child_token();
         tasks.spawn(async move { Ok(consumer.run(consumer_shutdown).await?) });
         let (nats, db, history_shutdown) = (self.nats.clone(), self.db, shutdown.child_token());
-        let cache_bytes = self.settings.persister.history_cache_bytes;
+        let p = &self.settings.persister;
+        let cache = (p.history_cache_bytes, p.history_cache_rooms);
         tasks.spawn(async move {
-            Ok(history::serve(nats, db, unwritten, cache_bytes, history_shutdown).await?)
+            Ok(history::serve(nats, db, unwritten, cache, history_shutdown).await?)
         });
+        let http_limits = chatify_shared::serve::Limits {
+            header_read_timeout: Duration::from_millis(
+                self.settings.persister.header_read_timeout_ms,
+            ),
+            timeouts_metric: crate::metrics::HTTP_TIMEOUTS,
+        };
         tasks.spawn(async move {
-            axum::serve(self.listener, router)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .await
-                .map_err(RunError::Http)
+            chatify_shared::serve::serve(
+                self.listener,
+                router,
+                http_limits,
+                |_| {},
+                http_shutdown.cancelled_owned(),
+            )
+            .await
+            .map_err(RunError::Http)
         });
 
         // Run until the signal, or until a part stops by itself (which is an error).

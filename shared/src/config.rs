@@ -167,6 +167,13 @@ pub struct GatewaySettings {
     pub ping_timeout_ms: u64,
     /// Outgoing packets queued per socket before emits to it fail (a slow client).
     pub max_buffer_size: usize,
+    /// Bytes of outgoing packets queued per socket from which emits to it fail the same way.
+    pub max_buffer_bytes: usize,
+    /// How long a client may take to send a request's headers, and how long a kept-alive
+    /// connection may wait for its next request, before the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body.
+    pub body_read_timeout_ms: u64,
     /// How long a new connection may take to join the namespace before it is closed.
     pub connect_timeout_ms: u64,
     /// How often the gateway tells the others it is alive.
@@ -186,6 +193,9 @@ impl Default for GatewaySettings {
             ping_interval_ms: 25_000,
             ping_timeout_ms: 20_000,
             max_buffer_size: 128,
+            max_buffer_bytes: 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
             connect_timeout_ms: 5000,
             heartbeat_interval_ms: 2000,
             gateway_timeout_ms: 7000,
@@ -217,8 +227,13 @@ pub struct PersisterSettings {
     /// Most bytes of recent messages the history service keeps in memory (the newest 100 of the
     /// rooms asked for lately); 0 turns the cache off.
     pub history_cache_bytes: usize,
+    /// Most rooms the history service keeps recent messages of (empty rooms included).
+    pub history_cache_rooms: usize,
     /// How long shutdown may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
+    /// How long a client of the HTTP port may take to send a request's headers, and how long
+    /// a kept-alive connection may wait for its next request.
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for PersisterSettings {
@@ -233,7 +248,9 @@ impl Default for PersisterSettings {
             retry_max_ms: 5000,
             max_attempts: 3,
             history_cache_bytes: 64 * 1024 * 1024,
+            history_cache_rooms: 20_000,
             shutdown_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -263,6 +280,18 @@ pub struct Limits {
     /// Rooms with more members than this are not listed to their members (`chatroom_users`,
     /// join and leave notices), only counted (`room_presence`).
     pub presence_list_max: usize,
+    /// A socket's events received and not finished (each waits for the ones before it); more
+    /// are answered `rate_limited` at once.
+    pub events_queued_per_socket: usize,
+    /// Answers (acks, `error` events) waiting for room in a socket's full outgoing queue; a
+    /// socket that would need more is not reading, and is disconnected.
+    pub answers_waiting_per_socket: usize,
+    /// `typing` rate per socket, and the burst allowed above it.
+    pub typing_per_second: u32,
+    pub typing_burst: u32,
+    /// Requests to the HTTP history route per client address, and the burst above it.
+    pub http_history_per_second: u32,
+    pub http_history_burst: u32,
 }
 
 impl Default for Limits {
@@ -280,6 +309,12 @@ impl Default for Limits {
             connections_per_address: 256,
             trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
             presence_list_max: 500,
+            events_queued_per_socket: 32,
+            answers_waiting_per_socket: 16,
+            typing_per_second: 2,
+            typing_burst: 5,
+            http_history_per_second: 5,
+            http_history_burst: 20,
         }
     }
 }
@@ -424,6 +459,20 @@ impl Settings {
         if l.joins_per_second == 0 || l.join_burst == 0 {
             return invalid("limits.joins_per_second and join_burst must be at least 1");
         }
+        if l.typing_per_second == 0
+            || l.typing_burst == 0
+            || l.http_history_per_second == 0
+            || l.http_history_burst == 0
+        {
+            return invalid(
+                "limits.typing_per_second, typing_burst, http_history_per_second and http_history_burst must be at least 1",
+            );
+        }
+        if l.events_queued_per_socket == 0 || l.answers_waiting_per_socket == 0 {
+            return invalid(
+                "limits.events_queued_per_socket and answers_waiting_per_socket must be at least 1",
+            );
+        }
         if let Some(bad) = l
             .trusted_proxies
             .iter()
@@ -449,6 +498,17 @@ impl Settings {
         }
         if self.stream.max_age_secs < self.stream.duplicate_window_secs {
             return invalid("stream.max_age_secs must be at least stream.duplicate_window_secs");
+        }
+        if self.gateway.max_buffer_size == 0 || self.gateway.max_buffer_bytes < 1024 {
+            return invalid(
+                "gateway.max_buffer_size must be at least 1 and gateway.max_buffer_bytes at least 1024",
+            );
+        }
+        if self.gateway.header_read_timeout_ms == 0
+            || self.gateway.body_read_timeout_ms == 0
+            || self.persister.header_read_timeout_ms == 0
+        {
+            return invalid("header and body read timeouts must be at least 1 ms");
         }
         if self.gateway.gateway_timeout_ms <= self.gateway.heartbeat_interval_ms {
             return invalid(

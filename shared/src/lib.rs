@@ -8,6 +8,7 @@ pub mod bus;
 pub mod config;
 pub mod healthcheck;
 pub mod id;
+pub mod serve;
 pub mod shutdown;
 pub mod storage;
 pub mod subjects;

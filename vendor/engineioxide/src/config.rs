@@ -60,6 +60,13 @@ pub struct EngineIoConfig {
     /// Defaults to 128 packets
     pub max_buffer_size: usize,
 
+    /// The most bytes of packets buffered per connection: a queue holding this many or more
+    /// refuses further packets as a full one does, so a queue takes at most this plus one
+    /// packet. (Chatify patch, see vendor/README.md.)
+    ///
+    /// Defaults to [`default_max_buffer_bytes`] (unbounded unless set).
+    pub max_buffer_bytes: usize,
+
     /// The maximum number of bytes that can be received per http request.
     /// Defaults to 100KB.
     pub max_payload: u64,
@@ -97,6 +104,7 @@ impl Default for EngineIoConfig {
             ping_timeout: Duration::from_millis(20000),
             upgrade_timeout: Duration::from_millis(10000),
             max_buffer_size: 128,
+            max_buffer_bytes: default_max_buffer_bytes(),
             max_payload: 1e5 as u64, // 100kb
             ws_read_buffer_size: 4096,
             ws_max_message_size: 64 << 20,
@@ -104,6 +112,21 @@ impl Default for EngineIoConfig {
             transports: TransportType::Polling as u8 | TransportType::Websocket as u8,
         }
     }
+}
+
+/// The default of [`EngineIoConfig::max_buffer_bytes`], settable for servers that build their
+/// config through a wrapper that does not forward the setting (socketioxide's builder).
+static DEFAULT_MAX_BUFFER_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// The default of [`EngineIoConfig::max_buffer_bytes`] for configs made from now on.
+pub fn default_max_buffer_bytes() -> usize {
+    DEFAULT_MAX_BUFFER_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the default of [`EngineIoConfig::max_buffer_bytes`] for configs made from now on.
+pub fn set_default_max_buffer_bytes(bytes: usize) {
+    DEFAULT_MAX_BUFFER_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl EngineIoConfig {
@@ -200,6 +223,13 @@ impl EngineIoConfigBuilder {
     /// ```
     pub fn max_buffer_size(mut self, max_buffer_size: usize) -> Self {
         self.config.max_buffer_size = max_buffer_size;
+        self
+    }
+
+    /// The most bytes of packets buffered per connection (see
+    /// [`EngineIoConfig::max_buffer_bytes`]).
+    pub fn max_buffer_bytes(mut self, max_buffer_bytes: usize) -> Self {
+        self.config.max_buffer_bytes = max_buffer_bytes;
         self
     }
 

@@ -19,6 +19,8 @@ use std::{
 use futures_util::task::AtomicWaker;
 use tokio::sync::{Notify, mpsc::error::TrySendError};
 
+use engineioxide_core::{Packet, PacketBuf};
+
 use crate::socket::{InternalRx, Queued};
 
 /// A bounded FIFO of packet buffers with one reader.
@@ -33,6 +35,8 @@ pub(crate) struct Queue {
     changed: Notify,
     /// How many packets (queued or reserved) the queue holds at most.
     capacity: usize,
+    /// From how many bytes of queued packets on the queue counts as full.
+    byte_capacity: usize,
 }
 
 #[derive(Debug, Default)]
@@ -43,21 +47,47 @@ struct State {
     reserved: usize,
     /// Set once by [`Queue::close`]: no packet is accepted after it.
     closed: bool,
+    /// Bytes of the queued packets ([`weight`]).
+    bytes: usize,
 }
 
 impl State {
-    fn is_full(&self, capacity: usize) -> bool {
-        self.packets.len() + self.reserved >= capacity
+    fn is_full(&self, capacity: usize, byte_capacity: usize) -> bool {
+        self.packets.len() + self.reserved >= capacity || self.bytes >= byte_capacity
+    }
+
+    fn push(&mut self, packets: Queued) {
+        self.bytes += weight(&packets);
+        self.packets.push_back(packets);
     }
 }
 
+/// What a packet buffer counts for against the byte capacity: its payloads' lengths.
+fn weight(packets: &PacketBuf) -> usize {
+    packets
+        .iter()
+        .map(|p| match p {
+            Packet::Message(text) => text.len(),
+            Packet::Binary(data) | Packet::BinaryV3(data) => data.len(),
+            _ => 1,
+        })
+        .sum()
+}
+
 impl Queue {
+    #[cfg(any(test, feature = "__test_harness"))]
     pub(crate) fn new(capacity: usize) -> Self {
+        Self::with_byte_limit(capacity, usize::MAX)
+    }
+
+    /// A queue of at most `capacity` packets, full from `byte_capacity` bytes on.
+    pub(crate) fn with_byte_limit(capacity: usize, byte_capacity: usize) -> Self {
         Self {
             state: Mutex::default(),
             reader: AtomicWaker::new(),
             changed: Notify::new(),
             capacity,
+            byte_capacity,
         }
     }
 
@@ -71,10 +101,10 @@ impl Queue {
         if state.closed {
             return Err(TrySendError::Closed(packets));
         }
-        if state.is_full(self.capacity) {
+        if state.is_full(self.capacity, self.byte_capacity) {
             return Err(TrySendError::Full(packets));
         }
-        state.packets.push_back(packets);
+        state.push(packets);
         drop(state);
         self.reader.wake();
         Ok(())
@@ -100,7 +130,7 @@ impl Queue {
         if state.closed {
             return Err(TrySendError::Closed(()));
         }
-        if state.is_full(self.capacity) {
+        if state.is_full(self.capacity, self.byte_capacity) {
             return Err(TrySendError::Full(()));
         }
         state.reserved += 1;
@@ -159,9 +189,10 @@ impl Queue {
     /// `None` if it is empty and open.
     fn pop(&self) -> Option<Option<Queued>> {
         let mut state = self.state();
-        let was_full = state.is_full(self.capacity);
+        let was_full = state.is_full(self.capacity, self.byte_capacity);
         match state.packets.pop_front() {
             Some(packets) => {
+                state.bytes -= weight(&packets);
                 if state.packets.is_empty() && state.packets.capacity() > SHRINK_ABOVE {
                     // A burst that filled the queue does not keep its room for the socket's life.
                     state.packets = VecDeque::new();
@@ -180,11 +211,11 @@ impl Queue {
     /// Gives back a reserved place, with or without `packets` for it.
     fn release(&self, packets: Option<Queued>) {
         let mut state = self.state();
-        let was_full = state.is_full(self.capacity);
+        let was_full = state.is_full(self.capacity, self.byte_capacity);
         state.reserved -= 1;
         let pushed = match packets {
             Some(packets) if !state.closed => {
-                state.packets.push_back(packets);
+                state.push(packets);
                 true
             }
             _ => false,
@@ -365,6 +396,22 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_queue_holding_its_bytes_refuses_until_they_are_read() {
+        let queue = Queue::with_byte_limit(128, 10);
+        let mut rx = reader();
+        queue.try_send(packet("123456")).unwrap();
+        // Under the limit: taken, though it goes past it.
+        queue.try_send(packet("789012")).unwrap();
+        assert!(matches!(queue.try_send(packet("x")), Err(TrySendError::Full(_))));
+        assert!(matches!(queue.try_reserve(), Err(TrySendError::Full(()))));
+        assert_eq!(text(&queue.recv(&mut rx).await.unwrap()), "123456");
+        queue.try_send(packet("x")).unwrap();
+        assert_eq!(text(&queue.recv(&mut rx).await.unwrap()), "789012");
+        assert_eq!(text(&queue.recv(&mut rx).await.unwrap()), "x");
+        assert_eq!(queue.state().bytes, 0);
     }
 
     #[test]

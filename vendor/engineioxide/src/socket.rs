@@ -306,7 +306,7 @@ where
             upgrading: AtomicBool::new(false),
 
             internal_rx: Mutex::new(InternalRx::default()),
-            queue: Queue::new(config.max_buffer_size),
+            queue: Queue::with_byte_limit(config.max_buffer_size, config.max_buffer_bytes),
 
             volatile: VolatileSlot::default(),
 
