@@ -52,6 +52,9 @@ cleanup() {
   rm -rf "$run_dir"
 }
 trap cleanup EXIT
+# Every client of the suite comes from 127.0.0.1: one address for all of them. The per-address
+# bounds are tested on gateways of their own (tests/e2e/adversarial.test.mjs).
+export CHATIFY_LIMITS__HTTP_HISTORY_PER_SECOND=1000 CHATIFY_LIMITS__HTTP_HISTORY_BURST=1000
 deploy/local/up.sh
 
 step "Rust unit and integration tests"

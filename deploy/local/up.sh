@@ -66,16 +66,17 @@ component_ports() {
   esac
 }
 
-# `env` arguments for both binaries: first `-u` for each of the caller's CHATIFY_* variables
-# that belong to this script (ports, the run dir: names without "__"), which the binaries would
+# `env` arguments for both binaries: first `-u` for each of this script's own variables (those
+# the run dir's env file holds, and the build and profiling switches), which the binaries would
 # report as unknown settings; then the settings common to both. The caller's other CHATIFY_*
-# variables (settings, and CHATIFY_CONFIG) are inherited as they are.
+# variables are inherited as they are (a misspelled setting among them is reported).
 # NO_COLOR: their output goes to a log file, not a terminal.
 binary_env() {
   local name
-  while read -r name; do
-    [[ $name == *__* || $name == CHATIFY_CONFIG ]] || printf '%s\0' -u "$name"
-  done < <(compgen -e CHATIFY_)
+  for name in $(sed -n 's/^export \(CHATIFY_[A-Z0-9_]*\)=.*/\1/p' "$CHATIFY_RUN_DIR/env") \
+    CHATIFY_BIN_DIR CHATIFY_SKIP_BUILD CHATIFY_HDB_NODE_OPTIONS CHATIFY_NATS_PROFILE_PORT; do
+    [[ $name == *__* ]] || printf '%s\0' -u "$name"
+  done
   printf '%s\0' \
     "CHATIFY_NATS__URL=nats://127.0.0.1:$CHATIFY_NATS_PORT" \
     "CHATIFY_HARPERDB__URL=http://127.0.0.1:$CHATIFY_HDB_PORT" \

@@ -43,10 +43,16 @@ pub enum UnknownKey {
 impl fmt::Display for UnknownKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Variable(name) => write!(
-                f,
-                "the environment variable {name} is not a Chatify setting and is ignored"
-            ),
+            Self::Variable(name) => {
+                write!(
+                    f,
+                    "the environment variable {name} is not a Chatify setting and is ignored"
+                )?;
+                match meant_variable(name) {
+                    Some(meant) => write!(f, " (did you mean {meant}?)"),
+                    None => Ok(()),
+                }
+            }
             Self::FileKey { file, key } => write!(
                 f,
                 "{key:?} in {} is not a Chatify setting and is ignored",
@@ -309,7 +315,7 @@ impl Default for Limits {
             connections_per_address: 256,
             trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
             presence_list_max: 500,
-            events_queued_per_socket: 32,
+            events_queued_per_socket: 64,
             answers_waiting_per_socket: 16,
             typing_per_second: 2,
             typing_burst: 5,
@@ -468,9 +474,12 @@ impl Settings {
                 "limits.typing_per_second, typing_burst, http_history_per_second and http_history_burst must be at least 1",
             );
         }
-        if l.events_queued_per_socket == 0 || l.answers_waiting_per_socket == 0 {
+        if l.answers_waiting_per_socket == 0 {
+            return invalid("limits.answers_waiting_per_socket must be at least 1");
+        }
+        if l.events_queued_per_socket <= l.message_burst as usize {
             return invalid(
-                "limits.events_queued_per_socket and answers_waiting_per_socket must be at least 1",
+                "limits.events_queued_per_socket must be above limits.message_burst (a burst of sends the rate limit allows must fit)",
             );
         }
         if let Some(bad) = l
@@ -555,6 +564,18 @@ fn leaf_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>
             out.insert(prefix.to_owned());
         }
     }
+}
+
+/// The setting a variable with one `_` where `__` belongs names (`CHATIFY_GATEWAY_PORT`).
+fn meant_variable(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("CHATIFY_")?;
+    let known = known_keys();
+    rest.match_indices('_').find_map(|(at, _)| {
+        let key = format!("{}.{}", &rest[..at], &rest[at + 1..]).to_ascii_lowercase();
+        known
+            .contains(&key)
+            .then(|| format!("CHATIFY_{}__{}", &rest[..at], &rest[at + 1..]))
+    })
 }
 
 /// The keys the file (if it exists) and the `CHATIFY_` variables name that are no settings.
@@ -859,12 +880,13 @@ mod tests {
             ]
         );
         assert!(
-            unknown[2]
-                .to_string()
-                .contains("CHATIFY_GATEWAY_PORT is not a Chatify setting"),
+            unknown[2].to_string().contains(
+                "CHATIFY_GATEWAY_PORT is not a Chatify setting and is ignored (did you mean CHATIFY_GATEWAY__PORT?)"
+            ),
             "{}",
             unknown[2]
         );
+        assert!(!unknown[3].to_string().contains("did you mean"), "{}", unknown[3]);
         // Every documented key is known, in the file and in the environment.
         let all: HashMap<String, String> = known_keys()
             .into_iter()

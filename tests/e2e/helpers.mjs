@@ -591,15 +591,18 @@ process.on("exit", () => {
   }
 });
 
+/** Variables of the scripts and the run dir (ports, URLs), not settings of the binaries. */
+const SCRIPT_VARS = new Set([
+  ...Object.keys(ENV.fileVars).filter((k) => !k.includes("__")),
+  "CHATIFY_RUN_DIR", "CHATIFY_BIN_DIR", "CHATIFY_SKIP_BUILD",
+]);
+
 /**
- * The environment for a Chatify binary: `env` without the CHATIFY_* variables of the scripts and
- * the run dir (ports, URLs: names without "__"), which the binaries would warn about as unknown
- * settings, and without unset (undefined) entries.
+ * The environment for a Chatify binary: `env` without the scripts' and the run dir's variables,
+ * which the binaries would warn about as unknown settings, and without unset (undefined) entries.
  */
 export function binaryEnv(env) {
-  return Object.fromEntries(
-    Object.entries(env).filter(([k, v]) => v !== undefined && (!k.startsWith("CHATIFY_") || k.includes("__") || k === "CHATIFY_CONFIG")),
-  );
+  return Object.fromEntries(Object.entries(env).filter(([k, v]) => v !== undefined && !SCRIPT_VARS.has(k)));
 }
 
 /** Spawns a long-running process with output in a log file. Returns a handle with stop(). */
