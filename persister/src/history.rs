@@ -100,7 +100,9 @@ async fn answer(sources: &Sources, payload: &[u8]) -> Result<Bytes, service::err
             uncached(sources, &query).await?
         }
     };
-    metrics::gauge!(crate::metrics::HISTORY_CACHE_BYTES).set(sources.recent.size().1 as f64);
+    let (rooms, bytes) = sources.recent.size();
+    metrics::gauge!(crate::metrics::HISTORY_CACHE_ROOMS).set(rooms as f64);
+    metrics::gauge!(crate::metrics::HISTORY_CACHE_BYTES).set(bytes as f64);
     serde_json::to_vec(&page)
         .map(Bytes::from)
         .map_err(|e| service::error::Error {

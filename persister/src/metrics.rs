@@ -13,6 +13,7 @@ pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages"
 pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
 pub const HISTORY_CACHE: &str = "chatify_persister_history_cache_total";
 pub const HISTORY_CACHE_BYTES: &str = "chatify_persister_history_cache_bytes";
+pub const HISTORY_CACHE_ROOMS: &str = "chatify_persister_history_cache_rooms";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
@@ -49,6 +50,10 @@ pub fn describe() {
     describe_counter!(
         HISTORY_CACHE,
         "History queries by where their answer came from: hit (recent messages in memory) or miss (HarperDB)"
+    );
+    describe_gauge!(
+        HISTORY_CACHE_ROOMS,
+        "Rooms whose recent messages the history service keeps in memory (empty rooms included)"
     );
     describe_gauge!(
         HISTORY_CACHE_BYTES,
