@@ -2,6 +2,8 @@
 //! needs `auth: { token }`, an HS256 token with `sub`, `name` and `exp` (and `aud` when one is
 //! configured). The display name then comes from the token, never from the client's payload.
 
+use std::sync::Arc;
+
 use chatify_shared::config::{AuthSettings, Limits};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
@@ -16,6 +18,11 @@ pub struct Identity {
     pub name: String,
     /// Expiry, seconds since the epoch: the connection ends then (see [`crate::expiry`]).
     pub expires_at: u64,
+    /// The token's `rooms` claim: the rooms (exact names, or prefixes ending in `*`) the user
+    /// may use under the `token` access policy; none without the claim.
+    pub rooms: Arc<[String]>,
+    /// Whether the token's `roles` claim holds `"moderator"`.
+    pub moderator: bool,
 }
 
 /// Why a connection was refused; the text is what the client's `connect_error` shows.
@@ -39,12 +46,21 @@ pub enum AuthError {
 
 /// Longest accepted `sub`: it is shown to other members as the user's id.
 const SUB_MAX_BYTES: usize = 256;
+/// Most entries of a token's `rooms` claim, and the longest entry: a connection keeps them.
+const ROOMS_CLAIM_MAX: usize = 1000;
+const ROOM_PATTERN_MAX_BYTES: usize = 1024;
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
     name: String,
     exp: u64,
+    /// The rooms the user may use under the `token` access policy.
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
+    /// `"moderator"` among them lets the user delete others' messages.
+    #[serde(default)]
+    roles: Vec<String>,
 }
 
 /// Checks tokens against the configured secret.
@@ -112,10 +128,18 @@ impl Authenticator {
                 "sub claim must be 1..={SUB_MAX_BYTES} bytes"
             )));
         }
+        let rooms = claims.rooms.unwrap_or_default();
+        if rooms.len() > ROOMS_CLAIM_MAX || rooms.iter().any(|r| r.len() > ROOM_PATTERN_MAX_BYTES) {
+            return Err(AuthError::Invalid(format!(
+                "rooms claim: at most {ROOMS_CLAIM_MAX} entries of at most {ROOM_PATTERN_MAX_BYTES} bytes"
+            )));
+        }
         Ok(Identity {
             user_id: claims.sub,
             name,
             expires_at: claims.exp,
+            rooms: rooms.into(),
+            moderator: claims.roles.iter().any(|r| r == "moderator"),
         })
     }
 }

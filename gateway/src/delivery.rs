@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use chatify_shared::subjects::{RoomEventKind, room_event_kind};
 use chatify_shared::wire::{
-    ChatMessage, Notice, PresenceDelta, RoomPresence, StoredMessage, Typing, TypingEvent,
+    ChatMessage, DirectMessage, Notice, PresenceDelta, RoomPresence, StoredMessage, Typing,
+    TypingEvent,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -76,6 +77,17 @@ impl Delivery {
         if let Some(to) = to {
             log_emit(event, to.emit(event, data).await);
         }
+    }
+
+    /// `dm` to the sockets of a user's room that are not in the notification's room.
+    pub async fn dm(&self, user_room: &str, dm: &DirectMessage) {
+        let Some(namespace) = self.io.get().and_then(|io| io.of("/")) else {
+            return;
+        };
+        let to = namespace.to(user_room.to_owned()).except(dm.room.clone());
+        let sockets = to.clone().sockets().len();
+        metrics::counter!(m::DIRECT_MESSAGES).increment(sockets as u64);
+        log_emit("dm", to.emit("dm", dm).await);
     }
 
     /// A `ChatBot` notice to the room's local sockets, but `except`.

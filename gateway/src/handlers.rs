@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use chatify_shared::id::now_millis;
 use chatify_shared::wire::{
-    ChatMessage, ErrorCode, JOIN_HISTORY_LEN, Member, Notice, SINCE_HISTORY_MAX, StoredMessage,
-    Typing, TypingEvent,
+    Author, ChatMessage, DirectMessage, ErrorCode, JOIN_HISTORY_LEN, Member, Notice,
+    SINCE_HISTORY_MAX, StoredMessage, Typing, TypingEvent,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -18,8 +18,10 @@ use socketioxide::socket::DisconnectReason;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::access::{Action, Who};
 use crate::auth::AuthError;
 use crate::bus::{Stored, dedup_key};
+use crate::dm;
 use crate::error::{ChatError, Empty, reply};
 use crate::history;
 use crate::metrics as m;
@@ -53,8 +55,8 @@ pub async fn accept(
         None => None,
     };
     let session = Arc::new(Session::new(identity, &app.limits));
-    if session.identity.is_some() {
-        app.expiry.watch(s.id, None, session.expires_at());
+    if let Some(identity) = &session.identity {
+        app.users.arrived(&app.rooms, &s, &identity.user_id);
     }
     s.extensions.insert(session);
     s.on("join_room", join_room);
@@ -63,14 +65,39 @@ pub async fn accept(
     s.on("get_history", get_history);
     s.on("typing", typing);
     s.on("refresh_token", refresh_token);
+    s.on("open_dm", open_dm);
     s.on_disconnect(on_disconnect);
     Ok(())
 }
 
-pub async fn on_connect(s: SocketRef) {
+/// Runs once the socket is in the namespace (after [`accept`]).
+pub async fn on_connect(s: SocketRef, State(app): State<App>) {
     metrics::counter!(m::CONNECTIONS).increment(1);
     metrics::gauge!(m::CONNECTED_SOCKETS).increment(1);
     tracing::debug!(socket_id = %s.id, "connected");
+    // Watched from here, not from `accept`: an expiry due at once (a token accepted within
+    // the clock leeway) must find the socket to disconnect.
+    if let Some(session) = s.extensions.get::<Arc<Session>>()
+        && session.identity.is_some()
+    {
+        app.expiry.watch(s.id, None, session.expires_at());
+    }
+}
+
+/// The one access check of every path into a room, for this connection.
+async fn allowed(
+    app: &App,
+    session: &Session,
+    room: &str,
+    action: Action,
+) -> Result<(), ChatError> {
+    let grants = session.grants();
+    let who = session.identity.as_ref().map(|identity| Who {
+        user_id: &identity.user_id,
+        username: &identity.name,
+        grants: &grants,
+    });
+    app.access.check(who, room, action).await
 }
 
 /// Runs one event in its turn: decode, check auth expiry, `work`, answer.
@@ -154,6 +181,7 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                     .ok_or_else(|| ChatError::invalid("username is required"))?,
             };
             let room = request.room;
+            allowed(&app, &session, &room, Action::Join).await?;
             let already_in = session.rooms.username_in(&room).is_some();
             if !already_in && session.rooms.count() >= app.limits.rooms_per_socket {
                 return Err(ChatError::new(
@@ -230,6 +258,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
             .rooms
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+        allowed(&app, &session, &request.room, Action::Send).await?;
         if !session.allow_send() {
             metrics::counter!(m::RATE_LIMITED, "event" => "send_message").increment(1);
             return Err(ChatError::new(
@@ -261,6 +290,19 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
             Stored::New(message) => {
                 metrics::counter!(m::MESSAGES_RECEIVED).increment(1);
                 tracing::debug!(%socket_id, message_id = %message.id, room = %message.room, "message stored");
+                if let (Some((a, b)), Some(identity)) =
+                    (dm::participants(&message.room), &session.identity)
+                {
+                    let notice = DirectMessage {
+                        room: message.room.clone(),
+                        from: Author {
+                            user_id: identity.user_id.clone(),
+                            username: message.username.clone(),
+                        },
+                        message: message.clone(),
+                    };
+                    app.users.notify((&a, &b), &notice).await;
+                }
                 Sent {
                     id: message.id,
                     created_time: message.created_time,
@@ -302,8 +344,9 @@ async fn get_history(s: SocketRef, State(app): State<App>, event: Ordered) {
         s,
         event,
         "get_history",
-        |_session, v| async move {
+        |session, v| async move {
             let request = payload::history(&v, &app.limits)?;
+            allowed(&app, &session, &request.room, Action::History).await?;
             history::page(&app.bus, request).await
         },
     )
@@ -318,6 +361,7 @@ async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
             .rooms
             .username_in(&request.room)
             .ok_or_else(|| ChatError::not_in_room(&request.room))?;
+        allowed(&app, &session, &request.room, Action::Typing).await?;
         if !session.allow_typing() {
             metrics::counter!(m::RATE_LIMITED, "event" => "typing").increment(1);
             return Err(ChatError::new(
@@ -339,6 +383,32 @@ async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
             })
             .await?;
         Ok(Empty {})
+    })
+    .await;
+}
+
+#[derive(Serialize)]
+struct DmRoom {
+    /// The private room of the two users.
+    room: String,
+}
+
+/// `open_dm { userId }`: the direct-message room of this user and `userId`.
+async fn open_dm(s: SocketRef, State(app): State<App>, event: Ordered) {
+    run(app.clone(), s, event, "open_dm", |session, v| async move {
+        let Some(identity) = &session.identity else {
+            return Err(ChatError::new(
+                ErrorCode::Forbidden,
+                "direct messages need auth, which is off on this server",
+            ));
+        };
+        let other = payload::open_dm(&v)?;
+        if other == identity.user_id {
+            return Err(ChatError::invalid("a direct message needs another user"));
+        }
+        Ok(DmRoom {
+            room: dm::room_of(&identity.user_id, &other),
+        })
     })
     .await;
 }
@@ -374,7 +444,7 @@ async fn refresh_token(s: SocketRef, State(app): State<App>, event: Ordered) {
                     "the token is for another user",
                 ));
             }
-            let previous = session.extend(fresh.expires_at);
+            let previous = session.refresh(&fresh);
             app.expiry.watch(sid, Some(previous), fresh.expires_at);
             Ok(Refreshed {
                 expires_at: fresh.expires_at,
@@ -391,8 +461,9 @@ async fn on_disconnect(s: SocketRef, State(app): State<App>, reason: DisconnectR
     let Some(session) = s.extensions.get::<Arc<Session>>() else {
         return;
     };
-    if session.identity.is_some() {
+    if let Some(identity) = &session.identity {
         app.expiry.forget(s.id, session.expires_at());
+        app.users.left(&identity.user_id);
     }
     let _turn = session.sequencer.ticket().turn().await;
     app.rooms

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use futures::StreamExt;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, OriginalUri, Path, Query, Request, State};
@@ -20,10 +21,12 @@ use socketioxide::layer::SocketIoLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::access::{Action, Who};
 use crate::address_limit::AddressLimit;
 use crate::error::ChatError;
 use crate::history;
 use crate::payload;
+use crate::session::Grants;
 use crate::state::App;
 
 /// What the HTTP handlers read.
@@ -93,6 +96,22 @@ async fn check_origin(State(origins): State<Origins>, request: Request, next: Ne
     (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
 }
 
+/// Counts the request bodies that the body-read timeout cut off (the timeout's error surfaces
+/// as a failed read of the body, which Engine.IO answers 400).
+async fn count_body_timeouts(request: Request) -> Request {
+    let (parts, body) = request.into_parts();
+    let body = body.into_data_stream().map(|chunk| {
+        chunk.inspect_err(|e| {
+            let timed_out = std::error::Error::source(e)
+                .is_some_and(|s| s.is::<tower_http::timeout::TimeoutError>());
+            if timed_out {
+                metrics::counter!(crate::metrics::HTTP_TIMEOUTS, "phase" => "body").increment(1);
+            }
+        })
+    });
+    Request::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
 /// Copies the request's URI and header values out of hyper's read buffer before Socket.IO sees
 /// the request. hyper hands them out as slices of that buffer (8–16 KiB per connection), and
 /// engineioxide keeps each session's request for the life of the connection, so without the copy
@@ -138,6 +157,7 @@ pub fn router(
             connections,
             crate::connections::count_handshakes,
         ))
+        .layer(middleware::map_request(count_body_timeouts))
         .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
         .layer(middleware::map_request(detach_request_head))
         .layer(origins.cors())
@@ -183,6 +203,33 @@ async fn room_messages(
             params.get("limit").map(String::as_str),
             &state.app.limits,
         )?;
+        // The same check as the socket's get_history: with auth, the bearer token's user.
+        let identity = match &state.app.auth {
+            Some(authenticator) => {
+                let token = bearer(&headers).ok_or_else(|| {
+                    ChatError::new(
+                        ErrorCode::Unauthorized,
+                        "authentication required: send Authorization: Bearer <token>",
+                    )
+                })?;
+                let identity = authenticator
+                    .verify_token(token, &state.app.limits)
+                    .map_err(|e| ChatError::new(ErrorCode::Unauthorized, e.to_string()))?;
+                Some(identity)
+            }
+            None => None,
+        };
+        let grants = identity.as_ref().map(Grants::from).unwrap_or_default();
+        let who = identity.as_ref().map(|identity| Who {
+            user_id: &identity.user_id,
+            username: &identity.name,
+            grants: &grants,
+        });
+        state
+            .app
+            .access
+            .check(who, &request.room, Action::History)
+            .await?;
         history::page(&state.app.bus, request).await
     }
     .await;
@@ -193,10 +240,23 @@ async fn room_messages(
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 fn error_response(e: &ChatError) -> Response {
     let status = match e.code {
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::BAD_REQUEST,

@@ -2,12 +2,14 @@
 //! messages in NATS JetStream, and fans them out to its own sockets in each room; every other
 //! gateway with members in the room does the same, so no chat state lives only here.
 
+pub mod access;
 pub mod address_limit;
 pub mod answer;
 pub mod auth;
 pub mod bus;
 pub mod connections;
 pub mod delivery;
+pub mod dm;
 pub mod error;
 pub mod expiry;
 pub mod handlers;
@@ -25,3 +27,4 @@ pub mod startup;
 pub mod state;
 pub mod tcp;
 pub mod turns;
+pub mod users;

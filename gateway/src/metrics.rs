@@ -24,6 +24,9 @@ pub const ANSWERS_DELAYED: &str = "chatify_gateway_answers_delayed_total";
 pub const TOKEN_EXPIRIES: &str = "chatify_gateway_token_expiries_total";
 pub const SLOW_CLIENT_DISCONNECTS: &str = "chatify_gateway_slow_client_disconnects_total";
 pub const HTTP_TIMEOUTS: &str = "chatify_gateway_http_timeouts_total";
+pub const ACCESS_REFUSALS: &str = "chatify_gateway_access_refusals_total";
+pub const ACCESS_WEBHOOK_CALLS: &str = "chatify_gateway_access_webhook_total";
+pub const DIRECT_MESSAGES: &str = "chatify_gateway_direct_message_notifications_total";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
@@ -47,7 +50,7 @@ pub fn describe() {
     describe_counter!(JOINS, "Successful joins");
     describe_counter!(
         RATE_LIMITED,
-        "Events refused by a per-socket rate limit, by event"
+        "Events refused rate_limited, by event: a connection's rate limits and its full event queue, and (event http_history) the HTTP history route's limit per client address"
     );
     describe_gauge!(
         ROOMS,
@@ -100,8 +103,20 @@ pub fn describe() {
         "Acks and error events that found the socket's outgoing queue full and waited for room"
     );
     describe_counter!(
+        ACCESS_REFUSALS,
+        "Actions refused as forbidden by the room access check, by action"
+    );
+    describe_counter!(
+        ACCESS_WEBHOOK_CALLS,
+        "Access webhook checks by outcome: allowed, denied (the endpoint answered), reused (a kept answer), error (no answer: unavailable)"
+    );
+    describe_counter!(
+        DIRECT_MESSAGES,
+        "dm notifications emitted to connections not in the direct-message room"
+    );
+    describe_counter!(
         HTTP_TIMEOUTS,
-        "HTTP connections closed for sending a request's headers too slowly, or idling too long between requests"
+        "HTTP requests cut off by a timeout, by phase: headers (sent too slowly, or a kept-alive connection idle too long; the connection is closed) or body (sent too slowly; 400)"
     );
     describe_counter!(
         SLOW_CLIENT_DISCONNECTS,

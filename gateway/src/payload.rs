@@ -6,6 +6,7 @@ use chatify_shared::wire::{CHAT_BOT, ErrorCode, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_M
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::dm;
 use crate::error::ChatError;
 
 /// `join_room { username, room, since? }` or the original `{ userName, userRoom }`.
@@ -111,8 +112,16 @@ fn is_reserved(name: &str) -> bool {
     visible.trim().to_lowercase() == CHAT_BOT.to_lowercase()
 }
 
+/// A room name; one in the reserved name space of direct messages may be longer (it holds two
+/// user ids; the access check decides whether it is a room of the asking user).
 pub fn room(o: &Map<String, Value>, names: &[&str], limits: &Limits) -> Result<String, ChatError> {
-    checked_name("room", required_string(o, names)?, limits.room_max_chars)
+    let value = required_string(o, names)?;
+    let max = if dm::is_dm(value) {
+        dm::NAME_MAX_CHARS
+    } else {
+        limits.room_max_chars
+    };
+    checked_name("room", value, max)
 }
 
 pub fn username(value: &str, limits: &Limits) -> Result<String, ChatError> {
@@ -233,6 +242,21 @@ pub fn history_query(
         o.insert("limit".into(), Value::from(n));
     }
     history(&Value::Object(o), limits)
+}
+
+/// Longest accepted user id (as the token's `sub`).
+const USER_ID_MAX_BYTES: usize = 256;
+
+/// `open_dm { userId }`.
+pub fn open_dm(v: &Value) -> Result<String, ChatError> {
+    let o = object(v, "open_dm", "{ userId }")?;
+    let user_id = required_string(o, &["userId"])?;
+    if user_id.is_empty() || user_id.len() > USER_ID_MAX_BYTES {
+        return Err(ChatError::invalid(format!(
+            "userId must be 1..={USER_ID_MAX_BYTES} bytes"
+        )));
+    }
+    Ok(user_id.to_owned())
 }
 
 /// Longest accepted token text.

@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use chatify_shared::config::Limits;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -31,6 +31,9 @@ pub struct Session {
     /// When the connection's token expires (seconds since the epoch; never without auth):
     /// the connect token's, or a refreshed one's.
     expires_at: AtomicU64,
+    /// What the current token grants (its `rooms` and `roles` claims): the connect token's, or
+    /// a refreshed one's.
+    grants: Mutex<Grants>,
     /// Rooms joined, with the name used in each; changed only through [`crate::registry`].
     pub rooms: SocketRooms,
     /// `send_message` rate limit.
@@ -57,11 +60,13 @@ impl Session {
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
         let expires_at = identity.as_ref().map_or(u64::MAX, |i| i.expires_at);
+        let grants = identity.as_ref().map(Grants::from).unwrap_or_default();
         Self {
             sequencer: Arc::new(Sequencer::default()),
             identity,
             member_id,
             expires_at: AtomicU64::new(expires_at),
+            grants: Mutex::new(grants),
             rooms: SocketRooms::default(),
             sends: RateLimiter::direct(quota(limits.messages_per_second, limits.message_burst)),
             joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),
@@ -77,9 +82,18 @@ impl Session {
         self.expires_at.load(Ordering::Relaxed)
     }
 
-    /// Extends the connection's life to a refreshed token's expiry; returns the one before.
-    pub fn extend(&self, expires_at: u64) -> u64 {
-        self.expires_at.swap(expires_at, Ordering::Relaxed)
+    /// Takes a refreshed token: its expiry and grants from now on; returns the expiry before.
+    pub fn refresh(&self, fresh: &Identity) -> u64 {
+        *self.grants.lock().unwrap_or_else(PoisonError::into_inner) = Grants::from(fresh);
+        self.expires_at.swap(fresh.expires_at, Ordering::Relaxed)
+    }
+
+    /// What the current token grants.
+    pub fn grants(&self) -> Grants {
+        self.grants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether the connection's token has expired.
@@ -111,6 +125,24 @@ impl Session {
             return None;
         }
         Some(WaitingAnswer(self.clone()))
+    }
+}
+
+/// What a connection's token grants.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    /// The `rooms` claim (the `token` access policy).
+    pub rooms: Arc<[String]>,
+    /// The `roles` claim holds `"moderator"`.
+    pub moderator: bool,
+}
+
+impl From<&Identity> for Grants {
+    fn from(identity: &Identity) -> Self {
+        Self {
+            rooms: identity.rooms.clone(),
+            moderator: identity.moderator,
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use socketioxide::handler::ConnectHandler;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Access, AccessError};
 use crate::address_limit::AddressLimit;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
@@ -26,11 +27,14 @@ use crate::presence::Presence;
 use crate::registry::Rooms;
 use crate::state::{App, AppInner};
 use crate::tcp;
+use crate::users::Users;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -93,6 +97,8 @@ impl Application {
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
             expiry: Arc::default(),
+            access: Access::from_settings(&settings.access)?,
+            users: Users::new(nats.clone()),
             lifecycle: Lifecycle::default(),
             connections: Arc::new(ConnectionLimiter::new(
                 settings.limits.connections_per_address,

@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use chatify_shared::config::Limits;
 
+use crate::access::Access;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
 use crate::expiry::Expiry;
 use crate::lifecycle::Lifecycle;
 use crate::registry::Rooms;
+use crate::users::Users;
 
 /// Shared gateway state; cheap to clone.
 #[derive(Clone)]
@@ -27,6 +29,10 @@ pub struct AppInner {
     pub auth: Option<Authenticator>,
     /// Disconnects connections whose tokens expire.
     pub expiry: Arc<Expiry>,
+    /// Who may use which room.
+    pub access: Access,
+    /// Users with connections here, for `dm` notifications.
+    pub users: Users,
     /// The per-address connection cap.
     pub connections: Arc<ConnectionLimiter>,
     /// Refuses new events and tracks running ones during shutdown.

@@ -136,3 +136,56 @@ async fn history_route_refuses_bad_input_and_reports_unavailable() -> TestResult
     assert!(started.elapsed() < Duration::from_secs(3));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_body_that_stops_coming_is_cut_off_and_counted() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = support::spawn_app_with(|s| s.gateway.body_read_timeout_ms = 300).await?;
+    let counted = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("chatify_gateway_http_timeouts_total{phase=\"body\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = counted(
+        &app.http
+            .get(app.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?,
+    );
+    let open = app
+        .http
+        .get(app.url("/socket.io/?EIO=4&transport=polling"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let sid = serde_json::from_str::<Value>(open.trim_start_matches('0'))?["sid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await?;
+    let head = format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n0123456789"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    let after = counted(
+        &app.http
+            .get(app.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?,
+    );
+    assert!(
+        after > before,
+        "the cut-off body was not counted ({before} -> {after})"
+    );
+    Ok(())
+}

@@ -20,7 +20,7 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         HTTP_TIMEOUTS,
-        "HTTP connections closed for sending a request's headers too slowly, or idling too long between requests"
+        "HTTP connections closed by a timeout, by phase: headers (sent too slowly, or a kept-alive connection idle too long)"
     );
     describe_counter!(
         MESSAGES_STORED,

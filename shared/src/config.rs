@@ -81,6 +81,7 @@ pub struct Settings {
     pub limits: Limits,
     pub cors: CorsSettings,
     pub auth: AuthSettings,
+    pub access: AccessSettings,
     pub log: LogSettings,
 }
 
@@ -361,6 +362,54 @@ impl AuthSettings {
     }
 }
 
+/// Which rooms an authenticated user may use (without auth every room is open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessPolicy {
+    /// Every authenticated user may use every room.
+    #[default]
+    Open,
+    /// The token's `rooms` claim lists the rooms: exact names, or prefixes ending in `*`.
+    Token,
+    /// The operator's HTTP endpoint decides (see [`AccessSettings::webhook_url`]).
+    Webhook,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AccessSettings {
+    pub policy: AccessPolicy,
+    /// With the webhook policy: where `POST { userId, username, room, action }` goes; 2xx allows,
+    /// 403 denies, anything else (or no answer in time) answers `unavailable`.
+    pub webhook_url: String,
+    /// Sent to the webhook as `Authorization: Bearer <secret>`, when set.
+    #[serde(serialize_with = "redacted_option")]
+    pub webhook_secret: Option<SecretString>,
+    /// How long one webhook call may take.
+    pub webhook_timeout_ms: u64,
+    /// How long an answer (allow or deny) is reused.
+    pub webhook_cache_ms: u64,
+    /// Most answers kept (least recently used go first).
+    pub webhook_cache_entries: usize,
+    /// Most webhook calls in flight at once per gateway; a check waiting longer than the timeout
+    /// for its turn answers `unavailable`.
+    pub webhook_concurrency: usize,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        Self {
+            policy: AccessPolicy::Open,
+            webhook_url: String::new(),
+            webhook_secret: None,
+            webhook_timeout_ms: 2000,
+            webhook_cache_ms: 60_000,
+            webhook_cache_entries: 100_000,
+            webhook_concurrency: 32,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -523,6 +572,20 @@ impl Settings {
             return invalid(
                 "gateway.gateway_timeout_ms must be longer than gateway.heartbeat_interval_ms",
             );
+        }
+        let a = &self.access;
+        if a.policy == AccessPolicy::Webhook && !a.webhook_url.starts_with("http") {
+            return invalid(
+                "access.webhook_url must be an http(s) URL with access.policy = webhook",
+            );
+        }
+        if a.policy != AccessPolicy::Open && self.auth.secret().is_none() {
+            return invalid(
+                "access.policy token and webhook need auth (auth.jwt_secret): without it every room is open",
+            );
+        }
+        if a.webhook_timeout_ms == 0 || a.webhook_concurrency == 0 {
+            return invalid("access.webhook_timeout_ms and webhook_concurrency must be at least 1");
         }
         if self
             .cors
@@ -886,7 +949,11 @@ mod tests {
             "{}",
             unknown[2]
         );
-        assert!(!unknown[3].to_string().contains("did you mean"), "{}", unknown[3]);
+        assert!(
+            !unknown[3].to_string().contains("did you mean"),
+            "{}",
+            unknown[3]
+        );
         // Every documented key is known, in the file and in the environment.
         let all: HashMap<String, String> = known_keys()
             .into_iter()

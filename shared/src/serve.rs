@@ -80,7 +80,7 @@ pub async fn serve(
             };
             if let Err(e) = result {
                 if e.is_timeout() {
-                    metrics::counter!(limits.timeouts_metric).increment(1);
+                    metrics::counter!(limits.timeouts_metric, "phase" => "headers").increment(1);
                 }
                 tracing::trace!(%peer, error = %e, "connection ended with an error");
             }

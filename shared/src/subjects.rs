@@ -42,6 +42,11 @@ pub const GATEWAY_HEARTBEAT_SUBJECT: &str = "chatify.gateways.heartbeat";
 /// Core NATS subject on which a gateway says it declared another one dead (by its id), so a
 /// gateway that was only cut off re-announces its members.
 pub const GATEWAY_DEAD_SUBJECT: &str = "chatify.gateways.dead";
+/// A user id (any text: a token's `sub`) as one fixed-size subject token, as [`MemberToken`].
+pub fn user_dm_subject(user_id: &str) -> String {
+    format!("chatify.user.{}.dm", MemberToken::new(user_id).0)
+}
+
 /// Name of the NATS service that answers history queries.
 pub const HISTORY_SERVICE: &str = "chatify-history";
 /// Endpoint subject of the history service.
@@ -282,6 +287,10 @@ mod tests {
             format!("chatify.presence.YS5i.{gw}.{}", member.0)
         );
         assert_eq!(t.presence_record_filter(), "chatify.presence.YS5i.>");
+        assert_eq!(
+            user_dm_subject("auth0|user.with*dots>"),
+            format!("chatify.user.{}.dm", member.0)
+        );
         assert_eq!(
             presence_record_gateway(&t.presence_record_subject(&gw, &member)),
             Some(gw.clone())

@@ -98,6 +98,23 @@ pub struct Member {
     pub username: String,
 }
 
+/// `dm`: a new message in one of the user's direct-message rooms, to each of the user's
+/// connections that is not in that room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectMessage {
+    pub room: String,
+    pub from: Author,
+    pub message: ChatMessage,
+}
+
+/// Who wrote a message: the user's id and display name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Author {
+    pub user_id: String,
+    pub username: String,
+}
+
 /// `room_presence`: how many members a room has, sent instead of `chatroom_users` (and the
 /// join and leave notices) to the members of a room above `presence_list_max` members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +247,10 @@ pub enum ErrorCode {
     TooManyRooms,
     Unauthorized,
     Unavailable,
+    /// No access to the room, or not the author (v2).
+    Forbidden,
+    /// No such message in that room (v2).
+    NotFound,
 }
 
 impl ErrorCode {
@@ -242,6 +263,8 @@ impl ErrorCode {
             Self::TooManyRooms => "too_many_rooms",
             Self::Unauthorized => "unauthorized",
             Self::Unavailable => "unavailable",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
         }
     }
 
@@ -290,6 +313,8 @@ mod tests {
             ErrorCode::TooManyRooms,
             ErrorCode::Unauthorized,
             ErrorCode::Unavailable,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
         ] {
             assert_eq!(serde_json::to_value(code).ok(), Some(json!(code.as_str())));
         }
