@@ -233,7 +233,11 @@ function onReceive(m) {
 // Users and typing
 // ---------------------------------------------------------------------------------------------
 
-function renderUsers(users) {
+/**
+ * The member list, and the count: the list's length, or the room's count when the server lists
+ * only some members (a large room: a join ack lists some, `room_presence` only counts).
+ */
+function renderUsers(users, count = users?.length) {
   if (!Array.isArray(users)) return;
   const names = users.map((u) => String(u?.username ?? "")).filter(Boolean);
   names.sort((a, b) => a.localeCompare(b));
@@ -245,7 +249,13 @@ function renderUsers(users) {
       return li;
     }),
   );
-  el.usersCount.textContent = String(names.length);
+  el.usersCount.textContent = String(Number.isInteger(count) ? count : names.length);
+}
+
+/** `room_presence`: a room too large to list; only its count changes. */
+function onRoomPresence(p) {
+  if (p?.room !== state.room || !Number.isInteger(p.count)) return;
+  el.usersCount.textContent = String(p.count);
 }
 
 function renderTyping() {
@@ -392,7 +402,8 @@ function makeSocket() {
   });
   socket.on("receive_message", onReceive);
   socket.on("last_100_messages", (list) => addMessages(list)); // same list as the join ack's history
-  socket.on("chatroom_users", renderUsers);
+  socket.on("chatroom_users", (users) => renderUsers(users));
+  socket.on("room_presence", onRoomPresence);
   socket.on("typing", onTyping);
   socket.on("error", (err) => showError(`The server refused a request: ${describeError(err)}`));
   return socket;
@@ -419,7 +430,7 @@ async function joinRoom() {
     return;
   }
   state.joined = true;
-  renderUsers(res.users);
+  renderUsers(res.users, res.count);
   const history = Array.isArray(res.history) ? res.history : [];
   addMessages(history, { stick: !rejoin || nearBottom() });
   if (!rejoin) {
