@@ -59,15 +59,28 @@ impl Origins {
         }
     }
 
-    /// Requests without an `Origin` (non-browser clients) are allowed.
-    pub fn allows(&self, origin: Option<&HeaderValue>) -> bool {
-        match origin {
-            None => true,
-            Some(_) if self.any => true,
-            Some(o) => o
-                .to_str()
-                .is_ok_and(|o| self.list.iter().any(|allowed| allowed == o)),
+    /// Requests without an `Origin` (non-browser clients) are allowed, and so are same-origin
+    /// ones: an `Origin` naming the host (and port) the request was sent to, as its `Host` says.
+    pub fn allows(&self, origin: Option<&HeaderValue>, host: Option<&HeaderValue>) -> bool {
+        let Some(origin) = origin else {
+            return true;
+        };
+        if self.any {
+            return true;
         }
+        let Ok(origin) = origin.to_str() else {
+            return false;
+        };
+        let same_origin = host
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| !h.is_empty())
+            .is_some_and(|host| {
+                origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"))
+                    .is_some_and(|rest| rest.eq_ignore_ascii_case(host))
+            });
+        same_origin || self.list.iter().any(|allowed| allowed == origin)
     }
 
     fn cors(&self) -> CorsLayer {
@@ -89,7 +102,8 @@ impl Origins {
 }
 
 async fn check_origin(State(origins): State<Origins>, request: Request, next: Next) -> Response {
-    if origins.allows(request.headers().get(header::ORIGIN)) {
+    let headers = request.headers();
+    if origins.allows(headers.get(header::ORIGIN), headers.get(header::HOST)) {
         return next.run(request).await;
     }
     metrics::counter!(crate::metrics::ORIGIN_REFUSALS).increment(1);
@@ -279,16 +293,52 @@ mod tests {
                 "https://chat.example".into(),
             ],
         });
-        assert!(o.allows(None));
-        assert!(o.allows(Some(&HeaderValue::from_static("http://localhost:3000"))));
-        assert!(o.allows(Some(&HeaderValue::from_static("https://chat.example"))));
-        assert!(!o.allows(Some(&HeaderValue::from_static("http://localhost:3001"))));
-        assert!(!o.allows(Some(&HeaderValue::from_static("https://chat.example.evil"))));
-        assert!(!o.allows(Some(&HeaderValue::from_static("null"))));
+        assert!(o.allows(None, None));
+        assert!(o.allows(
+            Some(&HeaderValue::from_static("http://localhost:3000")),
+            None
+        ));
+        assert!(o.allows(
+            Some(&HeaderValue::from_static("https://chat.example")),
+            None
+        ));
+        assert!(!o.allows(
+            Some(&HeaderValue::from_static("http://localhost:3001")),
+            None
+        ));
+        assert!(!o.allows(
+            Some(&HeaderValue::from_static("https://chat.example.evil")),
+            None
+        ));
+        assert!(!o.allows(Some(&HeaderValue::from_static("null")), None));
         let any = Origins::new(&CorsSettings {
             allowed_origins: vec!["*".into()],
         });
-        assert!(any.allows(Some(&HeaderValue::from_static("https://anything"))));
+        assert!(any.allows(Some(&HeaderValue::from_static("https://anything")), None));
+        // Same-origin: the Origin names the Host the request went to.
+        let host = HeaderValue::from_static("chat.internal:4001");
+        for same in [
+            "http://chat.internal:4001",
+            "https://chat.internal:4001",
+            "http://CHAT.internal:4001",
+        ] {
+            assert!(
+                o.allows(Some(&HeaderValue::from_static(same)), Some(&host)),
+                "{same}"
+            );
+        }
+        for other in [
+            "http://chat.internal:4002",
+            "http://chat.internal",
+            "http://evil.example",
+            "chat.internal:4001",
+            "null",
+        ] {
+            assert!(
+                !o.allows(Some(&HeaderValue::from_static(other)), Some(&host)),
+                "{other}"
+            );
+        }
     }
 
     /// The request a session keeps must not share hyper's read buffer: after the copy, nothing
