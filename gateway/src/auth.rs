@@ -58,9 +58,9 @@ struct Claims {
     /// The rooms the user may use under the `token` access policy.
     #[serde(default)]
     rooms: Option<Vec<String>>,
-    /// `"moderator"` among them lets the user delete others' messages.
+    /// The user's roles (`"moderator"`).
     #[serde(default)]
-    roles: Vec<String>,
+    roles: Option<Vec<String>>,
 }
 
 /// Checks tokens against the configured secret.
@@ -139,7 +139,11 @@ impl Authenticator {
             name,
             expires_at: claims.exp,
             rooms: rooms.into(),
-            moderator: claims.roles.iter().any(|r| r == "moderator"),
+            moderator: claims
+                .roles
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r == "moderator"),
         })
     }
 }

@@ -39,8 +39,9 @@ pub fn participants(room: &str) -> Option<(String, String)> {
             .filter(|id| !id.is_empty())
     };
     let (a, b) = (decode(a)?, decode(b)?);
-    // Only the canonical name: the same two users must not get a second room.
-    (room_of(&a, &b) == room).then_some((a, b))
+    // Only the canonical name of two users: the same two must not get a second room, and a
+    // room of one user is no direct-message room.
+    (a != b && room_of(&a, &b) == room).then_some((a, b))
 }
 
 /// Whether `user_id` is one of the two users of `room`.
@@ -93,6 +94,11 @@ mod tests {
             assert!(is_dm(bad));
         }
         let longest = "x".repeat(256);
-        assert!(room_of(&longest, &longest).chars().count() <= NAME_MAX_CHARS);
+        assert!(room_of(&longest, &"y".repeat(256)).chars().count() <= NAME_MAX_CHARS);
+        assert_eq!(
+            participants(&room_of("ann", "ann")),
+            None,
+            "a room of one user"
+        );
     }
 }

@@ -181,7 +181,6 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                     .ok_or_else(|| ChatError::invalid("username is required"))?,
             };
             let room = request.room;
-            allowed(&app, &session, &room, Action::Join).await?;
             let already_in = session.rooms.username_in(&room).is_some();
             if !already_in && session.rooms.count() >= app.limits.rooms_per_socket {
                 return Err(ChatError::new(
@@ -203,6 +202,7 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                     ),
                 ));
             }
+            allowed(&app, &session, &room, Action::Join).await?;
             // Joined first, then history: nothing stored meanwhile is missed. Without history a
             // (re)joining client would silently miss messages, so a join whose history fails
             // is undone. Joining again gets one page at most, whatever its `since`.
@@ -346,6 +346,16 @@ async fn get_history(s: SocketRef, State(app): State<App>, event: Ordered) {
         "get_history",
         |session, v| async move {
             let request = payload::history(&v, &app.limits)?;
+            if !session.allow_history() {
+                metrics::counter!(m::RATE_LIMITED, "event" => "get_history").increment(1);
+                return Err(ChatError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many history requests: at most {} a second, with bursts of {}",
+                        app.limits.history_per_second, app.limits.history_burst
+                    ),
+                ));
+            }
             allowed(&app, &session, &request.room, Action::History).await?;
             history::page(&app.bus, request).await
         },
@@ -418,11 +428,14 @@ async fn open_dm(s: SocketRef, State(app): State<App>, event: Ordered) {
 struct Refreshed {
     /// The connection's new expiry, seconds since the epoch.
     expires_at: u64,
+    /// The rooms the new token no longer grants, which the connection left.
+    left_rooms: Vec<String>,
 }
 
 /// `refresh_token { token }`: a new token of the same user extends the connection's life.
 async fn refresh_token(s: SocketRef, State(app): State<App>, event: Ordered) {
     let sid = s.id;
+    let socket = s.clone();
     run(
         app.clone(),
         s,
@@ -446,8 +459,23 @@ async fn refresh_token(s: SocketRef, State(app): State<App>, event: Ordered) {
             }
             let previous = session.refresh(&fresh);
             app.expiry.watch(sid, Some(previous), fresh.expires_at);
+            // The new token's grants count for rooms already joined too: the connection leaves
+            // those it may no longer join (with the usual notice).
+            let mut left_rooms = Vec::new();
+            for room in session.rooms.names() {
+                match allowed(&app, &session, &room, Action::Join).await {
+                    Err(e) if e.code == ErrorCode::Forbidden => {
+                        app.rooms
+                            .leave(&socket, &session.rooms, &room, &session.member_id)
+                            .await?;
+                        left_rooms.push(room);
+                    }
+                    _ => {}
+                }
+            }
             Ok(Refreshed {
                 expires_at: fresh.expires_at,
+                left_rooms,
             })
         },
     )

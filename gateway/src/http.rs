@@ -154,6 +154,7 @@ pub fn router(
     socket_io: SocketIoLayer,
     origins: Origins,
     body_read_timeout: std::time::Duration,
+    forwarding: crate::forward::Forwarding,
 ) -> Router {
     let connections = state.app.connections.clone();
     Router::new()
@@ -167,6 +168,10 @@ pub fn router(
         .route("/api/rooms/{room}/messages", get(room_messages))
         .with_state(state)
         .layer(socket_io)
+        .layer(middleware::from_fn_with_state(
+            forwarding,
+            crate::forward::forward_foreign_sessions,
+        ))
         .layer(middleware::from_fn_with_state(
             connections,
             crate::connections::count_handshakes,
@@ -260,8 +265,9 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
 }
 

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod dm;
 pub mod error;
 pub mod expiry;
+pub mod forward;
 pub mod handlers;
 pub mod history;
 pub mod http;

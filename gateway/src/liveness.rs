@@ -61,6 +61,15 @@ impl Liveness {
         expired
     }
 
+    /// The live gateway whose session ids start like `sid` (see [`GatewayId::sid_prefix`]).
+    pub fn owner_of(&self, sid: &str) -> Option<GatewayId> {
+        let prefix = sid.get(..GatewayId::SID_PREFIX_LEN)?;
+        self.last_seen()
+            .keys()
+            .find(|g| g.sid_prefix() == prefix)
+            .cloned()
+    }
+
     /// Forgets how long ago other gateways were heard of: after this gateway's own NATS outage,
     /// their silence meant nothing.
     pub fn reset(&self) {

@@ -24,6 +24,7 @@ pub const ANSWERS_DELAYED: &str = "chatify_gateway_answers_delayed_total";
 pub const TOKEN_EXPIRIES: &str = "chatify_gateway_token_expiries_total";
 pub const SLOW_CLIENT_DISCONNECTS: &str = "chatify_gateway_slow_client_disconnects_total";
 pub const HTTP_TIMEOUTS: &str = "chatify_gateway_http_timeouts_total";
+pub const FORWARDED: &str = "chatify_gateway_forwarded_requests_total";
 pub const ACCESS_REFUSALS: &str = "chatify_gateway_access_refusals_total";
 pub const ACCESS_WEBHOOK_CALLS: &str = "chatify_gateway_access_webhook_total";
 pub const DIRECT_MESSAGES: &str = "chatify_gateway_direct_message_notifications_total";
@@ -101,6 +102,10 @@ pub fn describe() {
     describe_counter!(
         ANSWERS_DELAYED,
         "Acks and error events that found the socket's outgoing queue full and waited for room"
+    );
+    describe_counter!(
+        FORWARDED,
+        "Long-polling requests for sessions another gateway holds, by side: sent (forwarded there), failed (no answer: the client starts over), served (forwarded here)"
     );
     describe_counter!(
         ACCESS_REFUSALS,

@@ -47,6 +47,11 @@ impl SocketRooms {
         self.lock().len()
     }
 
+    /// The rooms, by name.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().iter().map(|(name, _)| name.clone()).collect()
+    }
+
     fn add(&self, room: &str, username: &str) {
         self.lock().push((room.to_owned(), username.to_owned()));
     }
@@ -153,7 +158,7 @@ pub struct Rooms {
     /// Presence records and announcements.
     presence: Presence,
     /// When the other gateways were last heard of.
-    pub liveness: Liveness,
+    pub liveness: Arc<Liveness>,
     /// Subscribes to rooms' subjects.
     nats: async_nats::Client,
     /// Rooms with at least one local member (or being joined).
@@ -165,7 +170,7 @@ pub struct Rooms {
 
 impl Rooms {
     pub fn new(nats: async_nats::Client, presence: Presence, list_max: usize) -> Self {
-        let liveness = Liveness::new(presence.gateway().clone());
+        let liveness = Arc::new(Liveness::new(presence.gateway().clone()));
         Self {
             delivery: Delivery::default(),
             presence,

@@ -42,6 +42,8 @@ pub struct Session {
     joins: DefaultDirectRateLimiter,
     /// `typing` rate limit.
     typings: DefaultDirectRateLimiter,
+    /// `get_history` rate limit.
+    histories: DefaultDirectRateLimiter,
     /// Most events received and not finished (`limits.events_queued_per_socket`).
     queued_max: usize,
     /// Answers waiting for room in the socket's outgoing queue, and the most allowed.
@@ -71,6 +73,7 @@ impl Session {
             sends: RateLimiter::direct(quota(limits.messages_per_second, limits.message_burst)),
             joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),
             typings: RateLimiter::direct(quota(limits.typing_per_second, limits.typing_burst)),
+            histories: RateLimiter::direct(quota(limits.history_per_second, limits.history_burst)),
             queued_max: limits.events_queued_per_socket,
             answers_waiting: AtomicUsize::new(0),
             answers_waiting_max: limits.answers_waiting_per_socket,
@@ -109,6 +112,11 @@ impl Session {
     /// Whether one more `join_room` fits the rate limit now.
     pub fn allow_join(&self) -> bool {
         self.joins.check().is_ok()
+    }
+
+    /// Whether one more `get_history` fits the rate limit now.
+    pub fn allow_history(&self) -> bool {
+        self.histories.check().is_ok()
     }
 
     /// Whether one more `typing` fits the rate limit now.

@@ -3,6 +3,7 @@
 //! the shutdown signal, then stops accepting, disconnects sockets (so every room hears that
 //! they left), finishes in-flight work and drains NATS, within the configured deadline.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use crate::address_limit::AddressLimit;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
+use crate::forward::Forwarding;
 use crate::handlers;
 use crate::http::{self, HttpState, Origins};
 use crate::lifecycle::Lifecycle;
@@ -55,8 +57,25 @@ const WS_READ_BUFFER_BYTES: usize = 512;
 /// run in parallel.
 const SOCKET_CLOSE_GRACE: Duration = Duration::from_millis(200);
 
+/// How much longer than a long poll a forwarded request may take (the hop and its queueing).
+const FORWARD_SLACK: Duration = Duration::from_secs(5);
+
+/// What the forwarded-request service answers for anything that is not Engine.IO.
+async fn not_found(_: axum::extract::Request) -> Result<axum::response::Response, Infallible> {
+    Ok(axum::response::IntoResponse::into_response(
+        axum::http::StatusCode::NOT_FOUND,
+    ))
+}
+
 pub struct Application {
     listener: TcpListener,
+    /// This gateway's Engine.IO service alone, for the requests other gateways forward here.
+    engine:
+        tower::util::BoxCloneService<axum::extract::Request, axum::response::Response, Infallible>,
+    /// Where they arrive.
+    gateway_id: GatewayId,
+    /// The largest forwarded body.
+    max_body: usize,
     router: axum::Router,
     io: SocketIo,
     app: App,
@@ -85,7 +104,10 @@ impl Application {
         let js = async_nats::jetstream::new(nats.clone());
         let messages = bus::ensure_messages_stream(&js, &settings.stream).await?;
         let presence = bus::ensure_presence_stream(&js, settings.stream.replicas).await?;
-        let presence = Presence::new(nats.clone(), js, presence, GatewayId::random());
+        let gateway_id = GatewayId::random();
+        // Every session id starts with this gateway's, so any gateway can tell where it lives.
+        engineioxide::config::set_default_sid_prefix(gateway_id.sid_prefix());
+        let presence = Presence::new(nats.clone(), js, presence, gateway_id.clone());
         let rooms = Arc::new(Rooms::new(
             nats.clone(),
             presence,
@@ -124,6 +146,20 @@ impl Application {
             .build_layer();
         io.ns("/", handlers::on_connect.with(handlers::accept));
         rooms.delivery.set_io(io.clone());
+        // The same Engine.IO service alone, for requests other gateways forward here.
+        let engine = tower::util::BoxCloneService::new(
+            tower::ServiceBuilder::new()
+                .map_response(|r: axum::http::Response<_>| r.map(axum::body::Body::new))
+                .service(tower::Layer::layer(&layer, tower::service_fn(not_found))),
+        );
+        let forwarding = Forwarding {
+            nats: nats.clone(),
+            me: gateway_id.clone(),
+            liveness: rooms.liveness.clone(),
+            timeout: Duration::from_millis(gw.ping_interval_ms + gw.ping_timeout_ms)
+                + FORWARD_SLACK,
+            max_body: max_ws,
+        };
 
         let router = http::router(
             HttpState {
@@ -138,10 +174,14 @@ impl Application {
             layer,
             Origins::new(&settings.cors),
             Duration::from_millis(gw.body_read_timeout_ms),
+            forwarding,
         );
         tracing::info!(gateway_id = %rooms.gateway(), name = %gw.name, auth = app.auth.is_some(), "gateway built");
         Ok(Self {
             listener,
+            engine,
+            gateway_id,
+            max_body: max_ws,
             router,
             io,
             app,
@@ -187,6 +227,13 @@ impl Application {
                 .clone()
                 .run(self.io.clone(), stop_accepting.child_token()),
         );
+        let forwarded = tokio::spawn(crate::forward::serve(
+            self.nats.clone(),
+            self.gateway_id.clone(),
+            self.engine.clone(),
+            self.max_body,
+            stop_accepting.child_token(),
+        ));
         let liveness = tokio::spawn(crate::liveness::run(
             self.nats.clone(),
             self.app.rooms.clone(),
@@ -211,6 +258,7 @@ impl Application {
             stop_accepting.cancel();
             let _ = liveness.await;
             let _ = expiry.await;
+            let _ = forwarded.await;
             // Events already running finish and answer; new ones are refused.
             self.app.lifecycle.stop();
             self.app.lifecycle.idle(deadline / 2).await;

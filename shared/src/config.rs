@@ -296,6 +296,9 @@ pub struct Limits {
     /// `typing` rate per socket, and the burst allowed above it.
     pub typing_per_second: u32,
     pub typing_burst: u32,
+    /// `get_history` rate per socket, and the burst allowed above it.
+    pub history_per_second: u32,
+    pub history_burst: u32,
     /// Requests to the HTTP history route per client address, and the burst above it.
     pub http_history_per_second: u32,
     pub http_history_burst: u32,
@@ -320,6 +323,8 @@ impl Default for Limits {
             answers_waiting_per_socket: 16,
             typing_per_second: 2,
             typing_burst: 5,
+            history_per_second: 10,
+            history_burst: 20,
             http_history_per_second: 5,
             http_history_burst: 20,
         }
@@ -516,11 +521,13 @@ impl Settings {
         }
         if l.typing_per_second == 0
             || l.typing_burst == 0
+            || l.history_per_second == 0
+            || l.history_burst == 0
             || l.http_history_per_second == 0
             || l.http_history_burst == 0
         {
             return invalid(
-                "limits.typing_per_second, typing_burst, http_history_per_second and http_history_burst must be at least 1",
+                "limits.typing_per_second, typing_burst, history_per_second, history_burst, http_history_per_second and http_history_burst must be at least 1",
             );
         }
         if l.answers_waiting_per_socket == 0 {

@@ -47,6 +47,12 @@ pub fn user_dm_subject(user_id: &str) -> String {
     format!("chatify.user.{}.dm", MemberToken::new(user_id).0)
 }
 
+/// Core NATS subject on which a gateway serves the Engine.IO requests other gateways received
+/// for its sessions (see the gateway's `forward`).
+pub fn gateway_http_subject(gateway: &GatewayId) -> String {
+    format!("chatify.gateways.{}.http", gateway.0)
+}
+
 /// Name of the NATS service that answers history queries.
 pub const HISTORY_SERVICE: &str = "chatify-history";
 /// Endpoint subject of the history service.
@@ -193,6 +199,16 @@ impl GatewayId {
     pub fn random() -> Self {
         Self(uuid::Uuid::new_v4().simple().to_string())
     }
+
+    /// What the Engine.IO session ids this gateway makes start with: the first
+    /// [`GatewayId::SID_PREFIX_LEN`] characters of its id.
+    pub fn sid_prefix(&self) -> &str {
+        &self.0[..Self::SID_PREFIX_LEN.min(self.0.len())]
+    }
+
+    /// Characters of a gateway's id that start its session ids (24 bits; the other 60 bits of
+    /// a session id stay random).
+    pub const SID_PREFIX_LEN: usize = 6;
 
     /// Parses an id received from another gateway; `None` unless it is a safe token.
     pub fn parse(s: &str) -> Option<Self> {

@@ -94,10 +94,17 @@ describe("policy token: the rooms claim", () => {
     const none = await connect(tokenA.url, authed(makeToken()), t);
     await failAck(none, "join_room", { room: general }, "forbidden", "no rooms claim");
 
-    // A refreshed token's claim counts from then on, for rooms already joined too.
-    await okAck(s, "refresh_token", { token: makeToken({ sub, rooms: [other] }) });
-    await failAck(s, "send_message", { room: general, message: "revoked" }, "forbidden", "send after the grant was taken back");
-    await failAck(s, "typing", { room: general, isTyping: true }, "forbidden", "typing after the grant was taken back");
+    // A refreshed token's claim counts from then on, for rooms already joined too: the
+    // connection leaves the rooms it lost, and hears nothing more from them.
+    const watcher = await connect(tokenB.url, authed(makeToken({ rooms: [general] })), t);
+    await okAck(watcher, "join_room", { room: general });
+    const refreshed = await okAck(s, "refresh_token", { token: makeToken({ sub, rooms: [other] }) });
+    assert.deepEqual(refreshed.leftRooms.slice().sort(), [general, `${team}design`].sort(), show(refreshed));
+    await failAck(s, "send_message", { room: general, message: "revoked" }, "not_in_room", "send after the grant was taken back");
+    await failAck(s, "join_room", { room: general }, "forbidden", "join after the grant was taken back");
+    const after = await send(watcher, general, "after the refresh");
+    await sleep(QUIET_MS);
+    assert.deepEqual(received(s, "receive_message", isMsgId(after.id)), [], "a room it lost is not delivered");
     await okAck(s, "join_room", { room: other });
   });
 

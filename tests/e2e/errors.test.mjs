@@ -214,3 +214,16 @@ describe("rate limit", () => {
     await stillWorks(s, room);
   });
 });
+
+describe("history rate limit", () => {
+  test("40 get_history at once: the burst of 20 is answered, the rest rate_limited; the connection stays", async (t) => {
+    const s = await connect(gw1Url(), { transports: ["websocket"] }, t);
+    const room = roomName("history-rate");
+    const acks = await Promise.all(Array.from({ length: 40 }, () => emitAck(s, "get_history", { room }, 10000)));
+    const ok = acks.filter((a) => a?.ok === true).length;
+    const limited = acks.filter((a) => a?.ok === false && a.error?.code === "rate_limited").length;
+    assert.equal(ok + limited, 40, show(acks.filter((a) => a?.ok !== true && a?.error?.code !== "rate_limited")));
+    assert.ok(ok >= 20 && ok <= 24, `answered ${ok}, expected the burst of 20 (+ a few refills)`);
+    assert.equal(s.connected, true);
+  });
+});

@@ -28,6 +28,9 @@ before(async () => {
     startGateway("e2e-hostile", {
       CHATIFY_LIMITS__HTTP_HISTORY_PER_SECOND: undefined,
       CHATIFY_LIMITS__HTTP_HISTORY_BURST: undefined,
+      // The history-cache test asks 10,000 times from one connection.
+      CHATIFY_LIMITS__HISTORY_PER_SECOND: "100000",
+      CHATIFY_LIMITS__HISTORY_BURST: "100000",
     }),
     startGateway("e2e-hostile-headers", { CHATIFY_GATEWAY__HEADER_READ_TIMEOUT_MS: "1000" }),
     startPersister("e2e-hostile-cache", { CHATIFY_PERSISTER__HISTORY_CACHE_ROOMS: "1000" }),

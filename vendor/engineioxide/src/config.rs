@@ -67,6 +67,13 @@ pub struct EngineIoConfig {
     /// Defaults to [`default_max_buffer_bytes`] (unbounded unless set).
     pub max_buffer_bytes: usize,
 
+    /// What every session id this server makes starts with (up to 8 url-safe base64
+    /// characters; the rest stays random), so that a request for a session can be told which
+    /// server holds it. (Chatify patch, see vendor/README.md.)
+    ///
+    /// Defaults to [`default_sid_prefix`] (none unless set).
+    pub sid_prefix: String,
+
     /// The maximum number of bytes that can be received per http request.
     /// Defaults to 100KB.
     pub max_payload: u64,
@@ -105,6 +112,7 @@ impl Default for EngineIoConfig {
             upgrade_timeout: Duration::from_millis(10000),
             max_buffer_size: 128,
             max_buffer_bytes: default_max_buffer_bytes(),
+            sid_prefix: default_sid_prefix(),
             max_payload: 1e5 as u64, // 100kb
             ws_read_buffer_size: 4096,
             ws_max_message_size: 64 << 20,
@@ -129,7 +137,48 @@ pub fn set_default_max_buffer_bytes(bytes: usize) {
     DEFAULT_MAX_BUFFER_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The default of [`EngineIoConfig::sid_prefix`], settable for servers that build their config
+/// through a wrapper that does not forward the setting (socketioxide's builder).
+static DEFAULT_SID_PREFIX: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// The longest [`EngineIoConfig::sid_prefix`]: the other 8 characters (48 bits) stay random.
+pub const SID_PREFIX_MAX: usize = 8;
+
+/// The default of [`EngineIoConfig::sid_prefix`] for configs made from now on.
+pub fn default_sid_prefix() -> String {
+    DEFAULT_SID_PREFIX
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Sets the default of [`EngineIoConfig::sid_prefix`] for configs made from now on; `false`
+/// (and nothing set) unless it is at most [`SID_PREFIX_MAX`] url-safe base64 characters.
+pub fn set_default_sid_prefix(prefix: &str) -> bool {
+    let valid = prefix.len() <= SID_PREFIX_MAX
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        *DEFAULT_SID_PREFIX
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = prefix.to_owned();
+    }
+    valid
+}
+
 impl EngineIoConfig {
+    /// A new session id: [`EngineIoConfig::sid_prefix`], then random characters.
+    pub fn new_sid(&self) -> engineioxide_core::Sid {
+        let random = engineioxide_core::Sid::new();
+        let prefix = &self.sid_prefix;
+        if prefix.is_empty() || prefix.len() > SID_PREFIX_MAX {
+            return random;
+        }
+        let id = format!("{prefix}{}", &random.as_str()[prefix.len()..]);
+        id.parse().unwrap_or(random)
+    }
+
     /// Create a new builder with a default config
     pub fn builder() -> EngineIoConfigBuilder {
         EngineIoConfigBuilder::new()
@@ -317,5 +366,26 @@ mod tests {
             .build();
         assert!(conf.allowed_transport(TransportType::Polling));
         assert!(conf.allowed_transport(TransportType::Websocket));
+    }
+
+    #[test]
+    fn session_ids_start_with_the_prefix_and_stay_random() {
+        let conf = EngineIoConfig {
+            sid_prefix: "gw7A".into(),
+            ..EngineIoConfig::default()
+        };
+        let a = conf.new_sid();
+        let b = conf.new_sid();
+        assert!(a.as_str().starts_with("gw7A") && b.as_str().starts_with("gw7A"));
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 16);
+        assert_eq!(a.as_str().parse::<engineioxide_core::Sid>().ok(), Some(a));
+        let none = EngineIoConfig {
+            sid_prefix: String::new(),
+            ..EngineIoConfig::default()
+        };
+        assert!(!none.new_sid().as_str().starts_with("gw7A"));
+        assert!(!set_default_sid_prefix("not/base64"));
+        assert!(!set_default_sid_prefix("waytoolongprefix"));
     }
 }

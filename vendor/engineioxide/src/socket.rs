@@ -300,7 +300,7 @@ where
         supports_binary: bool,
     ) -> Self {
         Self {
-            id: Sid::new(),
+            id: config.new_sid(),
             protocol,
             transport: AtomicU8::new(transport as u8),
             upgrading: AtomicBool::new(false),
