@@ -75,6 +75,7 @@ cargo test --manifest-path vendor/engineioxide/Cargo.toml --locked --target-dir 
 
 step "end-to-end tests (socket.io-client against two gateways behind HAProxy)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+tests/e2e/python/setup.sh
 CHATIFY_SKIP_BUILD=1 node --test --test-concurrency=1 --test-reporter=spec tests/e2e/
 
 step "browser test (two headless Chromium pages on the chat page, through HAProxy)"

@@ -32,7 +32,8 @@ const METHOD: &str = "Chatify-Method";
 const URI: &str = "Chatify-Uri";
 const STATUS: &str = "Chatify-Status";
 /// HTTP headers that travel with a forwarded request or answer (the rest are the hop's own).
-const KEPT_HEADERS: [&str; 7] = [
+const KEPT_HEADERS: [&str; 8] = [
+    "host",
     "content-type",
     "origin",
     "user-agent",

@@ -3,7 +3,6 @@
 //! the shutdown signal, then stops accepting, disconnects sockets (so every room hears that
 //! they left), finishes in-flight work and drains NATS, within the configured deadline.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,19 +59,9 @@ const SOCKET_CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// How much longer than a long poll a forwarded request may take (the hop and its queueing).
 const FORWARD_SLACK: Duration = Duration::from_secs(5);
 
-/// What the forwarded-request service answers for anything that is not Engine.IO.
-async fn not_found(_: axum::extract::Request) -> Result<axum::response::Response, Infallible> {
-    Ok(axum::response::IntoResponse::into_response(
-        axum::http::StatusCode::NOT_FOUND,
-    ))
-}
-
 pub struct Application {
     listener: TcpListener,
-    /// This gateway's Engine.IO service alone, for the requests other gateways forward here.
-    engine:
-        tower::util::BoxCloneService<axum::extract::Request, axum::response::Response, Infallible>,
-    /// Where they arrive.
+    /// Where the requests other gateways forward for this gateway's sessions arrive.
     gateway_id: GatewayId,
     /// The largest forwarded body.
     max_body: usize,
@@ -146,12 +135,6 @@ impl Application {
             .build_layer();
         io.ns("/", handlers::on_connect.with(handlers::accept));
         rooms.delivery.set_io(io.clone());
-        // The same Engine.IO service alone, for requests other gateways forward here.
-        let engine = tower::util::BoxCloneService::new(
-            tower::ServiceBuilder::new()
-                .map_response(|r: axum::http::Response<_>| r.map(axum::body::Body::new))
-                .service(tower::Layer::layer(&layer, tower::service_fn(not_found))),
-        );
         let forwarding = Forwarding {
             nats: nats.clone(),
             me: gateway_id.clone(),
@@ -179,7 +162,6 @@ impl Application {
         tracing::info!(gateway_id = %rooms.gateway(), name = %gw.name, auth = app.auth.is_some(), "gateway built");
         Ok(Self {
             listener,
-            engine,
             gateway_id,
             max_body: max_ws,
             router,
@@ -215,7 +197,7 @@ impl Application {
         let stall_limit = self.write_stall_limit;
         let server = chatify_shared::serve::serve(
             self.listener,
-            self.router,
+            self.router.clone(),
             self.http_limits,
             move |stream| tcp::abort_stalled_writes(stream, stall_limit),
             stop_accepting.clone().cancelled_owned(),
@@ -230,7 +212,7 @@ impl Application {
         let forwarded = tokio::spawn(crate::forward::serve(
             self.nats.clone(),
             self.gateway_id.clone(),
-            self.engine.clone(),
+            self.router.clone(),
             self.max_body,
             stop_accepting.child_token(),
         ));
