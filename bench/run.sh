@@ -25,7 +25,9 @@
 # the persister and its direct-insert ceiling).
 #
 # The gateways run with CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 (the reference has no cap per
-# client address; the load generator's 10,000 connections come from 8 loopback addresses).
+# client address; the load generator's 10,000 connections come from 8 loopback addresses) and
+# without a per-connection get_history rate (the reference has none; the history scenario asks
+# at its rate from a few connections).
 set -euo pipefail
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -148,6 +150,7 @@ chatify_up_on() { # chatify_up_on CPUS COMPONENT...
   cmd=(deploy/local/up.sh "$@")
   if $PIN; then cmd=(taskset -c "$cpus" "${cmd[@]}"); fi
   CHATIFY_RUN_DIR=$chatify_dir CHATIFY_SKIP_BUILD=1 CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 \
+    CHATIFY_LIMITS__HISTORY_PER_SECOND=1000000 CHATIFY_LIMITS__HISTORY_BURST=1000000 \
     "${cmd[@]}" >>"$out/chatify-up.log" 2>&1 || {
     tail -20 "$out/chatify-up.log" >&2
     return 1
