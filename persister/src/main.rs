@@ -1,7 +1,7 @@
 use anyhow::Context;
 use chatify_persister::harperdb::HarperDb;
-use chatify_persister::migrate;
 use chatify_persister::startup::Application;
+use chatify_persister::{migrate, setup};
 use chatify_shared::{Settings, healthcheck, telemetry};
 
 #[tokio::main]
@@ -15,6 +15,16 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init(&settings.log).context("while setting up logging")?;
     chatify_shared::config::warn_unknown(&unknown_keys);
+    if std::env::args().nth(1).as_deref() == Some("setup") {
+        let db = HarperDb::new(&settings.harperdb).context("while reading HarperDB settings")?;
+        setup::setup(&db, &settings.harperdb)
+            .await
+            .context("while setting HarperDB up for the persister")?;
+        tracing::info!("HarperDB is set up for the persister");
+        return Ok(());
+    }
+    // Deletes rows: run with a super user as harperdb.username (the persister's own user may
+    // not delete).
     if std::env::args().nth(1).as_deref() == Some("migrate-keys") {
         let db = HarperDb::new(&settings.harperdb).context("while reading HarperDB settings")?;
         let moved = migrate::migrate_long_keys(&db)

@@ -240,10 +240,21 @@ impl Default for StreamSettings {
 pub struct HarperDbSettings {
     /// Operations API base URL.
     pub url: String,
+    /// The persister's user: it may only read and insert into its table (`chatify-persister
+    /// setup` creates it).
     pub username: String,
+    /// That user's password.
     #[serde(serialize_with = "redacted")]
     pub password: SecretString,
+    /// A super user of HarperDB, for `chatify-persister setup` only (it creates the database,
+    /// the table, the persister's role and user); never needed by the running persister.
+    pub admin_username: String,
+    /// That super user's password.
+    #[serde(serialize_with = "redacted")]
+    pub admin_password: SecretString,
+    /// The database holding the table.
     pub database: String,
+    /// The table of messages.
     pub table: String,
     /// Timeout of one operations API request.
     pub timeout_ms: u64,
@@ -255,6 +266,8 @@ impl Default for HarperDbSettings {
             url: "http://127.0.0.1:9925".into(),
             username: "chatify".into(),
             password: SecretString::from(""),
+            admin_username: String::new(),
+            admin_password: SecretString::from(""),
             database: "chatify".into(),
             table: "messages".into(),
             timeout_ms: 10_000,
@@ -940,6 +953,7 @@ mod tests {
             None,
             env(&[
                 ("CHATIFY_HARPERDB__PASSWORD", "hunter2-password"),
+                ("CHATIFY_HARPERDB__ADMIN_PASSWORD", "admin-password-value"),
                 ("CHATIFY_AUTH__JWT_SECRET", "jwt-secret-value"),
                 ("CHATIFY_NATS__USER", "chatify-gateway"),
                 ("CHATIFY_NATS__PASSWORD", "nats-password-value"),
@@ -949,10 +963,12 @@ mod tests {
         assert!(!debug.contains("hunter2-password"), "{debug}");
         assert!(!debug.contains("jwt-secret-value"), "{debug}");
         assert!(!debug.contains("nats-password-value"), "{debug}");
+        assert!(!debug.contains("admin-password-value"), "{debug}");
         let auth = format!("{:?}", s.nats.auth()?);
         assert!(!auth.contains("nats-password-value"), "{auth}");
         let serialized = serde_json::to_string(&s).unwrap_or_default();
         assert!(!serialized.contains("nats-password-value"), "{serialized}");
+        assert!(!serialized.contains("admin-password-value"), "{serialized}");
         let s = Settings::load_from(None, env(&[("CHATIFY_NATS__TOKEN", "nats-token-value")]))?;
         let debug = format!("{s:?} {:?}", s.nats.auth()?);
         assert!(!debug.contains("nats-token-value"), "{debug}");
