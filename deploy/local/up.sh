@@ -87,18 +87,19 @@ binary_env() {
   printf '%s\0' -u CHATIFY_HARPERDB__ADMIN_USERNAME -u CHATIFY_HARPERDB__ADMIN_PASSWORD
   [[ $role == gateway ]] && printf '%s\0' -u CHATIFY_HARPERDB__USERNAME -u CHATIFY_HARPERDB__PASSWORD
   printf '%s\0' "CHATIFY_NATS__URL=nats://127.0.0.1:$CHATIFY_NATS_PORT" "NO_COLOR=${NO_COLOR:-1}"
-  case $role in
-    gateway)
-      printf '%s\0' "CHATIFY_NATS__USER=chatify-gateway" "CHATIFY_NATS__PASSWORD=$CHATIFY_NATS_GATEWAY_PASSWORD"
-      ;;
-    persister)
-      printf '%s\0' \
-        "CHATIFY_NATS__USER=chatify-persister" "CHATIFY_NATS__PASSWORD=$CHATIFY_NATS_PERSISTER_PASSWORD" \
-        "CHATIFY_HARPERDB__URL=http://127.0.0.1:$CHATIFY_HDB_PORT" \
-        "CHATIFY_HARPERDB__USERNAME=$CHATIFY_HARPERDB__USERNAME" \
-        "CHATIFY_HARPERDB__PASSWORD=$CHATIFY_HARPERDB__PASSWORD"
-      ;;
-  esac
+  "${role}_settings"
+}
+
+gateway_settings() {
+  printf '%s\0' "CHATIFY_NATS__USER=chatify-gateway" "CHATIFY_NATS__PASSWORD=$CHATIFY_NATS_GATEWAY_PASSWORD"
+}
+
+persister_settings() {
+  printf '%s\0' \
+    "CHATIFY_NATS__USER=chatify-persister" "CHATIFY_NATS__PASSWORD=$CHATIFY_NATS_PERSISTER_PASSWORD" \
+    "CHATIFY_HARPERDB__URL=http://127.0.0.1:$CHATIFY_HDB_PORT" \
+    "CHATIFY_HARPERDB__USERNAME=$CHATIFY_HARPERDB__USERNAME" \
+    "CHATIFY_HARPERDB__PASSWORD=$CHATIFY_HARPERDB__PASSWORD"
 }
 
 # Through deploy/nats/start.sh (as in compose), which adds CHATIFY_NATS_SYNC to nats.conf, and

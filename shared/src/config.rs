@@ -264,7 +264,7 @@ impl Default for HarperDbSettings {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:9925".into(),
-            username: "chatify".into(),
+            username: "chatify_persister".into(),
             password: SecretString::from(""),
             admin_username: String::new(),
             admin_password: SecretString::from(""),
