@@ -33,6 +33,13 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(moved, "migration done");
         return Ok(());
     }
+    if !settings.harperdb.admin_username.is_empty()
+        || !secrecy::ExposeSecret::expose_secret(&settings.harperdb.admin_password).is_empty()
+    {
+        tracing::warn!(
+            "harperdb.admin_username/admin_password are set, and only `chatify-persister setup` uses them: keep the super user's credentials out of the running persister's environment"
+        );
+    }
     let app = Application::build(settings)
         .await
         .context("while starting the persister")?;

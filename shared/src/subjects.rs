@@ -52,7 +52,9 @@ pub const HISTORY_SUBJECT: &str = "chatify.history.query";
 /// own replies and nothing else's (see deploy/nats/permissions.conf).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// A gateway (or a tool publishing as one, like the load generator).
     Gateway,
+    /// A persister.
     Persister,
 }
 
