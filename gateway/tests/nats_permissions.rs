@@ -156,8 +156,10 @@ async fn each_service_can_do_its_work() -> TestResult {
         }
     });
 
-    let mut settings = Settings::default();
-    settings.nats = users.gateway(&server.url);
+    let mut settings = Settings {
+        nats: users.gateway(&server.url),
+        ..Default::default()
+    };
     settings.nats.request_timeout_ms = 2000;
     settings.gateway.port = 0;
     let app = Application::build(settings).await?;
