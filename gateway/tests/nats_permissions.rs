@@ -201,6 +201,10 @@ async fn each_service_can_do_its_work() -> TestResult {
             .messages,
         1
     );
+    // The persister's dead letters are stored.
+    let dead = dead_letter_subject(&RoomToken::new("perm").store_subject());
+    let ack = js.publish(dead, "{}".into()).await?.await?;
+    assert_eq!(ack.stream, DEAD_LETTER_STREAM);
     // Nothing either side did was refused.
     tokio::time::sleep(QUIET).await;
     assert!(
