@@ -91,7 +91,8 @@ up_on all nats harperdb persister
 . "$run_dir/env"
 url=$CHATIFY_GATEWAY1_URL
 ulimit -n 20000 2>/dev/null || true
-gateway_env=(CHATIFY_NATS__URL="$CHATIFY_NATS_URL" CHATIFY_GATEWAY__PORT="$CHATIFY_GATEWAY1_PORT"
+gateway_env=(CHATIFY_NATS__URL="$CHATIFY_NATS_URL" CHATIFY_NATS__USER="$CHATIFY_NATS_GATEWAY_USER"
+  CHATIFY_NATS__PASSWORD="$CHATIFY_NATS_GATEWAY_PASSWORD" CHATIFY_GATEWAY__PORT="$CHATIFY_GATEWAY1_PORT"
   CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 CHATIFY_LOG__LEVEL=warn)
 wait_ready() {
   for _ in $(seq 120); do
@@ -217,8 +218,9 @@ case $kind in
     hdb=$(cpid harperdb)
     # The persister is stopped while the load generator sends and started again by its resume
     # hook, which then leaves a mark; the recorders start at that mark, as the drain does.
-    with_db=(CHATIFY_HARPERDB_URL="$CHATIFY_HARPERDB_URL" CHATIFY_HARPERDB__USERNAME="$CHATIFY_HARPERDB__USERNAME"
-      CHATIFY_HARPERDB__PASSWORD="$CHATIFY_HARPERDB__PASSWORD")
+    # HarperDB's admin: the load generator seeds and reads tables of its own too.
+    with_db=(CHATIFY_HARPERDB_URL="$CHATIFY_HARPERDB_URL" CHATIFY_HARPERDB__USERNAME="$CHATIFY_HDB_ADMIN_USERNAME"
+      CHATIFY_HARPERDB__PASSWORD="$CHATIFY_HDB_ADMIN_PASSWORD")
     env "${with_db[@]}" target/release/chatify-loadgen persister --url "$CHATIFY_GATEWAY1_URL" \
       --url "$CHATIFY_GATEWAY2_URL" --persister-url "$CHATIFY_PERSISTER_URL" --senders 1000 --rate "$rate" \
       --duration 8 --warmup 0 --quiet \

@@ -157,11 +157,15 @@ chatify_up_on() { # chatify_up_on CPUS COMPONENT...
   }
 }
 chatify_down() { CHATIFY_RUN_DIR=$chatify_dir deploy/local/down.sh "$@" >>"$out/chatify-up.log" 2>&1; }
-# The HarperDB address and credentials, for the load generator only (not on a command line).
+# The HarperDB address and its admin's credentials (the load generator creates and seeds tables of
+# its own), and the NATS user of the gateways (it publishes messages as they do, with --nats-url),
+# for the load generator only (not on a command line).
 with_db() {
   CHATIFY_HARPERDB_URL=$(chatify CHATIFY_HARPERDB_URL) \
-    CHATIFY_HARPERDB__USERNAME=$(chatify CHATIFY_HARPERDB__USERNAME) \
-    CHATIFY_HARPERDB__PASSWORD=$(chatify CHATIFY_HARPERDB__PASSWORD) "$@"
+    CHATIFY_HARPERDB__USERNAME=$(chatify CHATIFY_HDB_ADMIN_USERNAME) \
+    CHATIFY_HARPERDB__PASSWORD=$(chatify CHATIFY_HDB_ADMIN_PASSWORD) \
+    CHATIFY_NATS__USER=$(chatify CHATIFY_NATS_GATEWAY_USER) \
+    CHATIFY_NATS__PASSWORD=$(chatify CHATIFY_NATS_GATEWAY_PASSWORD) "$@"
 }
 
 start_ref() { # start_ref N: sets REF_DIR (several tries for N consecutive free ports)

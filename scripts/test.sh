@@ -64,8 +64,10 @@ step "Rust unit and integration tests"
   # shellcheck disable=SC1091
   . "$run_dir/env"
   export CHATIFY_TEST_HARPERDB_URL=$CHATIFY_HARPERDB_URL
-  export CHATIFY_TEST_HARPERDB_USERNAME=$CHATIFY_HARPERDB__USERNAME
-  export CHATIFY_TEST_HARPERDB_PASSWORD=$CHATIFY_HARPERDB__PASSWORD
+  # HarperDB's super user: the tests create databases of their own (and the persister's role and
+  # user, for the setup test); the system's persister runs as a user that may not.
+  export CHATIFY_TEST_HARPERDB_USERNAME=$CHATIFY_HDB_ADMIN_USERNAME
+  export CHATIFY_TEST_HARPERDB_PASSWORD=$CHATIFY_HDB_ADMIN_PASSWORD
   cargo test --workspace --locked
 )
 

@@ -266,7 +266,13 @@ resolve_run_dir() {
   LOG_DIR=$CHATIFY_RUN_DIR/logs
   DATA_DIR=$CHATIFY_RUN_DIR/data
   SECRETS_DIR=$CHATIFY_RUN_DIR/secrets
+  # HarperDB's super user (installs it, and `chatify-persister setup` runs with it).
   HDB_PASSWORD_FILE=$SECRETS_DIR/harperdb-password
+  # The persister's HarperDB user, which may only read and insert into its table.
+  HDB_PERSISTER_PASSWORD_FILE=$SECRETS_DIR/harperdb-persister-password
+  # The NATS users of deploy/nats/permissions.conf.
+  NATS_GATEWAY_PASSWORD_FILE=$SECRETS_DIR/nats-gateway-password
+  NATS_PERSISTER_PASSWORD_FILE=$SECRETS_DIR/nats-persister-password
   HDB_ROOT=$DATA_DIR/harperdb
   HDB_HOME=$DATA_DIR/harperdb-home
 }
@@ -293,13 +299,20 @@ resolve_config() {
       set +eu
       # shellcheck disable=SC1090
       . "$RUN_ENV_FILE" >/dev/null 2>&1
-      for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
+      for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HDB_ADMIN_USERNAME CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
         printf 'recorded_%s=%q\n' "$v" "${!v-}"
       done
     )
-    local "${CHATIFY_PORT_VARS[@]/#/recorded_}" recorded_CHATIFY_HARPERDB__USERNAME recorded_CHATIFY_NATS_SYNC
+    local "${CHATIFY_PORT_VARS[@]/#/recorded_}" recorded_CHATIFY_HDB_ADMIN_USERNAME \
+      recorded_CHATIFY_HARPERDB__USERNAME recorded_CHATIFY_NATS_SYNC
     eval "$recorded"
-    for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
+    # An env file of an older up.sh named HarperDB's super user CHATIFY_HARPERDB__USERNAME (the
+    # persister used it): that user is the admin, and the persister gets a user of its own.
+    if [[ -z $recorded_CHATIFY_HDB_ADMIN_USERNAME ]]; then
+      recorded_CHATIFY_HDB_ADMIN_USERNAME=$recorded_CHATIFY_HARPERDB__USERNAME
+      recorded_CHATIFY_HARPERDB__USERNAME=
+    fi
+    for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HDB_ADMIN_USERNAME CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
       local r=recorded_$v
       if [[ -z ${!v:-} && -n ${!r:-} ]]; then
         printf -v "$v" '%s' "${!r}"
@@ -328,36 +341,50 @@ resolve_config() {
     seen[${!v}]=$v
   done
 
-  : "${CHATIFY_HARPERDB__USERNAME:=chatify}" "${CHATIFY_NATS_SYNC:=default}"
+  : "${CHATIFY_HDB_ADMIN_USERNAME:=chatify}" "${CHATIFY_HARPERDB__USERNAME:=chatify_persister}"
+  : "${CHATIFY_NATS_SYNC:=default}"
+  [[ $CHATIFY_HARPERDB__USERNAME != "$CHATIFY_HDB_ADMIN_USERNAME" ]] ||
+    die "CHATIFY_HARPERDB__USERNAME (the persister's HarperDB user) must differ from CHATIFY_HDB_ADMIN_USERNAME (the super user)"
   HDB_PASSWORD_FROM_ENV=false
-  if [[ -z ${CHATIFY_HARPERDB__PASSWORD:-} ]]; then
-    if [[ ! -s $HDB_PASSWORD_FILE ]]; then
-      # 24 random bytes, base64url: no quoting trouble in URLs, env files or curl configs.
-      (
-        umask 077
-        mkdir -p "$SECRETS_DIR"
-        head -c 24 /dev/urandom | base64 | tr '+/' '-_' >"$HDB_PASSWORD_FILE.tmp"
-        mv "$HDB_PASSWORD_FILE.tmp" "$HDB_PASSWORD_FILE"
-      )
-      note "generated a HarperDB admin password in $HDB_PASSWORD_FILE"
-    fi
-    CHATIFY_HARPERDB__PASSWORD=$(<"$HDB_PASSWORD_FILE")
-  else
-    HDB_PASSWORD_FROM_ENV=true
-  fi
-  if $HDB_PASSWORD_FROM_ENV && [[ ! -s $HDB_PASSWORD_FILE ]]; then
-    # Keep the caller's password too: HarperDB is installed with it and later runs need it.
-    (
-      umask 077
-      mkdir -p "$SECRETS_DIR"
-      printf '%s\n' "$CHATIFY_HARPERDB__PASSWORD" >"$HDB_PASSWORD_FILE"
-    )
-  fi
+  [[ -n ${CHATIFY_HDB_ADMIN_PASSWORD:-} ]] && HDB_PASSWORD_FROM_ENV=true
+  resolve_secret CHATIFY_HDB_ADMIN_PASSWORD "$HDB_PASSWORD_FILE" "HarperDB admin password"
+  resolve_secret CHATIFY_HARPERDB__PASSWORD "$HDB_PERSISTER_PASSWORD_FILE" "password of the persister's HarperDB user"
+  resolve_secret CHATIFY_NATS_GATEWAY_PASSWORD "$NATS_GATEWAY_PASSWORD_FILE" "password of the NATS user chatify-gateway"
+  resolve_secret CHATIFY_NATS_PERSISTER_PASSWORD "$NATS_PERSISTER_PASSWORD_FILE" "password of the NATS user chatify-persister"
 
   local default_bin=${CARGO_TARGET_DIR:-$CHATIFY_REPO/target}
   [[ $default_bin == /* ]] || default_bin=$CHATIFY_REPO/$default_bin
   CHATIFY_DEFAULT_BIN_DIR=$default_bin/release
   CHATIFY_BIN_DIR=${CHATIFY_BIN_DIR:-$CHATIFY_DEFAULT_BIN_DIR}
+}
+
+# Sets the variable NAME to the caller's value, else the one kept in FILE, else a new random one
+# (kept in FILE for the next run); the caller's value is kept in FILE too when FILE has none
+# (HarperDB and NATS are set up with it, and later runs need it).
+# Usage: resolve_secret NAME FILE DESCRIPTION
+resolve_secret() {
+  local name=$1 file=$2 what=$3
+  if [[ -n ${!name:-} ]]; then
+    if [[ ! -s $file ]]; then
+      (
+        umask 077
+        mkdir -p "$SECRETS_DIR"
+        printf '%s\n' "${!name}" >"$file"
+      )
+    fi
+    return 0
+  fi
+  if [[ ! -s $file ]]; then
+    # 24 random bytes, base64url: no quoting trouble in URLs, env files, curl or NATS configs.
+    (
+      umask 077
+      mkdir -p "$SECRETS_DIR"
+      head -c 24 /dev/urandom | base64 | tr '+/' '-_' >"$file.tmp"
+      mv "$file.tmp" "$file"
+    )
+    note "generated a $what in $file"
+  fi
+  printf -v "$name" '%s' "$(<"$file")"
 }
 
 # Prints `export NAME='value'` lines. Always single quotes: sourceable by any POSIX shell and
@@ -385,6 +412,12 @@ write_env_file() {
     CHATIFY_WEB_URL "http://localhost:$CHATIFY_WEB_PORT"
     CHATIFY_HARPERDB__USERNAME "$CHATIFY_HARPERDB__USERNAME"
     CHATIFY_HARPERDB__PASSWORD "$CHATIFY_HARPERDB__PASSWORD"
+    CHATIFY_HDB_ADMIN_USERNAME "$CHATIFY_HDB_ADMIN_USERNAME"
+    CHATIFY_HDB_ADMIN_PASSWORD "$CHATIFY_HDB_ADMIN_PASSWORD"
+    CHATIFY_NATS_GATEWAY_USER chatify-gateway
+    CHATIFY_NATS_GATEWAY_PASSWORD "$CHATIFY_NATS_GATEWAY_PASSWORD"
+    CHATIFY_NATS_PERSISTER_USER chatify-persister
+    CHATIFY_NATS_PERSISTER_PASSWORD "$CHATIFY_NATS_PERSISTER_PASSWORD"
     CHATIFY_NATS_SYNC "$CHATIFY_NATS_SYNC"
   )
   (
@@ -529,7 +562,7 @@ http_ok() {
 # POSTs an operation to HarperDB with the admin credentials and prints the HTTP status.
 # The credentials go through a curl config on stdin, never on a command line (ps shows those).
 hdb_operation_status() {
-  local body=$1 user=${CHATIFY_HARPERDB__USERNAME//\\/\\\\} pass=${CHATIFY_HARPERDB__PASSWORD//\\/\\\\}
+  local body=$1 user=${CHATIFY_HDB_ADMIN_USERNAME//\\/\\\\} pass=${CHATIFY_HDB_ADMIN_PASSWORD//\\/\\\\}
   user=${user//\"/\\\"}
   pass=${pass//\"/\\\"}
   printf 'user = "%s:%s"\n' "$user" "$pass" |

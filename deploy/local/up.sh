@@ -17,7 +17,12 @@
 #   CHATIFY_HDB_PORT [9925]  CHATIFY_HDB_HTTP_PORT [9926]  CHATIFY_HDB_MQTT_PORT, CHATIFY_HDB_MQTTS_PORT,
 #   CHATIFY_HDB_REPLICATION_PORT [1883, 8883, 9933; or CHATIFY_HDB_PORT+10, +11, +12 when it is moved]
 #   CHATIFY_WEB_PORT [3000]  (the chat page, http://localhost:$CHATIFY_WEB_PORT)
-#   CHATIFY_HARPERDB__USERNAME [chatify]  CHATIFY_HARPERDB__PASSWORD [random, kept in secrets/]
+#   CHATIFY_HDB_ADMIN_USERNAME [chatify]  CHATIFY_HDB_ADMIN_PASSWORD [random, kept in secrets/]
+#     HarperDB's super user: it installs HarperDB and runs `chatify-persister setup`, nothing else
+#   CHATIFY_HARPERDB__USERNAME [chatify_persister]  CHATIFY_HARPERDB__PASSWORD [random, in secrets/]
+#     the persister's HarperDB user, which setup creates: it may only read and insert into its table
+#   CHATIFY_NATS_GATEWAY_PASSWORD, CHATIFY_NATS_PERSISTER_PASSWORD [random, kept in secrets/]
+#     the NATS users chatify-gateway and chatify-persister (deploy/nats/permissions.conf)
 #   CHATIFY_CORS__ALLOWED_ORIGINS [http://localhost:3000 and the chat page's origins]
 #   CHATIFY_NATS_SYNC [default]  JetStream's fsync: default (every 2 minutes), always, or an interval
 # Every other CHATIFY_* variable reaches the gateways and the persister unchanged.
@@ -66,31 +71,47 @@ component_ports() {
   esac
 }
 
-# `env` arguments for both binaries: first `-u` for each of this script's own variables (those
-# the run dir's env file holds, and the build and profiling switches), which the binaries would
-# report as unknown settings; then the settings common to both. The caller's other CHATIFY_*
+# `env` arguments for a binary (gateway or persister): first `-u` for each of this script's own
+# variables (those the run dir's env file holds, and the build and profiling switches), which the
+# binaries would report as unknown settings, and for the HarperDB admin's settings, which no
+# running binary gets; then the settings: the NATS URL, and each binary's own credentials (the
+# gateways get no HarperDB credentials: they never talk to HarperDB). The caller's other CHATIFY_*
 # variables are inherited as they are (a misspelled setting among them is reported).
 # NO_COLOR: their output goes to a log file, not a terminal.
 binary_env() {
-  local name
+  local role=$1 name
   for name in $(sed -n 's/^export \(CHATIFY_[A-Z0-9_]*\)=.*/\1/p' "$CHATIFY_RUN_DIR/env") \
     CHATIFY_BIN_DIR CHATIFY_SKIP_BUILD CHATIFY_HDB_NODE_OPTIONS CHATIFY_NATS_PROFILE_PORT; do
     [[ $name == *__* ]] || printf '%s\0' -u "$name"
   done
-  printf '%s\0' \
-    "CHATIFY_NATS__URL=nats://127.0.0.1:$CHATIFY_NATS_PORT" \
-    "CHATIFY_HARPERDB__URL=http://127.0.0.1:$CHATIFY_HDB_PORT" \
-    "CHATIFY_HARPERDB__USERNAME=$CHATIFY_HARPERDB__USERNAME" \
-    "CHATIFY_HARPERDB__PASSWORD=$CHATIFY_HARPERDB__PASSWORD" \
-    "NO_COLOR=${NO_COLOR:-1}"
+  printf '%s\0' -u CHATIFY_HARPERDB__ADMIN_USERNAME -u CHATIFY_HARPERDB__ADMIN_PASSWORD
+  [[ $role == gateway ]] && printf '%s\0' -u CHATIFY_HARPERDB__USERNAME -u CHATIFY_HARPERDB__PASSWORD
+  printf '%s\0' "CHATIFY_NATS__URL=nats://127.0.0.1:$CHATIFY_NATS_PORT" "NO_COLOR=${NO_COLOR:-1}"
+  "${role}_settings"
 }
 
-# Through deploy/nats/start.sh (as in compose), which adds CHATIFY_NATS_SYNC to nats.conf.
+gateway_settings() {
+  printf '%s\0' "CHATIFY_NATS__USER=chatify-gateway" "CHATIFY_NATS__PASSWORD=$CHATIFY_NATS_GATEWAY_PASSWORD"
+}
+
+persister_settings() {
+  printf '%s\0' \
+    "CHATIFY_NATS__USER=chatify-persister" "CHATIFY_NATS__PASSWORD=$CHATIFY_NATS_PERSISTER_PASSWORD" \
+    "CHATIFY_HARPERDB__URL=http://127.0.0.1:$CHATIFY_HDB_PORT" \
+    "CHATIFY_HARPERDB__USERNAME=$CHATIFY_HARPERDB__USERNAME" \
+    "CHATIFY_HARPERDB__PASSWORD=$CHATIFY_HARPERDB__PASSWORD"
+}
+
+# Through deploy/nats/start.sh (as in compose), which adds CHATIFY_NATS_SYNC to nats.conf, and
+# the users of permissions.conf with their passwords (the effective config, readable by its
+# owner only, is $DATA_DIR/nats.conf).
 # CHATIFY_NATS_PROFILE_PORT, when set, opens Go's profiling endpoint there (bench/profile.sh).
 start_nats() {
   mkdir -p "$DATA_DIR/nats"
   start_background nats "$CHATIFY_RUN_DIR" \
     env CHATIFY_NATS_SYNC="$CHATIFY_NATS_SYNC" NATS_SERVER="$(nats_server_bin)" \
+    CHATIFY_NATS_GATEWAY_PASSWORD="$CHATIFY_NATS_GATEWAY_PASSWORD" \
+    CHATIFY_NATS_PERSISTER_PASSWORD="$CHATIFY_NATS_PERSISTER_PASSWORD" \
     "$CHATIFY_NATS_START" "$CHATIFY_NATS_CONF" "$DATA_DIR/nats.conf" -js -a 127.0.0.1 \
     -p "$CHATIFY_NATS_PORT" -m "$CHATIFY_NATS_MONITOR_PORT" -sd "$DATA_DIR/nats" \
     ${CHATIFY_NATS_PROFILE_PORT:+--profile "$CHATIFY_NATS_PROFILE_PORT"}
@@ -113,7 +134,7 @@ install_harperdb_instance() {
   mapfile -d '' -t env < <(hdb_env)
   # Answers every question of the installer; "prod" defaults (no unauthenticated local access).
   if ! env -i "${env[@]}" TC_AGREEMENT=yes \
-    HDB_ADMIN_USERNAME="$CHATIFY_HARPERDB__USERNAME" HDB_ADMIN_PASSWORD="$CHATIFY_HARPERDB__PASSWORD" \
+    HDB_ADMIN_USERNAME="$CHATIFY_HDB_ADMIN_USERNAME" HDB_ADMIN_PASSWORD="$CHATIFY_HDB_ADMIN_PASSWORD" \
     OPERATIONSAPI_NETWORK_PORT="$CHATIFY_HDB_PORT" HTTP_PORT="$CHATIFY_HDB_HTTP_PORT" THREADS_COUNT=2 \
     "$CHATIFY_HDB_BIN" install </dev/null >>"$(log_file harperdb)" 2>&1; then
     fail_component harperdb "install failed"
@@ -136,9 +157,24 @@ start_harperdb() {
     env -i "${env[@]}" HARPER_SET_CONFIG="$set_config" "$CHATIFY_HDB_BIN"
 }
 
+# `chatify-persister setup` with HarperDB's super user: the database, the table, the persister's
+# role (read and insert into the table) and user. Idempotent, so it runs before every start of
+# the persister; the admin's credentials reach this run only.
+setup_harperdb() {
+  local -a env
+  mapfile -d '' -t env < <(binary_env persister)
+  printf '\n===== %s: chatify-persister setup =====\n' "$(date '+%F %T')" >>"$(log_file persister)"
+  if ! env "${env[@]}" CHATIFY_HARPERDB__ADMIN_USERNAME="$CHATIFY_HDB_ADMIN_USERNAME" \
+    CHATIFY_HARPERDB__ADMIN_PASSWORD="$CHATIFY_HDB_ADMIN_PASSWORD" \
+    "$CHATIFY_BIN_DIR/chatify-persister" setup </dev/null >>"$(log_file persister)" 2>&1; then
+    fail_component persister "could not set HarperDB up (chatify-persister setup)"
+  fi
+}
+
 start_persister() {
   local -a env
-  mapfile -d '' -t env < <(binary_env)
+  setup_harperdb
+  mapfile -d '' -t env < <(binary_env persister)
   start_background persister "$CHATIFY_RUN_DIR" \
     env "${env[@]}" CHATIFY_PERSISTER__HOST=127.0.0.1 CHATIFY_PERSISTER__PORT="$CHATIFY_PERSISTER_PORT" \
     "$CHATIFY_BIN_DIR/chatify-persister"
@@ -159,7 +195,7 @@ allowed_origins() {
 start_gateway() {
   local name=$1 port=$2
   local -a env
-  mapfile -d '' -t env < <(binary_env)
+  mapfile -d '' -t env < <(binary_env gateway)
   start_background "$name" "$CHATIFY_RUN_DIR" \
     env "${env[@]}" CHATIFY_GATEWAY__HOST=127.0.0.1 CHATIFY_GATEWAY__PORT="$port" CHATIFY_GATEWAY__NAME="$name" \
     CHATIFY_CORS__ALLOWED_ORIGINS="$(allowed_origins)" "$CHATIFY_BIN_DIR/chatify-gateway"
@@ -235,8 +271,8 @@ wait_ready() {
     if [[ $name == harperdb && $HDB_LAST_STATUS == 401 ]]; then
       unauthorized_since=${unauthorized_since:-$SECONDS}
       if ((SECONDS - unauthorized_since >= 10)); then
-        fail_component harperdb "answers but rejects user '$CHATIFY_HARPERDB__USERNAME' (401): its data in $HDB_ROOT
-    was installed with other credentials. Use those (unset CHATIFY_HARPERDB__PASSWORD to use the
+        fail_component harperdb "answers but rejects user '$CHATIFY_HDB_ADMIN_USERNAME' (401): its data in $HDB_ROOT
+    was installed with other credentials. Use those (unset CHATIFY_HDB_ADMIN_PASSWORD to use the
     one in $HDB_PASSWORD_FILE), or stop it and delete $HDB_ROOT to start afresh"
       fi
     fi
@@ -340,12 +376,13 @@ echo "  gateway1       $(status gateway1 "http://127.0.0.1:$CHATIFY_GATEWAY1_POR
 echo "  gateway2       $(status gateway2 "http://127.0.0.1:$CHATIFY_GATEWAY2_PORT")"
 echo "  persister      $(status persister "http://127.0.0.1:$CHATIFY_PERSISTER_PORT  (/healthz /readyz /metrics)")"
 echo "  NATS           $(status nats "nats://127.0.0.1:$CHATIFY_NATS_PORT  (monitoring http://127.0.0.1:$CHATIFY_NATS_MONITOR_PORT)")"
-echo "  HarperDB       $(status harperdb "http://127.0.0.1:$CHATIFY_HDB_PORT  (operations API; user '$CHATIFY_HARPERDB__USERNAME')")"
+echo "  HarperDB       $(status harperdb "http://127.0.0.1:$CHATIFY_HDB_PORT  (operations API; admin '$CHATIFY_HDB_ADMIN_USERNAME', persister '$CHATIFY_HARPERDB__USERNAME')")"
 if $HDB_PASSWORD_FROM_ENV; then
-  echo "  password       from CHATIFY_HARPERDB__PASSWORD (also recorded in $RUN_ENV_FILE)"
+  echo "  admin password from CHATIFY_HDB_ADMIN_PASSWORD (also recorded in $RUN_ENV_FILE)"
 else
-  echo "  password       in $HDB_PASSWORD_FILE (and $RUN_ENV_FILE)"
+  echo "  admin password in $HDB_PASSWORD_FILE (and $RUN_ENV_FILE)"
 fi
+echo "  credentials    NATS users chatify-gateway and chatify-persister, the persister's HarperDB user: $SECRETS_DIR/"
 echo "  environment    . $RUN_ENV_FILE"
 echo "  logs           $LOG_DIR/"
 if [[ $CHATIFY_RUN_DIR == "$CHATIFY_LOCAL_DIR/run" ]]; then

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Starts nats-server with deploy/nats/nats.conf and the fsync setting CHATIFY_NATS_SYNC. Shared by
-# deploy/local/up.sh and deploy/docker-compose.yml (POSIX sh: the nats alpine image has no bash).
+# Starts nats-server with deploy/nats/nats.conf, the fsync setting CHATIFY_NATS_SYNC and Chatify's
+# two users with their permissions. Shared by deploy/local/up.sh and deploy/docker-compose.yml
+# (POSIX sh: the nats alpine image has no bash).
 #
 #   start.sh BASE_CONF EFFECTIVE_CONF [nats-server arguments...]
 #
@@ -12,8 +13,17 @@
 #   an interval    fsync that often.
 # Anything but the default needs nats-server 2.10 or later (`sync_interval`); an older one is
 # refused here with that reason rather than left to fail on an unknown key.
-# NATS_SERVER names the binary (default: nats-server on PATH). EFFECTIVE_CONF is BASE_CONF with the
-# setting added to its jetstream block; nats-server is exec'd with -c EFFECTIVE_CONF and the rest.
+#
+# CHATIFY_NATS_GATEWAY_PASSWORD and CHATIFY_NATS_PERSISTER_PASSWORD (both required): the passwords
+# of the users chatify-gateway and chatify-persister, whose permissions are those of
+# permissions.conf beside BASE_CONF (docs/security.md). No other user exists, so a connection
+# without credentials is refused. A password may be a bcrypt hash (`nats server passwd`); it may
+# not contain a double quote, a backslash or a line break.
+#
+# NATS_SERVER names the binary (default: nats-server on PATH). EFFECTIVE_CONF (written readable by
+# its owner only: it holds the passwords) is BASE_CONF with the sync setting added to its jetstream
+# block, then permissions.conf, then the users; nats-server is exec'd with -c EFFECTIVE_CONF and
+# the rest.
 set -eu
 
 die() {
@@ -29,6 +39,22 @@ server=${NATS_SERVER:-nats-server}
 sync=${CHATIFY_NATS_SYNC:-default}
 
 [ -r "$base" ] || die "cannot read $base"
+permissions=$(dirname -- "$base")/permissions.conf
+[ -r "$permissions" ] || die "cannot read $permissions"
+
+# A password goes between double quotes in the configuration, where NATS reads no variable.
+password() {
+  eval "value=\${$1:-}"
+  # shellcheck disable=SC2154 # set by the eval
+  [ -n "$value" ] || die "$1 is not set: the NATS users' passwords are required (deploy/local/up.sh generates them)"
+  case $value in
+    *'"'* | *'\'* | *"
+"*) die "$1 may not contain a double quote, a backslash or a line break" ;;
+  esac
+  printf '%s' "$value"
+}
+gateway_password=$(password CHATIFY_NATS_GATEWAY_PASSWORD)
+persister_password=$(password CHATIFY_NATS_PERSISTER_PASSWORD)
 case $sync in
   default) ;;
   always) ;;
@@ -39,6 +65,8 @@ case $sync in
     ;;
 esac
 
+umask 077
+rm -f "$effective"
 if [ "$sync" = default ]; then
   cp "$base" "$effective"
 else
@@ -53,4 +81,17 @@ else
   grep -q '^jetstream {' "$base" || die "$base has no 'jetstream {' block to add sync_interval to"
   awk -v sync="$sync" '{ print } /^jetstream \{$/ { print "  sync_interval: " sync }' "$base" >"$effective"
 fi
+{
+  echo
+  echo "# ---- $permissions"
+  cat "$permissions"
+  echo
+  echo "# ---- the users (deploy/nats/start.sh)"
+  echo "authorization {"
+  echo "  users = ["
+  printf '    {user: "chatify-gateway", password: "%s", permissions: $CHATIFY_GATEWAY_PERMISSIONS}\n' "$gateway_password"
+  printf '    {user: "chatify-persister", password: "%s", permissions: $CHATIFY_PERSISTER_PERMISSIONS}\n' "$persister_password"
+  echo "  ]"
+  echo "}"
+} >>"$effective"
 exec "$server" -c "$effective" "$@"

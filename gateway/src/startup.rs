@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chatify_shared::Settings;
 use chatify_shared::bus::{self, BusError};
-use chatify_shared::subjects::GatewayId;
+use chatify_shared::subjects::{GatewayId, Role};
 use socketioxide::SocketIo;
 use socketioxide::handler::ConnectHandler;
 use tokio::net::TcpListener;
@@ -48,6 +48,10 @@ pub enum StartError {
 /// longer frame grows the buffer to its length and takes several reads. Every idle WebSocket
 /// holds this buffer.
 const WS_READ_BUFFER_BYTES: usize = 512;
+
+/// How long a starting gateway waits for a persister to create the messages stream (up.sh and
+/// compose start the persister first; on Kubernetes both may start at once).
+const MESSAGES_STREAM_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a stopping gateway lets its sockets' connection tasks run after `SocketIo::close`.
 /// Closing queues each socket's Socket.IO disconnect packet and the socket's task writes it soon
@@ -89,9 +93,15 @@ impl Application {
         // The recorder first: help texts registered before it would be lost.
         let metrics = chatify_shared::telemetry::metrics_handle();
         crate::metrics::describe();
-        let nats = bus::connect(&settings.nats, &format!("chatify-gateway-{}", gw.name)).await?;
+        let nats = bus::connect(
+            &settings.nats,
+            &format!("chatify-gateway-{}", gw.name),
+            Role::Gateway,
+        )
+        .await?;
         let js = async_nats::jetstream::new(nats.clone());
-        let messages = bus::ensure_messages_stream(&js, &settings.stream).await?;
+        // The persister creates the messages stream; a gateway may only read it.
+        let messages = bus::open_messages_stream(&js, MESSAGES_STREAM_WAIT).await?;
         let presence = bus::ensure_presence_stream(&js, settings.stream.replicas).await?;
         let gateway_id = GatewayId::random();
         // Every session id starts with this gateway's, so any gateway can tell where it lives.

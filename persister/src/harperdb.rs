@@ -26,6 +26,12 @@ pub enum HarperError {
     Unreachable(reqwest::Error),
     #[error("HarperDB refused the configured credentials")]
     Unauthorized,
+    /// The user is known but its role does not allow the operation: the persister's user may
+    /// only read and insert into its table, and setting the table up is an admin's work.
+    #[error(
+        "HarperDB does not allow this user to do that ({message}); the database, the table and the persister's user are set up by `chatify-persister setup` with a super user's credentials (harperdb.admin_username and harperdb.admin_password)"
+    )]
+    Forbidden { message: String },
     #[error("HarperDB rejected the request ({status}): {message}")]
     Rejected { status: StatusCode, message: String },
     #[error("HarperDB failed ({status}): {message}")]
@@ -48,6 +54,7 @@ impl HarperError {
         match self {
             Self::Unreachable(_)
             | Self::Unauthorized
+            | Self::Forbidden { .. }
             | Self::Server { .. }
             | Self::TableMissing { .. } => true,
             Self::Rejected { .. } | Self::Decode(_) => false,
@@ -145,7 +152,21 @@ impl HarperDb {
         self.answering.load(Ordering::Relaxed)
     }
 
-    async fn operation(&self, body: &Value) -> Result<Value, HarperError> {
+    /// The same table, as another user (the admin, for `chatify-persister setup`).
+    pub fn as_user(&self, username: &str, password: &SecretString) -> Self {
+        Self {
+            username: username.to_owned(),
+            password: password.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// The database and table this client works on.
+    pub fn table(&self) -> (&str, &str) {
+        (&self.database, &self.table)
+    }
+
+    pub(crate) async fn operation(&self, body: &Value) -> Result<Value, HarperError> {
         let result = self.operation_once(body).await;
         let down = result.as_ref().is_err_and(HarperError::is_outage);
         self.answering.store(!down, Ordering::Relaxed);
@@ -174,7 +195,8 @@ impl HarperDb {
             .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or_else(|| text.chars().take(300).collect());
         Err(match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => HarperError::Unauthorized,
+            StatusCode::UNAUTHORIZED => HarperError::Unauthorized,
+            StatusCode::FORBIDDEN => HarperError::Forbidden { message },
             _ if is_missing_table(&message) => HarperError::TableMissing { status, message },
             s if s.is_client_error() => HarperError::Rejected { status, message },
             // HarperDB answers 500 to some refusals of the request itself.

@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod migrate;
 pub mod recent;
 pub mod retry;
+pub mod setup;
 pub mod startup;
 pub mod unwritten;

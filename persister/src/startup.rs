@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chatify_shared::Settings;
 use chatify_shared::bus::{self, BusError};
+use chatify_shared::subjects::Role;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +63,7 @@ impl Application {
         // The recorder first: help texts registered before it would be lost.
         chatify_shared::telemetry::metrics_handle();
         crate::metrics::describe();
-        let nats = bus::connect(&settings.nats, "chatify-persister").await?;
+        let nats = bus::connect(&settings.nats, "chatify-persister", Role::Persister).await?;
         let js = async_nats::jetstream::new(nats.clone());
         let stream = bus::ensure_messages_stream(&js, &settings.stream).await?;
         bus::ensure_dead_letter_stream(&js, settings.stream.replicas).await?;

@@ -729,3 +729,64 @@ async fn harperdb_operation(settings: &Settings, body: serde_json::Value) -> Tes
     }
     Ok(())
 }
+
+/// The persister with least privilege everywhere: `chatify-persister setup` (run twice, as
+/// every up.sh does) gives it a HarperDB user that may read and insert into its table and
+/// nothing else, and it logs in to NATS as `chatify-persister` (deploy/nats/start.sh's users):
+/// it stores what a gateway's user publishes and answers the gateway's history query.
+#[tokio::test]
+async fn with_its_own_harperdb_and_nats_users_the_persister_stores_and_answers() -> TestResult {
+    use chatify_persister::harperdb::{HarperDb, HarperError};
+    use chatify_persister::setup;
+    use chatify_shared::subjects::Role;
+
+    let (nats, users) = Nats::start_with_users().await?;
+    let admin = settings(&nats)?;
+    let mut settings = admin.clone();
+    settings.nats = users.persister(&nats.url);
+    settings.harperdb.admin_username = admin.harperdb.username.clone();
+    settings.harperdb.admin_password = admin.harperdb.password.clone();
+    settings.harperdb.username = format!("test_persister_{}", Uuid::new_v4().simple());
+    settings.harperdb.password = SecretString::from(Uuid::new_v4().simple().to_string());
+    let db = HarperDb::new(&settings.harperdb)?;
+    setup::setup(&db, &settings.harperdb).await?;
+    setup::setup(&db, &settings.harperdb).await?;
+
+    // The running persister never has the admin's credentials.
+    let mut running = settings.clone();
+    running.harperdb.admin_username.clear();
+    running.harperdb.admin_password = SecretString::from("");
+    let persister = spawn_persister(running).await?;
+    let gateway =
+        chatify_shared::bus::connect(&users.gateway(&nats.url), "test-gateway", Role::Gateway)
+            .await?;
+    let js = async_nats::jetstream::new(gateway.clone());
+    let sent = publish(&js, &message("least-privilege", "stored")).await?;
+    let page = wait_for_count(&gateway, "least-privilege", 1).await?;
+    assert_eq!(page.messages, vec![sent]);
+
+    // Its HarperDB user may not delete, change the schema, or read another database.
+    let denied = db.delete(&["x".to_owned()]).await;
+    assert!(
+        matches!(denied, Err(HarperError::Forbidden { .. })),
+        "{denied:?}"
+    );
+    let mut other = settings.harperdb.clone();
+    other.database = format!("test_{}", Uuid::new_v4().simple());
+    let denied = HarperDb::new(&other)?.ensure_schema().await;
+    assert!(
+        matches!(denied, Err(HarperError::Forbidden { .. })),
+        "{denied:?}"
+    );
+    // Setup refuses to give the persister the admin's own user.
+    let mut same = settings.harperdb.clone();
+    same.username = same.admin_username.clone();
+    assert!(matches!(
+        setup::setup(&db, &same).await,
+        Err(setup::SetupError::SameUser(_))
+    ));
+
+    persister.stop().await;
+    drop_database(&admin).await;
+    Ok(())
+}

@@ -85,6 +85,9 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
+/// Where NATS is and how to log in to it. At most one way of authenticating is set: `user`
+/// and `password`, `token`, `creds_file` or `nkey_seed_file` (none: an anonymous connection,
+/// which a NATS set up as docs/security.md says refuses).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct NatsSettings {
@@ -92,6 +95,26 @@ pub struct NatsSettings {
     pub url: String,
     /// How long a request to another service (history) may take before `unavailable`.
     pub request_timeout_ms: u64,
+    /// User name, with `password`; empty for none.
+    pub user: String,
+    /// The user's password.
+    #[serde(serialize_with = "redacted")]
+    pub password: SecretString,
+    /// An authentication token (a server with `authorization { token }`); empty for none.
+    #[serde(serialize_with = "redacted")]
+    pub token: SecretString,
+    /// A `.creds` file (a user JWT and its nkey seed, as `nsc` writes them); empty for none.
+    pub creds_file: String,
+    /// A file holding a user nkey seed (`SU...`); empty for none.
+    pub nkey_seed_file: String,
+    /// PEM file of the CA certificates the server's certificate is checked against; set, the
+    /// connection must use TLS.
+    pub tls_ca_file: String,
+    /// PEM client certificate (with `tls_key_file`) for servers that verify clients; set, the
+    /// connection must use TLS.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
 }
 
 impl Default for NatsSettings {
@@ -99,13 +122,91 @@ impl Default for NatsSettings {
         Self {
             url: "nats://127.0.0.1:4222".into(),
             request_timeout_ms: 5000,
+            user: String::new(),
+            password: SecretString::from(""),
+            token: SecretString::from(""),
+            creds_file: String::new(),
+            nkey_seed_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
+}
+
+/// How a client proves who it is to NATS, from [`NatsSettings`].
+#[derive(Debug, Clone)]
+pub enum NatsAuth {
+    /// No credentials.
+    Anonymous,
+    /// `user` and `password`.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// Its password.
+        password: SecretString,
+    },
+    /// A token.
+    Token(SecretString),
+    /// A `.creds` file.
+    CredsFile(PathBuf),
+    /// A file holding an nkey seed.
+    NkeySeedFile(PathBuf),
 }
 
 impl NatsSettings {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The one way of authenticating that is set; an error when several are, or a user lacks
+    /// its password (or a password its user).
+    pub fn auth(&self) -> Result<NatsAuth, ConfigError> {
+        let password = !self.password.expose_secret().is_empty();
+        let mut ways = Vec::new();
+        if !self.user.is_empty() || password {
+            if self.user.is_empty() || !password {
+                return Err(ConfigError::Invalid(
+                    "nats.user and nats.password go together: set both or neither".into(),
+                ));
+            }
+            ways.push(NatsAuth::UserPassword {
+                user: self.user.clone(),
+                password: self.password.clone(),
+            });
+        }
+        if !self.token.expose_secret().is_empty() {
+            ways.push(NatsAuth::Token(self.token.clone()));
+        }
+        if !self.creds_file.is_empty() {
+            ways.push(NatsAuth::CredsFile(PathBuf::from(&self.creds_file)));
+        }
+        if !self.nkey_seed_file.is_empty() {
+            ways.push(NatsAuth::NkeySeedFile(PathBuf::from(&self.nkey_seed_file)));
+        }
+        match ways.len() {
+            0 => Ok(NatsAuth::Anonymous),
+            1 => Ok(ways.remove(0)),
+            _ => Err(ConfigError::Invalid(
+                "set at most one of nats.user/nats.password, nats.token, nats.creds_file and nats.nkey_seed_file".into(),
+            )),
+        }
+    }
+
+    /// Whether TLS is required: a CA or a client certificate is configured (or the URL says
+    /// `tls://`, which the client honours by itself).
+    pub fn tls_required(&self) -> bool {
+        !self.tls_ca_file.is_empty() || !self.tls_cert_file.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.auth()?;
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            return Err(ConfigError::Invalid(
+                "nats.tls_cert_file and nats.tls_key_file go together: set both or neither".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -140,10 +241,21 @@ impl Default for StreamSettings {
 pub struct HarperDbSettings {
     /// Operations API base URL.
     pub url: String,
+    /// The persister's user: it may only read and insert into its table (`chatify-persister
+    /// setup` creates it).
     pub username: String,
+    /// That user's password.
     #[serde(serialize_with = "redacted")]
     pub password: SecretString,
+    /// A super user of HarperDB, for `chatify-persister setup` only (it creates the database,
+    /// the table, the persister's role and user); never needed by the running persister.
+    pub admin_username: String,
+    /// That super user's password.
+    #[serde(serialize_with = "redacted")]
+    pub admin_password: SecretString,
+    /// The database holding the table.
     pub database: String,
+    /// The table of messages.
     pub table: String,
     /// Timeout of one operations API request.
     pub timeout_ms: u64,
@@ -153,8 +265,10 @@ impl Default for HarperDbSettings {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:9925".into(),
-            username: "chatify".into(),
+            username: "chatify_persister".into(),
             password: SecretString::from(""),
+            admin_username: String::new(),
+            admin_password: SecretString::from(""),
             database: "chatify".into(),
             table: "messages".into(),
             timeout_ms: 10_000,
@@ -510,6 +624,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
+        self.nats.validate()?;
         let l = &self.limits;
         if l.message_max_bytes == 0 || l.username_max_chars == 0 || l.room_max_chars == 0 {
             return invalid(
@@ -908,12 +1023,71 @@ mod tests {
             None,
             env(&[
                 ("CHATIFY_HARPERDB__PASSWORD", "hunter2-password"),
+                ("CHATIFY_HARPERDB__ADMIN_PASSWORD", "admin-password-value"),
                 ("CHATIFY_AUTH__JWT_SECRET", "jwt-secret-value"),
+                ("CHATIFY_NATS__USER", "chatify-gateway"),
+                ("CHATIFY_NATS__PASSWORD", "nats-password-value"),
             ]),
         )?;
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2-password"), "{debug}");
         assert!(!debug.contains("jwt-secret-value"), "{debug}");
+        assert!(!debug.contains("nats-password-value"), "{debug}");
+        assert!(!debug.contains("admin-password-value"), "{debug}");
+        let auth = format!("{:?}", s.nats.auth()?);
+        assert!(!auth.contains("nats-password-value"), "{auth}");
+        let serialized = serde_json::to_string(&s).unwrap_or_default();
+        assert!(!serialized.contains("nats-password-value"), "{serialized}");
+        assert!(!serialized.contains("admin-password-value"), "{serialized}");
+        let s = Settings::load_from(None, env(&[("CHATIFY_NATS__TOKEN", "nats-token-value")]))?;
+        let debug = format!("{s:?} {:?}", s.nats.auth()?);
+        assert!(!debug.contains("nats-token-value"), "{debug}");
+        Ok(())
+    }
+
+    #[test]
+    fn nats_takes_one_way_of_authenticating() -> Result<(), ConfigError> {
+        let auth = |pairs: &[(&str, &str)]| {
+            Settings::load_from(None, env(pairs)).map(|s| s.nats.auth().map(|a| format!("{a:?}")))
+        };
+        assert!(matches!(
+            Settings::load_from(None, HashMap::new())?.nats.auth()?,
+            NatsAuth::Anonymous
+        ));
+        let s = Settings::load_from(
+            None,
+            env(&[("CHATIFY_NATS__USER", "u"), ("CHATIFY_NATS__PASSWORD", "p")]),
+        )?;
+        assert!(matches!(s.nats.auth()?, NatsAuth::UserPassword { user, .. } if user == "u"));
+        let s = Settings::load_from(None, env(&[("CHATIFY_NATS__CREDS_FILE", "/x.creds")]))?;
+        assert!(matches!(s.nats.auth()?, NatsAuth::CredsFile(p) if p == Path::new("/x.creds")));
+        for bad in [
+            &[("CHATIFY_NATS__USER", "u")][..],
+            &[("CHATIFY_NATS__PASSWORD", "p")],
+            &[
+                ("CHATIFY_NATS__TOKEN", "t"),
+                ("CHATIFY_NATS__CREDS_FILE", "/x.creds"),
+            ],
+            &[
+                ("CHATIFY_NATS__USER", "u"),
+                ("CHATIFY_NATS__PASSWORD", "p"),
+                ("CHATIFY_NATS__NKEY_SEED_FILE", "/seed"),
+            ],
+            &[("CHATIFY_NATS__TLS_CERT_FILE", "/cert.pem")],
+            &[("CHATIFY_NATS__TLS_KEY_FILE", "/key.pem")],
+        ] {
+            let err = auth(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("nats."), "{bad:?}: {err}");
+        }
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("CHATIFY_NATS__TLS_CERT_FILE", "/cert.pem"),
+                ("CHATIFY_NATS__TLS_KEY_FILE", "/key.pem"),
+            ]),
+        )?;
+        assert!(s.nats.tls_required());
+        assert!(!Settings::default().nats.tls_required());
         Ok(())
     }
 

@@ -58,6 +58,27 @@ pub const HISTORY_SERVICE: &str = "chatify-history";
 /// Endpoint subject of the history service.
 pub const HISTORY_SUBJECT: &str = "chatify.history.query";
 
+/// Which Chatify service a NATS connection belongs to. Each has its own inbox prefix (where
+/// the replies to its requests come), so that NATS permissions can let each service read its
+/// own replies and nothing else's (see deploy/nats/permissions.conf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A gateway (or a tool publishing as one, like the load generator).
+    Gateway,
+    /// A persister.
+    Persister,
+}
+
+impl Role {
+    /// The prefix of this service's inboxes: `<prefix>.<unique id>`.
+    pub fn inbox_prefix(self) -> &'static str {
+        match self {
+            Self::Gateway => "_INBOX_chatify_gateway",
+            Self::Persister => "_INBOX_chatify_persister",
+        }
+    }
+}
+
 /// A room name encoded as one safe NATS subject token.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RoomToken(String);

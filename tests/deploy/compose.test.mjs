@@ -86,7 +86,11 @@ describe("docker-compose.yml", () => {
     for (const fn of ["start_component", "probe", "component_ports"]) {
       assert.deepEqual(caseLabels(shellFunction(upSh, fn)).sort(), [...components].sort(), `up.sh ${fn}()`);
     }
-    assert.deepEqual(Object.keys(services).sort(), [...components].sort());
+    // persister-setup: up.sh's setup_harperdb, which it runs before every start of the persister.
+    assert.deepEqual(Object.keys(services).sort(), [...components, "persister-setup"].sort());
+    assert.ok(/chatify-persister" setup/.test(shellFunction(upSh, "setup_harperdb")));
+    assert.ok(/^\s*setup_harperdb$/m.test(shellFunction(upSh, "start_persister")));
+    assert.deepEqual(services["persister-setup"].command, ["setup"]);
   });
 
   test("publishes up.sh's default ports, on 127.0.0.1 only (web 3000, lb 4000, gateway1 4001, gateway2 4002)", () => {
@@ -115,12 +119,19 @@ describe("docker-compose.yml", () => {
   });
 
   test("each binary gets the same CHATIFY_* settings from compose as from up.sh", () => {
-    const common = [...shellSettings(shellFunction(upSh, "binary_env")).keys()].filter((n) => n.startsWith("CHATIFY_"));
-    const persister = [...shellSettings(shellFunction(upSh, "start_persister")).keys()].filter((n) => n.startsWith("CHATIFY_"));
-    const gatewaySettings = [...shellSettings(shellFunction(upSh, "start_gateway")).keys()].filter((n) => n.startsWith("CHATIFY_"));
-    assert.ok(common.includes("CHATIFY_NATS__URL") && common.includes("CHATIFY_HARPERDB__PASSWORD"));
+    const names = (fn) => [...shellSettings(shellFunction(upSh, fn)).keys()].filter((n) => n.startsWith("CHATIFY_"));
+    const common = names("binary_env");
+    const persister = [...names("persister_settings"), ...names("start_persister")];
+    const gatewaySettings = [...names("gateway_settings"), ...names("start_gateway")];
+    assert.deepEqual(common, ["CHATIFY_NATS__URL"]);
+    // Each its own credentials: the gateways none for HarperDB, nobody the HarperDB admin's but setup.
+    assert.ok(persister.includes("CHATIFY_NATS__PASSWORD") && persister.includes("CHATIFY_HARPERDB__PASSWORD"));
+    assert.ok(gatewaySettings.includes("CHATIFY_NATS__PASSWORD") && !gatewaySettings.includes("CHATIFY_HARPERDB__PASSWORD"));
+    const setup = names("setup_harperdb");
+    assert.deepEqual(setup.sort(), ["CHATIFY_HARPERDB__ADMIN_PASSWORD", "CHATIFY_HARPERDB__ADMIN_USERNAME"]);
     const expected = {
       persister: [...common, ...persister],
+      "persister-setup": [...common, ...persister.filter((n) => !n.startsWith("CHATIFY_PERSISTER__")), ...setup],
       gateway1: [...common, ...gatewaySettings],
       gateway2: [...common, ...gatewaySettings],
     };
@@ -140,12 +151,16 @@ describe("docker-compose.yml", () => {
   });
 
   test("the binaries reach NATS and HarperDB by service name, on the ports up.sh and the configs use", () => {
-    for (const name of ["persister", "gateway1", "gateway2"]) {
+    for (const name of ["persister", "persister-setup", "gateway1", "gateway2"]) {
       const env = environment(services[name]);
       const nats = new URL(env.get("CHATIFY_NATS__URL"));
       assert.equal(nats.hostname, "nats");
       assert.equal(Number(nats.port), defaultPort("CHATIFY_NATS_PORT"));
       assert.equal(Number(nats.port), Number(/^port:\s*(\d+)/m.exec(natsConf)?.[1]), "nats.conf port");
+      if (name.startsWith("gateway")) {
+        assert.ok(!env.has("CHATIFY_HARPERDB__URL"), `${name} gets no HarperDB settings`);
+        continue;
+      }
       const hdb = new URL(env.get("CHATIFY_HARPERDB__URL"));
       assert.equal(hdb.hostname, "harperdb");
       assert.equal(Number(hdb.port), defaultPort("CHATIFY_HDB_PORT"));
@@ -189,11 +204,15 @@ describe("docker-compose.yml", () => {
         assert.ok(env.get(name).startsWith(`\${${variable}`), `harperdb ${name} should come from ${variable}`);
       }
     }
-    // The admin user is the one the binaries log in with, defaulting like lib.sh and docs/configuration.md.
-    const binaries = environment(services.persister);
-    assert.equal(env.get("HDB_ADMIN_USERNAME"), binaries.get("CHATIFY_HARPERDB__USERNAME"));
-    assert.equal(env.get("HDB_ADMIN_PASSWORD"), binaries.get("CHATIFY_HARPERDB__PASSWORD"));
-    assert.equal(env.get("HDB_ADMIN_USERNAME"), `\${CHATIFY_HARPERDB__USERNAME:-${defaults.get("CHATIFY_HARPERDB__USERNAME")}}`);
+    // The admin user is the one setup logs in with (and only setup), defaulting like lib.sh; the
+    // persister's own user defaults like lib.sh and docs/configuration.md.
+    const setup = environment(services["persister-setup"]);
+    const persister = environment(services.persister);
+    assert.equal(env.get("HDB_ADMIN_USERNAME"), setup.get("CHATIFY_HARPERDB__ADMIN_USERNAME"));
+    assert.equal(env.get("HDB_ADMIN_PASSWORD"), setup.get("CHATIFY_HARPERDB__ADMIN_PASSWORD"));
+    assert.equal(env.get("HDB_ADMIN_USERNAME"), `\${CHATIFY_HDB_ADMIN_USERNAME:-${defaults.get("CHATIFY_HDB_ADMIN_USERNAME")}}`);
+    assert.ok(!persister.has("CHATIFY_HARPERDB__ADMIN_PASSWORD"), "the persister never gets the admin's password");
+    assert.equal(persister.get("CHATIFY_HARPERDB__USERNAME"), `\${CHATIFY_HARPERDB__USERNAME:-${defaults.get("CHATIFY_HARPERDB__USERNAME")}}`);
     assert.equal(config.get("CHATIFY_HARPERDB__USERNAME").default, defaults.get("CHATIFY_HARPERDB__USERNAME"));
     assert.ok(mounts(services.harperdb).some((m) => !m.bind && m.target === "/home/harperdb/hdb"), "HarperDB data volume");
   });
@@ -258,11 +277,17 @@ describe("docker-compose.yml", () => {
       for (const [target, { condition }] of Object.entries(deps)) {
         edges++;
         assert.ok(services[target], `${name} depends on unknown ${target}`);
+        if (target === "persister-setup") {
+          // A one-shot that must have succeeded, as up.sh's setup_harperdb before the persister.
+          assert.equal(condition, "service_completed_successfully", `${name} → ${target}`);
+          continue;
+        }
         const test = services[target].healthcheck?.test;
         assert.ok(Array.isArray(test) && test.length > 1 && test[0] === "CMD", `${target} has no health check`);
         assert.equal(condition, "service_healthy", `${name} → ${target}`);
         // up.sh starts components in this order too.
-        assert.ok(components.indexOf(target) < components.indexOf(name), `${target} starts after ${name} in up.sh`);
+        const order = (n) => components.indexOf(n === "persister-setup" ? "persister" : n);
+        assert.ok(order(target) < order(name), `${target} starts after ${name} in up.sh`);
       }
     }
     assert.ok(edges >= 6, `only ${edges} depends_on entries`);
@@ -271,18 +296,18 @@ describe("docker-compose.yml", () => {
   test("built services name existing Dockerfile targets and the same build context", () => {
     const { stages } = dockerfile();
     const built = Object.entries(services).filter(([, s]) => s.build && s.build.dockerfile !== WEB_DOCKERFILE);
-    assert.deepEqual(built.map(([n]) => n).sort(), ["gateway1", "gateway2", "persister"]);
+    assert.deepEqual(built.map(([n]) => n).sort(), ["gateway1", "gateway2", "persister", "persister-setup"]);
     assert.deepEqual(
       Object.entries(services).filter(([, s]) => s.build).map(([n]) => n).sort(),
-      ["gateway1", "gateway2", "persister", "web"],
+      ["gateway1", "gateway2", "persister", "persister-setup", "web"],
     );
     for (const [name, service] of built) {
       const context = path.resolve(repoPath("deploy"), service.build.context);
       assert.equal(context, repoPath(), `${name}: build context`);
       assert.ok(existsSync(path.join(context, service.build.dockerfile)), `${name}: ${service.build.dockerfile}`);
       assert.ok(stages.has(service.build.target), `${name}: no Dockerfile stage ${service.build.target}`);
-      assert.equal(service.build.target, name.replace(/\d+$/, ""));
-      assert.ok(service.healthcheck.test.includes(`chatify-${service.build.target}`));
+      assert.equal(service.build.target, name.replace(/\d+$/, "").replace(/-setup$/, ""));
+      if (name !== "persister-setup") assert.ok(service.healthcheck.test.includes(`chatify-${service.build.target}`));
     }
   });
 

@@ -293,10 +293,25 @@ describe("persister", () => {
     const hdbContainer = hdb.spec.template.spec.containers[0];
     const hdbEnv = new Map(hdbContainer.env.map((e) => [e.name, e]));
     assert.equal(containerPort(hdbContainer, servicePort.targetPort), Number(hdbEnv.get("OPERATIONSAPI_NETWORK_PORT").value));
-    // The persister logs in with the admin user HarperDB was installed with.
+    // The setup container logs in with the admin user HarperDB was installed with, and creates
+    // the persister's own user, which the persister logs in with; the persister never has the
+    // admin's credentials.
+    const setup = persister.spec.template.spec.initContainers.find((c) => c.name === "setup");
+    assert.deepEqual(setup.args, ["setup"]);
+    assert.equal(setup.image, persisterContainer.image);
+    const setupEnv = environment(setup);
+    assert.deepEqual(setupEnv.get("CHATIFY_HARPERDB__ADMIN_USERNAME").valueFrom, hdbEnv.get("HDB_ADMIN_USERNAME").valueFrom);
+    assert.deepEqual(setupEnv.get("CHATIFY_HARPERDB__ADMIN_PASSWORD").valueFrom, hdbEnv.get("HDB_ADMIN_PASSWORD").valueFrom);
+    assert.equal(setupEnv.get("CHATIFY_HARPERDB__URL").value, setting(persisterContainer, "CHATIFY_HARPERDB__URL"));
     const env = environment(persisterContainer);
-    assert.deepEqual(env.get("CHATIFY_HARPERDB__USERNAME").valueFrom, hdbEnv.get("HDB_ADMIN_USERNAME").valueFrom);
-    assert.deepEqual(env.get("CHATIFY_HARPERDB__PASSWORD").valueFrom, hdbEnv.get("HDB_ADMIN_PASSWORD").valueFrom);
+    for (const name of ["CHATIFY_HARPERDB__USERNAME", "CHATIFY_HARPERDB__PASSWORD"]) {
+      assert.deepEqual(env.get(name).valueFrom, setupEnv.get(name).valueFrom, name);
+    }
+    assert.notDeepEqual(env.get("CHATIFY_HARPERDB__USERNAME").valueFrom, hdbEnv.get("HDB_ADMIN_USERNAME").valueFrom);
+    for (const c of [persisterContainer, gatewayContainer]) {
+      assert.ok(!environment(c).has("CHATIFY_HARPERDB__ADMIN_PASSWORD"), `${c.name} has the HarperDB admin's password`);
+    }
+    assert.ok(!environment(gatewayContainer).has("CHATIFY_HARPERDB__PASSWORD"), "the gateways never talk to HarperDB");
   });
 });
 
@@ -424,7 +439,8 @@ describe("objects agree", () => {
     assert.equal(secretExample.metadata.name, "chatify-secrets");
     const keys = Object.keys(secretExample.stringData);
     const refs = workloads.flatMap((w) =>
-      w.spec.template.spec.containers.flatMap((c) => (c.env ?? []).filter((e) => e.valueFrom?.secretKeyRef)),
+      [...w.spec.template.spec.containers, ...(w.spec.template.spec.initContainers ?? [])].flatMap((c) =>
+        (c.env ?? []).filter((e) => e.valueFrom?.secretKeyRef)),
     );
     assert.ok(refs.length >= 5);
     for (const { name, valueFrom } of refs) {

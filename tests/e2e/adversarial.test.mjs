@@ -742,7 +742,7 @@ describe("auth", () => {
 // ---------------------------------------------------------------------------------------------
 
 describe("secrets", () => {
-  test("the JWT secret and HarperDB passwords never appear in logs (debug/trace), /metrics or error messages", { timeout: 60_000 }, async (t) => {
+  test("the JWT secret, HarperDB and NATS passwords never appear in logs (debug/trace), /metrics or error messages", { timeout: 60_000 }, async (t) => {
     const runDir = ENV.runDir;
     const hdbPassword = ENV.vars.CHATIFY_HARPERDB__PASSWORD;
     const hdbUser = ENV.vars.CHATIFY_HARPERDB__USERNAME || "chatify";
@@ -793,7 +793,10 @@ describe("secrets", () => {
       ["the JWT secret", JWT_SECRET],
       ["the bogus HarperDB password", BOGUS_HDB_PASSWORD],
       ["the HarperDB password", hdbPassword],
-    ];
+      ["the HarperDB admin password", ENV.vars.CHATIFY_HDB_ADMIN_PASSWORD],
+      ["the NATS password of the gateways", ENV.vars.CHATIFY_NATS_GATEWAY_PASSWORD],
+      ["the NATS password of the persisters", ENV.vars.CHATIFY_NATS_PERSISTER_PASSWORD],
+    ].filter(([, value]) => value);
     const forms = (value) => [
       value,
       Buffer.from(value).toString("base64"),

@@ -652,6 +652,20 @@ export function startProcess(cmd, args, { env, name }) {
 }
 
 /**
+ * The NATS settings logging in as the gateways ("GATEWAY") or the persisters ("PERSISTER") do,
+ * from the run dir's env file (up.sh writes CHATIFY_NATS_GATEWAY_USER/_PASSWORD and
+ * CHATIFY_NATS_PERSISTER_USER/_PASSWORD; NATS refuses connections without credentials).
+ */
+export function natsCredentials(who) {
+  const password = ENV.vars[`CHATIFY_NATS_${who}_PASSWORD`];
+  if (!password) return {};
+  return {
+    CHATIFY_NATS__USER: ENV.vars[`CHATIFY_NATS_${who}_USER`] || `chatify-${who.toLowerCase()}`,
+    CHATIFY_NATS__PASSWORD: password,
+  };
+}
+
+/**
  * Starts an extra gateway (the built binary) on a free port with the run dir's environment plus
  * `extraEnv`, and waits for GET /readyz 200. Returns { url, port, proc }.
  */
@@ -662,6 +676,10 @@ export async function startGateway(name, extraEnv = {}, { waitReady = true, time
   const env = {
     ...process.env,
     ...ENV.fileVars,
+    // As up.sh starts a gateway: its NATS user, and no HarperDB credentials.
+    ...natsCredentials("GATEWAY"),
+    CHATIFY_HARPERDB__USERNAME: undefined,
+    CHATIFY_HARPERDB__PASSWORD: undefined,
     CHATIFY_NATS__URL: ENV.vars.CHATIFY_NATS_URL,
     CHATIFY_GATEWAY__HOST: "127.0.0.1",
     CHATIFY_GATEWAY__PORT: String(port),
@@ -694,6 +712,7 @@ export async function startPersister(name, extraEnv = {}, { timeoutMs = 30000 } 
   const env = {
     ...process.env,
     ...ENV.fileVars,
+    ...natsCredentials("PERSISTER"),
     CHATIFY_NATS__URL: ENV.vars.CHATIFY_NATS_URL,
     CHATIFY_HARPERDB__URL: hdb,
     CHATIFY_PERSISTER__HOST: "127.0.0.1",

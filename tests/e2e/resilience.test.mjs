@@ -10,7 +10,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import {
-  QUIET_MS, assertUsers, closeAll, connect, emitAck, freePort, httpGet, isChatBot, isMsgId, join, me, msgFields,
+  ENV, QUIET_MS, REPO_DIR, assertUsers, closeAll, connect, emitAck, freePort, httpGet, isChatBot, isMsgId, join, me, msgFields,
   received, roomName, sameUsers, show, sleep, startGateway, startPersister, startProcess, userName, waitFor,
   waitForStored,
 } from "./helpers.mjs";
@@ -57,8 +57,24 @@ async function privateStack(t, tag, gateways = 1) {
     await stack.nats?.stop("SIGTERM");
     fs.rmSync(storeDir, { recursive: true, force: true });
   });
+  const monitorPort = await freePort();
+  // Started as up.sh starts NATS: deploy/nats/start.sh, with the users and permissions of
+  // deploy/nats/permissions.conf and the run dir's passwords (startGateway and startPersister log
+  // in with them).
+  const natsEnv = {
+    ...process.env,
+    NATS_SERVER: NATS_BIN,
+    CHATIFY_NATS_SYNC: "default",
+    CHATIFY_NATS_GATEWAY_PASSWORD: ENV.vars.CHATIFY_NATS_GATEWAY_PASSWORD,
+    CHATIFY_NATS_PERSISTER_PASSWORD: ENV.vars.CHATIFY_NATS_PERSISTER_PASSWORD,
+  };
   stack.startNats = async () => {
-    stack.nats = startProcess(NATS_BIN, ["-js", "-a", "127.0.0.1", "-p", String(port), "-sd", storeDir], { env: process.env, name: `nats-${tag}` });
+    stack.nats = startProcess(
+      path.join(REPO_DIR, "deploy/nats/start.sh"),
+      [path.join(REPO_DIR, "deploy/nats/nats.conf"), path.join(storeDir, "nats.conf"),
+        "-js", "-a", "127.0.0.1", "-p", String(port), "-m", String(monitorPort), "-sd", path.join(storeDir, "data")],
+      { env: natsEnv, name: `nats-${tag}` },
+    );
     const deadline = Date.now() + 10_000;
     while (!(await tcpOpen(port))) {
       if (stack.nats.exited) throw new Error(`nats-server exited (${stack.nats.exitCode}): ${stack.nats.logTail()}`);

@@ -134,6 +134,17 @@ enum Command {
         /// rooms): the persister's own lag, without clients and gateways on the same cores.
         #[arg(long)]
         nats_url: Option<String>,
+        /// The NATS user to publish as (a gateway's: only gateways may publish messages).
+        #[arg(long, env = "CHATIFY_NATS__USER", default_value = "")]
+        nats_user: String,
+        /// Its password (from the environment, so that it shows in no process list).
+        #[arg(
+            long,
+            env = "CHATIFY_NATS__PASSWORD",
+            hide_env_values = true,
+            default_value = ""
+        )]
+        nats_password: String,
     },
     /// Inserts the persister's record shape straight into HarperDB: the write ceiling.
     HarperdbDirect {
@@ -288,6 +299,8 @@ fn main() -> anyhow::Result<()> {
                 resume_cmd,
                 store_timeout,
                 nats_url,
+                nats_user,
+                nats_password,
             } => {
                 scenario::persister(scenario::PersisterArgs {
                     common,
@@ -301,6 +314,8 @@ fn main() -> anyhow::Result<()> {
                     resume_cmd,
                     store_timeout,
                     nats_url,
+                    nats_user,
+                    nats_password,
                 })
                 .await
             }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, context::PublishAckFuture};
+use chatify_shared::config::NatsSettings;
 use chatify_shared::id::message_id;
-use chatify_shared::subjects::RoomToken;
+use chatify_shared::subjects::{Role, RoomToken};
 use chatify_shared::wire::StoredMessage;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -35,14 +36,15 @@ struct InFlight {
 /// JetStream ack counts as an acked send (with the message id a gateway would have answered)
 /// and goes to `sink`. The task ends when the channel is closed and every ack is in.
 pub async fn start(
-    url: &str,
+    nats: NatsSettings,
     stats: &Arc<Stats>,
     size: usize,
     sink: mpsc::UnboundedSender<AckedSend>,
 ) -> anyhow::Result<mpsc::UnboundedSender<Due>> {
-    let client = async_nats::connect(url)
+    // As a gateway: only gateways may publish to the store subjects (deploy/nats/permissions.conf).
+    let client = chatify_shared::bus::connect(&nats, "chatify-loadgen", Role::Gateway)
         .await
-        .with_context(|| format!("connecting to NATS at {url}"))?;
+        .with_context(|| format!("connecting to NATS at {}", nats.url))?;
     let js = jetstream::new(client);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(publish(js, stats.clone(), size, rx, sink));

@@ -707,6 +707,9 @@ pub struct PersisterArgs {
     pub resume_cmd: Option<String>,
     pub store_timeout: f64,
     pub nats_url: Option<String>,
+    /// The NATS user and password to publish with (empty: none).
+    pub nats_user: String,
+    pub nats_password: String,
 }
 
 async fn shell(cmd: &str) -> anyhow::Result<()> {
@@ -760,7 +763,20 @@ pub async fn persister(a: PersisterArgs) -> anyhow::Result<Value> {
         }
         Some(url) => (
             None,
-            Some(crate::publish::start(url, &stats, a.load.size, sink).await?),
+            Some(
+                crate::publish::start(
+                    chatify_shared::config::NatsSettings {
+                        url: url.clone(),
+                        user: a.nats_user.clone(),
+                        password: a.nats_password.clone().into(),
+                        ..Default::default()
+                    },
+                    &stats,
+                    a.load.size,
+                    sink,
+                )
+                .await?,
+            ),
         ),
     };
     if let Some(cmd) = &a.pause_cmd {

@@ -68,6 +68,9 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> Result<Tes
     settings.nats.request_timeout_ms = 500;
     settings.gateway.port = 0;
     configure(&mut settings);
+    // As a persister would: a gateway only opens the messages stream.
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await?);
+    chatify_shared::bus::ensure_messages_stream(&js, &settings.stream).await?;
     let app = Application::build(settings).await?;
     let addr = app.local_addr()?;
     tokio::spawn(app.run_until_stopped(std::future::pending()));
