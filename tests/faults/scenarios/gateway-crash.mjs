@@ -43,7 +43,14 @@ export default {
       5000,
       "observers see all four members of their room",
     );
-    const oldIds = new Map(victims.map((v) => [v.name, v.socket.id]));
+    // Member ids as the observers list them (random per connection: a reconnection gets a new one).
+    const oldIds = new Map(
+      victims.map((v) => {
+        const o = observers.find((x) => x.rooms[0] === v.rooms[0]);
+        const list = o.notices.filter((n) => n.event === "chatroom_users").at(-1)?.payload ?? [];
+        return [v.name, list.find((u) => u.username === v.username)?.id];
+      }),
+    );
     let killedAt;
     const byId = () => new Map(ledger.list().flatMap((a) => a.ids.map((id) => [id, a])));
     /** An acknowledged id with the message's sender and creation time relative to the kill. */
@@ -80,15 +87,16 @@ export default {
         checks.check(`${o.name} got '${v.name} has left' within ${DROP_WITHIN_MS / 1000} s`, left && ms <= DROP_WITHIN_MS, left ? `after ${ms} ms` : "never");
       }
       const stale = new Set(mine.map((v) => oldIds.get(v.name)));
+      checks.check(`${o.name} listed each of its room's victims before the crash`, [...stale].every(Boolean), JSON.stringify([...stale]));
       const firstClean = o.notices.find((n) => n.at >= killedAt && n.event === "chatroom_users" && !n.payload.some((u) => stale.has(u.id)));
       const ms = firstClean ? firstClean.at - killedAt : undefined;
       checks.check(`${o.name}'s chatroom_users dropped the crashed gateway's sockets within ${DROP_WITHIN_MS / 1000} s`, firstClean && ms <= DROP_WITHIN_MS, firstClean ? `after ${ms} ms` : "never");
-      const want = [...mine.map((v) => v.socket?.id), ...senders.concat(observers).filter((c) => c.rooms[0] === r).map((c) => c.socket.id)].sort();
+      const want = [...mine, ...senders.concat(observers).filter((c) => c.rooms[0] === r)].map((c) => c.username).sort();
       const lastList = () => o.notices.filter((n) => n.event === "chatroom_users").at(-1)?.payload ?? [];
       // (a rejoin's chatroom_users follows it by up to 50 ms: the gateway coalesces it per room)
-      await until(() => JSON.stringify(lastList().map((u) => u.id).sort()) === JSON.stringify(want), 2000, "").catch(() => {});
+      await until(() => JSON.stringify(lastList().map((u) => u.username).sort()) === JSON.stringify(want), 2000, "").catch(() => {});
       const last = lastList();
-      checks.check(`${o.name}'s last chatroom_users is exactly the room's current members`, JSON.stringify(last.map((u) => u.id).sort()) === JSON.stringify(want), `got ${JSON.stringify(last)}; want ids ${JSON.stringify(want)}`);
+      checks.check(`${o.name}'s last chatroom_users is exactly the room's current members`, JSON.stringify(last.map((u) => u.username).sort()) === JSON.stringify(want) && new Set(last.map((u) => u.id)).size === last.length, `got ${JSON.stringify(last)}; want ${JSON.stringify(want)}`);
     }
 
     // the victims: reconnected through the load balancer and recovered everything with since

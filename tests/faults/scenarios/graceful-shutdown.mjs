@@ -32,7 +32,6 @@ export default {
     const staying = rooms.map((r, i) => client({ name: `o${i}`, url: sys.urls.gateway1(), rooms: [r] }));
     await Promise.all(staying.map((c) => c.open()));
     await Promise.all(leaving.map((c) => c.open()));
-    const oldIds = new Map(leaving.map((c) => [c.name, c.socket.id]));
     ledger.trace = true;
 
     let stop = false;
@@ -76,7 +75,11 @@ export default {
         const left = o.notices.find((n) => n.at >= termAt && n.event === "receive_message" && n.payload.message === `${c.username} has left the chat room`);
         checks.check(`${o.name} got '${c.name} has left' at once (< ${LEFT_AT_ONCE_MS} ms)`, left && left.at - termAt < LEFT_AT_ONCE_MS, left ? `after ${left.at - termAt} ms` : "never");
       }
-      const stale = new Set(leaving.map((c) => oldIds.get(c.name)));
+      // Member ids as this observer listed them before the stop (a reconnection gets new ones).
+      const before = o.notices.filter((n) => n.at < termAt && n.event === "chatroom_users").at(-1)?.payload ?? [];
+      const leavingNames = new Set(leaving.map((c) => c.username));
+      const stale = new Set(before.filter((u) => leavingNames.has(u.username)).map((u) => u.id));
+      checks.check(`${o.name} listed the stopping gateway's members before the stop`, stale.size > 0, JSON.stringify(before));
       const lists = o.notices.filter((n) => n.at >= termAt && n.event === "chatroom_users");
       checks.check(`${o.name}'s chatroom_users dropped the stopped gateway's sockets`, lists.some((n) => !n.payload.some((u) => stale.has(u.id))), "");
     }
