@@ -5,6 +5,7 @@ pub const CONNECTED_SOCKETS: &str = "chatify_gateway_connected_sockets";
 pub const AUTH_REFUSALS: &str = "chatify_gateway_auth_refusals_total";
 pub const ORIGIN_REFUSALS: &str = "chatify_gateway_origin_refusals_total";
 pub const CONNECTION_REFUSALS: &str = "chatify_gateway_connection_refusals_total";
+pub const PORT_FULL_REFUSALS: &str = "chatify_gateway_port_full_refusals_total";
 pub const EVENTS: &str = "chatify_gateway_events_total";
 pub const EVENT_ERRORS: &str = "chatify_gateway_event_errors_total";
 pub const JOINS: &str = "chatify_gateway_joins_total";
@@ -38,6 +39,10 @@ pub fn describe() {
     describe_counter!(
         CONNECTION_REFUSALS,
         "Connections refused by the per-address cap"
+    );
+    describe_counter!(
+        PORT_FULL_REFUSALS,
+        "TCP connections closed unread because the client port held limits.max_connections"
     );
     describe_counter!(
         ORIGIN_REFUSALS,

@@ -184,6 +184,10 @@ impl Application {
             http_limits: chatify_shared::serve::Limits {
                 header_read_timeout: Duration::from_millis(gw.header_read_timeout_ms),
                 timeouts_metric: crate::metrics::HTTP_TIMEOUTS,
+                max_connections: chatify_shared::serve::connection_cap(
+                    settings.limits.max_connections,
+                ),
+                refusals_metric: crate::metrics::PORT_FULL_REFUSALS,
             },
             write_stall_limit: tcp::write_stall_limit(
                 Duration::from_millis(gw.ping_interval_ms),

@@ -1,6 +1,7 @@
 //! The persister's Prometheus metrics: names (used only through these constants) and help texts.
 
 pub const HTTP_TIMEOUTS: &str = "chatify_persister_http_timeouts_total";
+pub const PORT_FULL_REFUSALS: &str = "chatify_persister_port_full_refusals_total";
 pub const MESSAGES_STORED: &str = "chatify_persister_messages_stored_total";
 pub const BATCH_MESSAGES: &str = "chatify_persister_batch_messages";
 pub const WRITE_DURATION: &str = "chatify_persister_write_duration_seconds";
@@ -21,6 +22,10 @@ pub fn describe() {
     describe_counter!(
         HTTP_TIMEOUTS,
         "HTTP connections closed by a timeout, by phase: headers (sent too slowly, or a kept-alive connection idle too long)"
+    );
+    describe_counter!(
+        PORT_FULL_REFUSALS,
+        "TCP connections closed unread because the HTTP port held as many as the open-file limit allows"
     );
     describe_counter!(
         MESSAGES_STORED,

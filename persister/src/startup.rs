@@ -120,6 +120,9 @@ impl Application {
                 self.settings.persister.header_read_timeout_ms,
             ),
             timeouts_metric: crate::metrics::HTTP_TIMEOUTS,
+            // Operators' port (metrics, health): bounded by the file limit alone.
+            max_connections: chatify_shared::serve::connection_cap(0),
+            refusals_metric: crate::metrics::PORT_FULL_REFUSALS,
         };
         tasks.spawn(async move {
             chatify_shared::serve::serve(

@@ -395,6 +395,9 @@ pub struct Limits {
     pub join_burst: u32,
     /// Live connections per client address; 0 for no cap.
     pub connections_per_address: usize,
+    /// TCP connections the client port holds at a time; 0 for the open-file limit less the
+    /// descriptors the gateway keeps for itself.
+    pub max_connections: usize,
     /// Peers (load balancers) whose `X-Forwarded-For` names the client address; comma
     /// separated in the environment.
     pub trusted_proxies: Vec<String>,
@@ -431,6 +434,7 @@ impl Default for Limits {
             joins_per_second: 10,
             join_burst: 50,
             connections_per_address: 256,
+            max_connections: 0,
             trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
             presence_list_max: 500,
             events_queued_per_socket: 64,

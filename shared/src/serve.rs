@@ -5,7 +5,8 @@
 //! HTTP/1.1: Socket.IO clients speak nothing else, and HTTP/2 would open more doors.
 
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +14,7 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
@@ -24,6 +26,12 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Counted once per connection closed for taking longer than that.
     pub timeouts_metric: &'static str,
+    /// Most TCP connections open at a time (0: no cap). One more is accepted and closed at
+    /// once, before anything is read from it: the process keeps file descriptors for its own
+    /// work (NATS, logs) instead of running out of them and refusing everyone.
+    pub max_connections: usize,
+    /// Counted once per connection closed for being over `max_connections`.
+    pub refusals_metric: &'static str,
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets the requests in progress finish
@@ -41,6 +49,9 @@ pub async fn serve(
     // Every connection's task holds a receiver: all of them are done once `closed` returns.
     let (done_tx, done_rx) = tokio::sync::watch::channel(());
     let mut shutdown = pin!(shutdown);
+    let places = (limits.max_connections > 0)
+        .then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections)));
+    let mut refused_lately = false;
     loop {
         let (mut stream, peer) = tokio::select! {
             () = &mut shutdown => break,
@@ -54,7 +65,32 @@ pub async fn serve(
                 }
             },
         };
+        // Held by the connection's task: its place is free again when the connection ends.
+        let place = match &places {
+            None => None,
+            Some(places) => match places.clone().try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    metrics::counter!(limits.refusals_metric).increment(1);
+                    if !std::mem::replace(&mut refused_lately, true) {
+                        tracing::warn!(
+                            max = limits.max_connections,
+                            "connections refused: this port holds as many as it may"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
+        refused_lately = false;
         on_accept(&mut stream);
+        // The place goes with the stream: a connection upgraded to a WebSocket outlives its HTTP
+        // task, and keeps its place until the WebSocket is closed.
+        let stream = Counted {
+            stream,
+            _place: place,
+        };
         let service =
             router
                 .clone()
@@ -94,6 +130,69 @@ pub async fn serve(
     Ok(())
 }
 
+/// A connection holding its place under the port's cap for as long as it exists.
+struct Counted {
+    stream: TcpStream,
+    /// Freed when the stream is dropped (by its HTTP task, or by the WebSocket it became).
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// File descriptors a process keeps for itself (NATS, logs, outgoing HTTP) when its connection
+/// cap is derived from its open-file limit.
+pub const RESERVED_FILES: u64 = 256;
+
+/// The connection cap of a port: `configured`, or when that is 0, the process's open-file limit
+/// less [`RESERVED_FILES`] (at least 64; no cap when the limit is unlimited).
+pub fn connection_cap(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current.map_or(0, |files| {
+        usize::try_from(files.saturating_sub(RESERVED_FILES).max(64)).unwrap_or(usize::MAX)
+    })
+}
+
 /// The peer address of a request served by [`serve`].
 pub fn peer(request: &axum::http::request::Parts) -> Option<SocketAddr> {
     request
@@ -109,6 +208,7 @@ mod tests {
 
     async fn server(
         header_read: Duration,
+        max_connections: usize,
     ) -> std::io::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -122,6 +222,8 @@ mod tests {
         let limits = Limits {
             header_read_timeout: header_read,
             timeouts_metric: "test_timeouts_total",
+            max_connections,
+            refusals_metric: "test_refusals_total",
         };
         tokio::spawn(serve(listener, router, limits, |_| {}, async move {
             let _ = stopped.await;
@@ -142,7 +244,7 @@ mod tests {
     #[tokio::test]
     async fn half_a_header_and_an_idle_keep_alive_are_closed_after_the_timeout()
     -> std::io::Result<()> {
-        let (addr, _stop) = server(Duration::from_millis(300)).await?;
+        let (addr, _stop) = server(Duration::from_millis(300), 0).await?;
         let mut half = TcpStream::connect(addr).await?;
         half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await?;
         let closed = read_to_close(&mut half, Duration::from_secs(3)).await;
@@ -162,7 +264,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_quick_client_is_served() -> std::io::Result<()> {
-        let (addr, stop) = server(Duration::from_secs(5)).await?;
+        let (addr, stop) = server(Duration::from_secs(5), 0).await?;
         let mut client = TcpStream::connect(addr).await?;
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -170,6 +272,56 @@ mod tests {
         let answer = read_to_close(&mut client, Duration::from_secs(3)).await;
         assert!(answer.is_some_and(|a| a.starts_with("HTTP/1.1 200")));
         let _ = stop.send(());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_the_others_untouched() -> std::io::Result<()> {
+        let (addr, _stop) = server(Duration::from_secs(5), 2).await?;
+        let mut held = [
+            TcpStream::connect(addr).await?,
+            TcpStream::connect(addr).await?,
+        ];
+        // The server has accepted both (a request on each is answered) before the third.
+        for h in &mut held {
+            h.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+            let mut buf = [0u8; 12];
+            h.read_exact(&mut buf).await?;
+            assert_eq!(&buf, b"HTTP/1.1 200");
+        }
+        let mut over = TcpStream::connect(addr).await?;
+        let _ = over
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let answer = read_to_close(&mut over, Duration::from_secs(3)).await;
+        // Closed unanswered (a reset, when the request had arrived first).
+        assert!(
+            answer.as_deref().is_none_or(str::is_empty),
+            "the third connection was served: {answer:?}"
+        );
+
+        // The held ones still work; once one ends, a new connection is served.
+        held[0]
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let answer = read_to_close(&mut held[0], Duration::from_secs(3)).await;
+        assert!(answer.is_some_and(|a| a.contains("200 OK")));
+        let mut answered = None;
+        for _ in 0..50 {
+            let mut next = TcpStream::connect(addr).await?;
+            let _ = next
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            answered = read_to_close(&mut next, Duration::from_secs(3)).await;
+            if answered.as_deref().is_some_and(|a| !a.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            answered.is_some_and(|a| a.starts_with("HTTP/1.1 200")),
+            "a freed place was not reused"
+        );
         Ok(())
     }
 }

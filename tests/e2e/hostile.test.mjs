@@ -8,12 +8,13 @@
 //   e2e-hostile          a gateway with the default limits
 //   e2e-hostile-headers  a gateway whose header read timeout is 1 s
 //   e2e-hostile-cache    a persister keeping at most 1,000 rooms of recent messages
+//   e2e-hostile-full     a gateway holding at most 200 connections
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import net from "node:net";
 import {
-  ENV, QUIET_MS, assertMemberIds, closeAll, connect, emitAck, failAck, ids, isMsgId, join, okAck, received,
+  ENV, QUIET_MS, assertMemberIds, closeAll, connect, connectRefused, emitAck, failAck, ids, isMsgId, join, okAck, received,
   roomName, runScript, send, show, sleep, startGateway, startPersister, uid, userName, waitFor, waitForStored, wsUpgrade,
 } from "./helpers.mjs";
 import { RawWs, cpuSeconds, httpRequest, metric, rssKb } from "./raw.mjs";
@@ -21,9 +22,10 @@ import { RawWs, cpuSeconds, httpRequest, metric, rssKb } from "./raw.mjs";
 let gw; // { url, proc }
 let gwHeaders;
 let cache; // the persister
+let gwFull;
 
 before(async () => {
-  [gw, gwHeaders, cache] = await Promise.all([
+  [gw, gwHeaders, cache, gwFull] = await Promise.all([
     // The shared system allows its one client address more history requests; not this one.
     startGateway("e2e-hostile", {
       CHATIFY_LIMITS__HTTP_HISTORY_PER_SECOND: undefined,
@@ -34,16 +36,29 @@ before(async () => {
     }),
     startGateway("e2e-hostile-headers", { CHATIFY_GATEWAY__HEADER_READ_TIMEOUT_MS: "1000" }),
     startPersister("e2e-hostile-cache", { CHATIFY_PERSISTER__HISTORY_CACHE_ROOMS: "1000" }),
+    startGateway("e2e-hostile-full", {
+      CHATIFY_LIMITS__MAX_CONNECTIONS: "200",
+      CHATIFY_GATEWAY__HEADER_READ_TIMEOUT_MS: "60000",
+    }),
   ]);
 });
 
 after(async () => {
   closeAll();
   for (const r of RawWs.all) r.terminate();
-  await Promise.all([gw?.proc.stop("SIGTERM"), gwHeaders?.proc.stop("SIGTERM"), cache?.proc.stop("SIGTERM")]);
+  await Promise.all([gw?.proc.stop("SIGTERM"), gwHeaders?.proc.stop("SIGTERM"), cache?.proc.stop("SIGTERM"), gwFull?.proc.stop("SIGTERM")]);
 });
 
 const pidOf = (server) => server.proc.child.pid;
+
+/** Polls `pred` (sync or async) every 50 ms until it holds, failing with `what` after 10 s. */
+async function until(pred, what, timeoutMs = 10_000) {
+  const end = Date.now() + timeoutMs;
+  while (!(await pred())) {
+    if (Date.now() > end) assert.fail(`timed out: ${what}`);
+    await sleep(50);
+  }
+}
 const mib = (kb) => (kb / 1024).toFixed(1);
 
 /**
@@ -232,6 +247,45 @@ describe("cheap inputs, bounded costs", () => {
     const timeouts = (await metric(gwHeaders.url, "chatify_gateway_http_timeouts_total")) - timeouts0;
     assert.ok(timeouts >= 1000, `closures counted: ${timeouts}`);
     assert.ok(growth < 40 * 1024, `the gateway grew ${mib(growth)} MiB`);
+  });
+
+  test("connections past limits.max_connections are closed unread; the ones held are untouched", { timeout: 60_000 }, async (t) => {
+    const port = Number(new URL(gwFull.url).port);
+    const room = roomName("full");
+    const member = await connect(gwFull.url, { transports: ["websocket"] }, t);
+    await join(member, room, userName("member"));
+    const rawOpen = (onClose) => new Promise((resolve) => {
+      const c = net.connect(port, "127.0.0.1", () => resolve(c));
+      c.on("close", onClose);
+      c.on("error", () => {});
+    });
+    const held = [];
+    let heldClosed = 0;
+    let overClosed = 0;
+    const { growth, cpu } = await measured(t, gwFull, "1,000 connections over a cap of 200", async () => {
+      // 199 idle connections fill the port with the member's.
+      for (let i = 0; i < 199; i++) held.push(await rawOpen(() => heldClosed++));
+      await sleep(500);
+      for (let i = 0; i < 1000; i++) await rawOpen(() => overClosed++);
+      await until(() => overClosed === 1000, `every connection over the cap was closed (${overClosed}; held closed ${heldClosed}, member ${member.connected})`);
+    });
+    const refused = await connectRefused(gwFull.url, { transports: ["websocket"] }, 5000);
+    t.diagnostic(`a new client while full: ${refused.message}`);
+    // The member's connection still works.
+    const { id } = await send(member, room, "still here");
+    await waitFor(member, "receive_message", isMsgId(id));
+    assert.equal(heldClosed, 0, "a connection under the cap was closed");
+    for (const c of held) c.destroy();
+    let refusals = 0;
+    await until(async () => {
+      refusals = await metric(gwFull.url, "chatify_gateway_port_full_refusals_total").catch(() => 0);
+      return refusals >= 1001;
+    }, "the refusals were counted");
+    t.diagnostic(`refusals counted: ${refusals}`);
+    const again = await connect(gwFull.url, { transports: ["websocket"] }, t);
+    await join(again, room, userName("later"));
+    assert.ok(growth < 20 * 1024, `the gateway grew ${mib(growth)} MiB`);
+    assert.ok(cpu < 5, `the refusals cost ${cpu.toFixed(2)} s of CPU`);
   });
 
   test("the HTTP history route is rate-limited per client address (429 with rate_limited)", async () => {
