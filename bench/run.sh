@@ -12,7 +12,7 @@
 # Only complete runs (no --smoke, no --only) replace bench/RESULTS.md; the others write their
 # table next to their raw summaries.
 #
-# Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,persister,history),
+# Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,bigroom,persister,history),
 #          --out DIR (instead of target/bench/<time>).
 #
 # It starts a private Chatify (deploy/local/up.sh: NATS, HarperDB, persister, two gateways) on
@@ -34,7 +34,7 @@ cd "$root"
 
 mode=full
 repeats=3
-only=idle,room,rooms2,interest,persister,history
+only=idle,room,rooms2,interest,bigroom,persister,history
 out=
 while (($#)); do
   case $1 in
@@ -69,6 +69,7 @@ case $mode in
     DIRECT=(--records 2000 --rooms 20)
     PMAX=(--senders 20 --rate 200 --duration 2) PLAG_DURATION=2 PLAG_MAX=100
     HIST_SEED=500 HIST_REF_SEED=100 HIST=(--rate 20 --duration 2)
+    BIG_SMALL=50 BIG_LARGE=600 BIG=(--rate 2 --duration 2 --warmup 0.5)
     ;;
   quick)
     IDLE=(--conns 10000 --rooms 1000 --hold 5)
@@ -78,6 +79,7 @@ case $mode in
     DIRECT=(--records 100000 --rooms 1000)
     PMAX=(--senders 1000 --rate 10000 --duration 8) PLAG_DURATION=10 PLAG_MAX=10000
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 15 --conns 50)
+    BIG_SMALL=1000 BIG_LARGE=10000 BIG=(--rate 5 --duration 10 --warmup 2)
     ;;
   full)
     IDLE=(--conns 10000 --rooms 1000 --hold 10)
@@ -87,6 +89,7 @@ case $mode in
     DIRECT=(--records 100000 --rooms 1000)
     PMAX=(--senders 1000 --rate 10000 --duration 10) PLAG_DURATION=15 PLAG_MAX=10000
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 20 --conns 50)
+    BIG_SMALL=1000 BIG_LARGE=10000 BIG=(--rate 5 --duration 15 --warmup 3)
     ;;
 esac
 
@@ -342,6 +345,23 @@ if wants interest; then
   done
 fi
 
+# --- 7. large rooms -----------------------------------------------------------------------------
+# One room whose members alternate between the two gateways: the time to fill it (every join
+# acknowledged) and the NATS bytes per join (from /varz), for a room of BIG_SMALL and one of
+# BIG_LARGE members, then messages into it. Chatify only: what is compared is the two sizes.
+if wants bigroom; then
+  say "7. large rooms: one room of $BIG_SMALL, then of $BIG_LARGE members over both gateways, then ${BIG[*]}"
+  for ((rep = 1; rep <= repeats; rep++)); do
+    for size in small large; do
+      members=$BIG_SMALL
+      [[ $size == large ]] && members=$BIG_LARGE
+      run_one chatify "bigroom-$size" "$rep" lg_pinned rooms --url "$G1" --url "$G2" --rooms 1 --members "$members" \
+        --pid "$(cpid gateway1)" --pid "$(cpid gateway2)" --pid "$(cpid nats)" \
+        --nats-monitor "$(chatify CHATIFY_NATS_MONITOR_URL)" "${BIG[@]}" || true
+    done
+  done
+fi
+
 # --- 4. persister -----------------------------------------------------------------------------------
 if wants persister; then
   server_pids_free
@@ -411,7 +431,7 @@ fi
 # --- report -----------------------------------------------------------------------------------------
 # Only a complete run replaces bench/RESULTS.md.
 results=bench/RESULTS.md
-if [[ $mode == smoke || $only != idle,room,rooms2,interest,persister,history ]]; then results=$out/RESULTS.md; fi
+if [[ $mode == smoke || $only != idle,room,rooms2,interest,bigroom,persister,history ]]; then results=$out/RESULTS.md; fi
 flag=
 [[ $mode != full ]] && flag=" --$mode"
 header="Run: $(date -u '+%Y-%m-%d %H:%M UTC'), \`bench/run.sh$flag\` (mode $mode, $repeats repeat(s)), commit $commit.

@@ -187,6 +187,46 @@ const ROWS: &[Row] = &[
             "chatify",
         )),
     },
+    Row {
+        target: "7. Large rooms: one room over two gateways, 10,000 members (Chatify column) and 1,000 (reference column)",
+        what: "NATS bytes per join while the room fills (in + out, from /varz)",
+        key: "bigroom-large",
+        path: &["fill", "nats", "bytes_per_join"],
+        checks: &[Check::RatioAtMost(1.5)],
+        against: Some(("bigroom-small", &["fill", "nats", "bytes_per_join"], "chatify")),
+    },
+    Row {
+        target: "7. Large rooms: one room over two gateways, 10,000 members (Chatify column) and 1,000 (reference column)",
+        what: "seconds to fill the room (every join acknowledged, 16 joins in flight)",
+        key: "bigroom-large",
+        path: &["fill", "seconds"],
+        checks: &[Check::Info],
+        against: Some(("bigroom-small", &["fill", "seconds"], "chatify")),
+    },
+    Row {
+        target: "7. Large rooms: one room over two gateways, 10,000 members (Chatify column) and 1,000 (reference column)",
+        what: "joins per second while filling",
+        key: "bigroom-large",
+        path: &["fill", "joins_per_s"],
+        checks: &[Check::Info],
+        against: Some(("bigroom-small", &["fill", "joins_per_s"], "chatify")),
+    },
+    Row {
+        target: "7. Large rooms: one room over two gateways, 10,000 members (Chatify column) and 1,000 (reference column)",
+        what: "deliveries lost, messages at 5/s into the full room",
+        key: "bigroom-large",
+        path: &["lost_deliveries"],
+        checks: &[Check::AtMost(0.0)],
+        against: Some(("bigroom-small", &["lost_deliveries"], "chatify")),
+    },
+    Row {
+        target: "7. Large rooms: one room over two gateways, 10,000 members (Chatify column) and 1,000 (reference column)",
+        what: "delivery p99 (ms)",
+        key: "bigroom-large",
+        path: &["delivery_latency", "p99_ms"],
+        checks: &[Check::Info],
+        against: Some(("bigroom-small", &["delivery_latency", "p99_ms"], "chatify")),
+    },
 ];
 
 fn lookup(v: &Value, path: &[&str]) -> Option<f64> {

@@ -530,6 +530,53 @@ pub struct Background {
     pub bg_rate: f64,
     #[arg(long)]
     pub bg_url: Option<String>,
+    /// NATS's monitoring URL (http://HOST:PORT): the bytes NATS received and sent while the
+    /// rooms filled, read from /varz, go into the summary (`fill`).
+    #[arg(long)]
+    pub nats_monitor: Option<String>,
+}
+
+/// NATS's traffic counters at one moment (from /varz).
+#[derive(Debug, Clone, Copy, Default)]
+struct NatsTraffic {
+    in_bytes: u64,
+    out_bytes: u64,
+    in_msgs: u64,
+    out_msgs: u64,
+}
+
+impl NatsTraffic {
+    async fn read(http: &reqwest::Client, monitor: &str) -> anyhow::Result<Self> {
+        let url = format!("{}/varz", monitor.trim_end_matches('/'));
+        let v: Value = http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("reading {url}"))?
+            .json()
+            .await
+            .with_context(|| format!("decoding {url}"))?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Ok(Self {
+            in_bytes: n("in_bytes"),
+            out_bytes: n("out_bytes"),
+            in_msgs: n("in_msgs"),
+            out_msgs: n("out_msgs"),
+        })
+    }
+
+    /// What passed between `before` and now, per join as well.
+    fn since(self, before: Self, joins: u64) -> Value {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let (ib, ob) = (d(self.in_bytes, before.in_bytes), d(self.out_bytes, before.out_bytes));
+        let per = |x: u64| x as f64 / joins.max(1) as f64;
+        json!({
+            "in_bytes": ib, "out_bytes": ob, "bytes": ib + ob,
+            "in_msgs": d(self.in_msgs, before.in_msgs), "out_msgs": d(self.out_msgs, before.out_msgs),
+            "in_bytes_per_join": per(ib), "out_bytes_per_join": per(ob), "bytes_per_join": per(ib + ob),
+        })
+    }
 }
 
 pub async fn rooms(
@@ -549,6 +596,12 @@ pub async fn rooms(
     let room_names: Vec<Arc<str>> = (0..rooms)
         .map(|r| Arc::from(format!("{run}-r{r}")))
         .collect();
+    let http = reqwest::Client::new();
+    let nats_before = match &bg.nats_monitor {
+        Some(m) => Some(NatsTraffic::read(&http, m).await?),
+        None => None,
+    };
+    let fill_started = Instant::now();
     // Connection i: room i / members, member i % members; members of a room alternate URLs.
     let fleet = Fleet::spawn(
         &common,
@@ -562,6 +615,19 @@ pub async fn rooms(
     fleet
         .wait_joined(total as u64, Duration::from_secs(120 + total as u64 / 20))
         .await?;
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    // Presence settles (counts go out at most once a second) before NATS is read again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut fill = json!({
+        "seconds": fill_s,
+        "joins": Stats::get(&stats.joined),
+        "joins_per_s": Stats::get(&stats.joined) as f64 / fill_s.max(1e-9),
+    });
+    if let (Some(m), Some(before)) = (&bg.nats_monitor, nats_before) {
+        fill["nats"] = NatsTraffic::read(&http, m)
+            .await?
+            .since(before, total as u64);
+    }
     let bg_stats = Arc::new(Stats::default());
     let bg_names: Vec<Arc<str>> = (0..bg.bg_rooms)
         .map(|r| Arc::from(format!("{run}-bg{r}")))
@@ -674,6 +740,7 @@ pub async fn rooms(
         &mon,
         ticks,
     );
+    v["fill"] = fill;
     if bg_fleet.is_some() {
         let lost = b_all.acked.saturating_sub(b_all.delivered);
         v["background"] = json!({
