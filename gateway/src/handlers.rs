@@ -282,6 +282,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
             message: request.message,
             created_time: now_millis(),
             user_id: session.identity.as_ref().map(|i| i.user_id.clone()),
+            reply_to: None,
         };
         let started = std::time::Instant::now();
         let stored = app.bus.publish_message(message, dedup).await?;

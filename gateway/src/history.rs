@@ -25,6 +25,7 @@ pub async fn page(bus: &Bus, request: HistoryPageRequest) -> Result<Page, ChatEr
             before: request.before,
             after: None,
             limit: request.limit,
+            ..HistoryQuery::default()
         })
         .await?;
     let mut messages = page.messages;
@@ -52,6 +53,7 @@ pub async fn on_join(
         } else {
             JOIN_HISTORY_LEN
         },
+        ..HistoryQuery::default()
     };
     Ok(bus.history(&query).await?.messages)
 }

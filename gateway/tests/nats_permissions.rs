@@ -146,10 +146,7 @@ async fn each_service_can_do_its_work() -> TestResult {
     let answering = persister.clone();
     tokio::spawn(async move {
         while let Some(query) = queries.next().await {
-            let empty = HistoryPage {
-                messages: Vec::new(),
-                has_more: false,
-            };
+            let empty = HistoryPage::default();
             if let (Some(reply), Ok(payload)) = (query.reply, serde_json::to_vec(&empty)) {
                 let _ = answering.publish(reply, payload.into()).await;
             }

@@ -163,6 +163,7 @@ fn stored(text: &str) -> StoredMessage {
         message: text.into(),
         created_time: 1_700_000_000_000,
         user_id: None,
+        ..StoredMessage::default()
     }
 }
 

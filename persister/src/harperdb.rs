@@ -391,6 +391,7 @@ impl HarperDb {
         Ok(HistoryPage {
             messages: newest_first,
             has_more,
+            ..HistoryPage::default()
         })
     }
 }
@@ -510,6 +511,7 @@ mod tests {
             before: None,
             after: None,
             limit: 50,
+            ..HistoryQuery::default()
         }
     }
 

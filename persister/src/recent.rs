@@ -239,6 +239,7 @@ impl Entry {
         Some(HistoryPage {
             messages: matching[skip..].iter().map(|m| (*m).clone()).collect(),
             has_more,
+            ..HistoryPage::default()
         })
     }
 }
@@ -260,6 +261,7 @@ mod tests {
                     message: format!("m{s}"),
                     created_time: 1_700_000_000_000,
                     user_id: None,
+                    ..StoredMessage::default()
                 }
                 .into_message(s)
             })
@@ -278,6 +280,7 @@ mod tests {
         HistoryPage {
             has_more: skip > 0,
             messages: matching[skip..].to_vec(),
+            ..HistoryPage::default()
         }
     }
 

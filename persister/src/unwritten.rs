@@ -92,6 +92,7 @@ pub fn merge(
         return HistoryPage {
             messages: all,
             has_more: stored.has_more,
+            ..HistoryPage::default()
         };
     }
     all.sort_by_key(ChatMessage::sequence);
@@ -102,6 +103,7 @@ pub fn merge(
     HistoryPage {
         messages: all.split_off(skip),
         has_more,
+        ..HistoryPage::default()
     }
 }
 
@@ -121,6 +123,7 @@ pub(crate) mod tests {
                     message: format!("m{i}"),
                     created_time: 1_700_000_000_000 - i as i64,
                     user_id: None,
+                    ..StoredMessage::default()
                 }
                 .into_message(100 + i as u64)
             })
@@ -134,6 +137,7 @@ pub(crate) mod tests {
             before,
             after,
             limit,
+            ..HistoryQuery::default()
         }
     }
 
@@ -143,6 +147,7 @@ pub(crate) mod tests {
         let stored = HistoryPage {
             messages: all[2..7].to_vec(),
             has_more: true,
+            ..HistoryPage::default()
         };
         // 6 is both written and still above the floor: it counts once.
         let page = merge(&query(5, None, None), stored, all[6..].to_vec());
@@ -156,6 +161,7 @@ pub(crate) mod tests {
         let stored = HistoryPage {
             messages: all[4..6].to_vec(),
             has_more: false,
+            ..HistoryPage::default()
         };
         let page = merge(
             &query(100, Some(all[3].id), Some(all[8].id)),
@@ -172,6 +178,7 @@ pub(crate) mod tests {
         let stored = HistoryPage {
             messages: all.clone(),
             has_more: true,
+            ..HistoryPage::default()
         };
         let page = merge(&query(3, None, None), stored.clone(), Vec::new());
         assert_eq!(page, stored);

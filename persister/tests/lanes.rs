@@ -136,6 +136,7 @@ fn message(i: usize) -> StoredMessage {
         message: format!("m{i}"),
         created_time: chatify_shared::id::now_millis(),
         user_id: None,
+        reply_to: None,
     }
 }
 

@@ -82,6 +82,7 @@ fn message(room: &str, text: &str) -> StoredMessage {
         message: text.to_owned(),
         created_time: chatify_shared::id::now_millis(),
         user_id: None,
+        reply_to: None,
     }
 }
 
@@ -138,6 +139,7 @@ fn query(room: &str, limit: u32) -> HistoryQuery {
         before: None,
         after: None,
         limit,
+        ..HistoryQuery::default()
     }
 }
 

@@ -5,6 +5,7 @@
 //! NATS subjects are built only here (see [`subjects`]); call sites never format subject strings.
 
 pub mod bus;
+pub mod changes;
 pub mod config;
 pub mod healthcheck;
 pub mod id;

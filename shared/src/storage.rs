@@ -13,6 +13,8 @@
 //! found by its exact key, but a range starting at a longer key is empty), so a room whose
 //! token is too long for that is keyed by a digest of its name instead ([`RoomKey`]).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -20,11 +22,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
+use crate::changes::{MessageState, Reactors};
 use crate::subjects::RoomToken;
 use crate::wire::ChatMessage;
 
 /// The table's attributes and their HarperDB types, the primary key first.
-pub const ATTRIBUTES: [(&str, &str); 7] = [
+pub const ATTRIBUTES: [(&str, &str); 13] = [
     ("pk", "String"),
     ("id", "String"),
     ("room", "String"),
@@ -32,6 +35,12 @@ pub const ATTRIBUTES: [(&str, &str); 7] = [
     ("message", "String"),
     ("createdTime", "Float"),
     ("userId", "String"),
+    ("replyTo", "String"),
+    ("editedTime", "Float"),
+    ("deleted", "Boolean"),
+    ("reactions", "Any"),
+    ("reactors", "Any"),
+    ("version", "Float"),
 ];
 
 /// A message as the table holds it.
@@ -51,10 +60,36 @@ pub struct StoredRecord {
     /// was stored).
     #[serde(rename = "userId", default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// The rest is what changes made of the message ([`crate::changes`]); absent in rows
+    /// nothing changed (and in rows written before messages could change).
+    #[serde(rename = "replyTo", default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Uuid>,
+    #[serde(
+        rename = "editedTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub edited_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reactions: Option<BTreeMap<String, u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reactors: Option<Reactors>,
+    /// The stream sequence of the last change applied to the row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 impl StoredRecord {
+    /// The row of a message as stored (nothing changed it yet).
     pub fn new(m: &ChatMessage) -> Self {
+        Self::from_state(&MessageState::new(m.clone()))
+    }
+
+    /// The row of a message in its current state.
+    pub fn from_state(s: &MessageState) -> Self {
+        let m = &s.message;
         Self {
             pk: storage_key(&RoomKey::new(&m.room), m.sequence()),
             id: m.id,
@@ -63,17 +98,37 @@ impl StoredRecord {
             message: m.message.clone(),
             created_time: m.created_time,
             user_id: m.user_id.clone(),
+            reply_to: m.reply_to,
+            edited_time: m.edited_time,
+            deleted: m.deleted.then_some(true),
+            reactions: (!m.reactions.is_empty()).then(|| m.reactions.clone()),
+            reactors: (!s.reactors.0.is_empty()).then(|| s.reactors.clone()),
+            version: (s.version > 0).then_some(s.version),
         }
     }
 
+    /// The message as clients see it.
     pub fn into_message(self) -> ChatMessage {
-        ChatMessage {
-            id: self.id,
-            room: self.room,
-            username: self.username,
-            message: self.message,
-            created_time: self.created_time,
-            user_id: self.user_id,
+        self.into_state().message
+    }
+
+    /// The message with who reacted and the last change applied.
+    pub fn into_state(self) -> MessageState {
+        MessageState {
+            message: ChatMessage {
+                id: self.id,
+                room: self.room,
+                username: self.username,
+                message: self.message,
+                created_time: self.created_time,
+                user_id: self.user_id,
+                reply_to: self.reply_to,
+                edited_time: self.edited_time,
+                deleted: self.deleted.unwrap_or(false),
+                reactions: self.reactions.unwrap_or_default(),
+            },
+            reactors: self.reactors.unwrap_or_default(),
+            version: self.version.unwrap_or(0),
         }
     }
 }
@@ -156,10 +211,40 @@ mod tests {
             message: "hi".into(),
             created_time: 1_700_000_000_000,
             user_id: Some("user-7".into()),
+            reply_to: Some(crate::id::message_id(1_700_000_000_000, 0x29)),
         }
         .into_message(0x2a);
         let record = StoredRecord::new(&message);
         assert_eq!(record.pk, "YSBi|000000000000002a");
+        assert_eq!(record.clone().into_message(), message);
+
+        // Changed, it holds every attribute of the table.
+        let mut state = MessageState::new(message);
+        let by = crate::changes::Actor {
+            member_id: "m".into(),
+            username: "u".into(),
+            user_id: None,
+        };
+        let change = |change| crate::changes::StoredChange {
+            room: "a b".into(),
+            target: state.message.id,
+            change,
+            at: 1_700_000_000_500,
+            by: by.clone(),
+        };
+        let (edit, react) = (
+            change(crate::changes::Change::Edit {
+                message: "hi!".into(),
+            }),
+            change(crate::changes::Change::React {
+                emoji: "👍".into(),
+                add: true,
+                distinct_max: 20,
+            }),
+        );
+        state.apply(0x2b, &edit);
+        state.apply(0x2c, &react);
+        let record = StoredRecord::from_state(&state);
         let json = serde_json::to_value(&record)?;
         let names: Vec<&str> = ATTRIBUTES.iter().map(|(name, _)| *name).collect();
         let mut fields: Vec<&str> = json
@@ -169,9 +254,10 @@ mod tests {
         fields.sort_unstable();
         let mut expected = names.clone();
         expected.sort_unstable();
+        expected.retain(|n| *n != "deleted");
         assert_eq!(fields, expected, "the record holds the table's attributes");
         assert_eq!(serde_json::from_value::<StoredRecord>(json)?, record);
-        assert_eq!(record.into_message(), message);
+        assert_eq!(record.into_state(), state);
         Ok(())
     }
 

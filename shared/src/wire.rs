@@ -2,9 +2,12 @@
 //!
 //! Field names follow the contract (`createdTime`, `isTyping`, `hasMore`), hence camelCase.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::changes::{ChangeEntry, MessageState};
 use crate::subjects::GatewayId;
 
 /// Sender name of server notices, as in the original server.
@@ -18,18 +21,45 @@ pub const PAGE_LIMIT_MAX: u32 = 100;
 pub const PAGE_LIMIT_DEFAULT: u32 = 50;
 
 /// A stored chat message, as delivered in `receive_message`, stored in JetStream and HarperDB,
-/// and returned by history queries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// and returned by history queries, in its current state (see [`crate::changes`]).
+///
+/// A deleted message keeps only `id`, `room`, `createdTime` and `deleted`: its `username` and
+/// `message` are empty, and empty ones are not serialized (a message that is not deleted
+/// always has both).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatMessage {
     pub id: Uuid,
     pub room: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     pub created_time: i64,
     /// With auth, the author's user id (the token's `sub`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// The message of the same room this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Uuid>,
+    /// When the text was last edited (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+    /// How many members reacted with each emoji.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, u32>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ChatMessage {
@@ -41,7 +71,7 @@ impl ChatMessage {
 
 /// A chat message as the messages stream holds it: everything but the id, which comes from the
 /// stream sequence it is stored at ([`StoredMessage::into_message`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredMessage {
     pub room: String,
@@ -51,6 +81,9 @@ pub struct StoredMessage {
     /// With auth, the author's user id (the token's `sub`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// The message of the same room this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Uuid>,
 }
 
 impl StoredMessage {
@@ -63,6 +96,8 @@ impl StoredMessage {
             message: self.message,
             created_time: self.created_time,
             user_id: self.user_id,
+            reply_to: self.reply_to,
+            ..ChatMessage::default()
         }
     }
 }
@@ -163,8 +198,9 @@ pub struct PresenceDelta {
 }
 
 /// A history query to the persisters' service. Returns the messages stored after `after` and
-/// before `before` (in stream order: see [`crate::id`]), the newest `limit` of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// before `before` (in stream order: see [`crate::id`]), the newest `limit` of them, each in
+/// its current state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryQuery {
     pub room: String,
@@ -173,6 +209,15 @@ pub struct HistoryQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<Uuid>,
     pub limit: u32,
+    /// With `after` (a `join_room` with `since`): also what changed after it in messages at or
+    /// before it ([`HistoryPage::changes`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub changes: bool,
+    /// Instead of a range: these messages of the room, with who reacted
+    /// ([`HistoryPage::states`]); at most [`HistoryQuery::IDS_MAX`]. What a gateway asks
+    /// before it changes a message it has not seen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<Uuid>,
 }
 
 /// Why a [`HistoryQuery`] cannot be answered ([`HistoryQuery::validate`]).
@@ -184,12 +229,18 @@ pub enum InvalidQuery {
     Limit(u32),
     #[error("a cursor is not a message id")]
     Cursor,
+    #[error("at most {max} ids", max = HistoryQuery::IDS_MAX)]
+    TooManyIds,
 }
 
 impl HistoryQuery {
     /// The most messages one query may ask for: the longest answer a client can get, `join_room`
     /// with `since`.
     pub const LIMIT_MAX: u32 = SINCE_HISTORY_MAX;
+    /// The most messages one lookup by ids names.
+    pub const IDS_MAX: usize = 100;
+    /// The most entries of [`HistoryPage::changes`].
+    pub const CHANGES_MAX: usize = 1000;
 
     /// Whether the history service can answer the query: the room is named, `limit` is
     /// `1..=`[`HistoryQuery::LIMIT_MAX`], and the cursors are message ids (their stream sequences
@@ -200,6 +251,16 @@ impl HistoryQuery {
         }
         if !(1..=Self::LIMIT_MAX).contains(&self.limit) {
             return Err(InvalidQuery::Limit(self.limit));
+        }
+        if self.ids.len() > Self::IDS_MAX {
+            return Err(InvalidQuery::TooManyIds);
+        }
+        if self
+            .ids
+            .iter()
+            .any(|id| crate::id::sequence_of(id).is_none())
+        {
+            return Err(InvalidQuery::Cursor);
         }
         match self.checked_sequence_bounds() {
             Some(_) => Ok(()),
@@ -229,11 +290,26 @@ impl HistoryQuery {
 }
 
 /// A history answer: messages oldest first, and whether older ones matched beyond `limit`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryPage {
     pub messages: Vec<ChatMessage>,
     pub has_more: bool,
+    /// For [`HistoryQuery::changes`]: what changed after `after` in messages at or before it,
+    /// in the order it happened (collapsed: [`crate::changes::collapse`]), the latest
+    /// [`HistoryQuery::CHANGES_MAX`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<ChangeEntry>,
+    /// Whether older entries of `changes` were left out.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub changes_cut: bool,
+    /// For [`HistoryQuery::ids`]: the messages found, with who reacted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<MessageState>,
+    /// Every event of the room the stream held at or below this sequence is in the answer, and
+    /// none above it (0: not told).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub as_of: u64,
 }
 
 /// Error codes of the contract.
@@ -295,7 +371,7 @@ mod tests {
             username: "u".into(),
             message: "hi".into(),
             created_time: 5,
-            user_id: None,
+            ..ChatMessage::default()
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap_or_default(),
@@ -323,9 +399,8 @@ mod tests {
     fn query(limit: u32) -> HistoryQuery {
         HistoryQuery {
             room: "r".into(),
-            before: None,
-            after: None,
             limit,
+            ..HistoryQuery::default()
         }
     }
 

@@ -34,6 +34,7 @@ pub fn record(room: &str, sequence: u64, text: &str) -> StoredRecord {
         message: text.to_owned(),
         created_time: now_millis(),
         user_id: None,
+        reply_to: None,
     };
     StoredRecord::new(&message.into_message(sequence))
 }

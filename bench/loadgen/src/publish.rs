@@ -75,6 +75,7 @@ async fn publish(
                     message: text.clone(),
                     created_time: chatify_shared::id::now_millis(),
                     user_id: None,
+                    reply_to: None,
                 };
                 let created_time = message.created_time;
                 let Ok(payload) = serde_json::to_vec(&message) else {

@@ -47,10 +47,7 @@ impl TestApp {
         nats.flush().await?;
         tokio::spawn(async move {
             while let Some(query) = queries.next().await {
-                let empty = HistoryPage {
-                    messages: Vec::new(),
-                    has_more: false,
-                };
+                let empty = HistoryPage::default();
                 if let (Some(reply), Ok(payload)) = (query.reply, serde_json::to_vec(&empty)) {
                     let _ = nats.publish(reply, payload.into()).await;
                 }
