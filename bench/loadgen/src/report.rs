@@ -193,7 +193,11 @@ const ROWS: &[Row] = &[
         key: "bigroom-large",
         path: &["fill", "nats", "bytes_per_join"],
         checks: &[Check::RatioAtMost(1.5)],
-        against: Some(("bigroom-small", &["fill", "nats", "bytes_per_join"], "chatify")),
+        against: Some((
+            "bigroom-small",
+            &["fill", "nats", "bytes_per_join"],
+            "chatify",
+        )),
     },
     Row {
         target: "7. Large rooms: one room over two gateways, 10,000 members (Chatify column) and 1,000 (reference column)",

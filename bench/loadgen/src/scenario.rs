@@ -569,7 +569,10 @@ impl NatsTraffic {
     /// What passed between `before` and now, per join as well.
     fn since(self, before: Self, joins: u64) -> Value {
         let d = |a: u64, b: u64| a.saturating_sub(b);
-        let (ib, ob) = (d(self.in_bytes, before.in_bytes), d(self.out_bytes, before.out_bytes));
+        let (ib, ob) = (
+            d(self.in_bytes, before.in_bytes),
+            d(self.out_bytes, before.out_bytes),
+        );
         let per = |x: u64| x as f64 / joins.max(1) as f64;
         json!({
             "in_bytes": ib, "out_bytes": ob, "bytes": ib + ob,
