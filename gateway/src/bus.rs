@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
+use chatify_shared::changes::{CHANGE_HEADER, StoredChange};
 use chatify_shared::subjects::{HISTORY_SUBJECT, RoomToken};
 use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage, TypingEvent};
 use sha2::{Digest, Sha256};
@@ -93,6 +94,33 @@ impl Bus {
             return Ok(Stored::Duplicate(first.into_message(ack.sequence)));
         }
         Ok(Stored::New(message.into_message(ack.sequence)))
+    }
+
+    /// Stores a change to a message in JetStream, on its room's subject (so it takes its
+    /// place in the room's order), marked with [`CHANGE_HEADER`]. Returns its stream sequence
+    /// once JetStream confirmed; the stream republishes it to the room.
+    pub async fn publish_change(&self, change: &StoredChange) -> Result<u64, ChatError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(error = %e, "could not store a change");
+            ChatError::unavailable("the change could not be stored; try again")
+        };
+        let token = RoomToken::new(&change.room);
+        let payload = Bytes::from(serde_json::to_vec(change).map_err(|e| unavailable(&e))?);
+        let mut headers = HeaderMap::new();
+        headers.insert(CHANGE_HEADER, "1");
+        let ack = self
+            .js
+            .publish_with_headers(token.store_subject(), headers, payload)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(ack.sequence)
+    }
+
+    /// How long a request to NATS may take.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
     }
 
     pub async fn publish_typing(&self, event: &TypingEvent) -> Result<(), ChatError> {

@@ -7,20 +7,28 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use chatify_shared::changes::{
+    CHANGE_HEADER, Change, MessageDeleted, MessageEdited, MessageState, Outcome, ReactionEvent,
+    StoredChange,
+};
 use chatify_shared::subjects::{RoomEventKind, room_event_kind};
 use chatify_shared::wire::{
-    ChatMessage, DirectMessage, Notice, PresenceDelta, RoomPresence, StoredMessage, Typing,
-    TypingEvent,
+    ChatMessage, DirectMessage, HistoryQuery, Notice, PresenceDelta, RoomPresence, StoredMessage,
+    Typing, TypingEvent,
 };
 use futures::StreamExt;
 use serde::Serialize;
 use socketioxide::SocketIo;
 use socketioxide::operators::BroadcastOperators;
 use socketioxide::socket::Sid;
+use tokio::sync::mpsc;
+use uuid::Uuid;
 
+use crate::bus::Bus;
 use crate::metrics as m;
 use crate::order::Reorder;
 use crate::registry::{Room, Rooms, UsersUpdate};
+use crate::states::{Applied, Step};
 
 /// How long a membership change waits for others before the room gets `chatroom_users`. Each
 /// emission carries the whole list to every member, so a join storm of n members would send n
@@ -96,13 +104,61 @@ impl Delivery {
         self.emit(room, except, "receive_message", &notice).await;
     }
 
-    async fn messages(&self, room: &Room, messages: Vec<ChatMessage>) {
-        for message in messages {
-            let members = room.local_count.load(Ordering::Relaxed);
-            metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
-            metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
-            self.emit(&room.name, None, "receive_message", &message)
-                .await;
+    async fn message(&self, room: &Room, message: &ChatMessage) {
+        let members = room.local_count.load(Ordering::Relaxed);
+        metrics::counter!(m::MESSAGES_DELIVERED).increment(members as u64);
+        metrics::counter!(m::MESSAGES_FANNED_OUT).increment(1);
+        self.emit(&room.name, None, "receive_message", message)
+            .await;
+    }
+
+    /// Tells the room's local sockets what a change did: `message_edited`, `message_deleted`
+    /// or `reaction`; nothing for a change that did nothing. A change whose message's state
+    /// could not be read is told as it was made when it needs no state (an edit, a deletion).
+    pub async fn change(&self, room: &str, change: &StoredChange, applied: &Applied) {
+        let outcome = match applied {
+            Applied::Done(outcome) => outcome,
+            Applied::NoSuchMessage => return,
+            Applied::Unknown => {
+                metrics::counter!(m::CHANGES_UNTOLD).increment(1);
+                match &change.change {
+                    Change::Edit { .. } => &Outcome::Edited {
+                        edited_time: change.at,
+                    },
+                    Change::Delete => &Outcome::Deleted,
+                    Change::React { .. } => return,
+                }
+            }
+        };
+        match (outcome, &change.change) {
+            (Outcome::Edited { edited_time }, Change::Edit { message }) => {
+                let event = MessageEdited {
+                    room: room.to_owned(),
+                    id: change.target,
+                    message: message.clone(),
+                    edited_time: *edited_time,
+                };
+                self.emit(room, None, "message_edited", &event).await;
+            }
+            (Outcome::Deleted, _) => {
+                let event = MessageDeleted {
+                    room: room.to_owned(),
+                    id: change.target,
+                };
+                self.emit(room, None, "message_deleted", &event).await;
+            }
+            (
+                Outcome::Reacted {
+                    changed: true,
+                    reactions,
+                },
+                _,
+            ) => {
+                if let Some(event) = ReactionEvent::new(change, reactions.clone()) {
+                    self.emit(room, None, "reaction", &event).await;
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -190,6 +246,8 @@ pub fn users_changed(rooms: &Arc<Rooms>, room: &Arc<Room>) {
 pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_nats::Subscriber) {
     let mut order = Reorder::default();
     let mut typing = PendingTyping::default();
+    // States of messages fetched for changes: (the message's sequence, what was read).
+    let (fetched_tx, mut fetched) = mpsc::unbounded_channel();
     loop {
         let gap_deadline = order.deadline();
         let message = tokio::select! {
@@ -197,6 +255,14 @@ pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_na
                 Some(message) => message,
                 None => break,
             },
+            Some((target, state)) = fetched.recv() => {
+                let done = room.states().fetched(target, state);
+                for (change, applied) in done {
+                    metrics::counter!(m::CHANGES_APPLIED, "outcome" => outcome_label(&applied)).increment(1);
+                    rooms.delivery.change(&room.name, &change, &applied).await;
+                }
+                continue;
+            }
             () = sleep_until_some(typing.deadline) => {
                 for (typist, change) in typing.take() {
                     rooms.delivery.emit(&room.name, Some(&typist), "typing", &change).await;
@@ -207,15 +273,17 @@ pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_na
                 let held = order.expire();
                 metrics::counter!(m::ORDER_GAPS).increment(1);
                 tracing::debug!(room = %room.name, held = held.len(), "a message never arrived; delivering the ones after it");
-                rooms.delivery.messages(&room, held).await;
+                // A change may have been lost too: the states kept may miss it.
+                room.states().forget_states();
+                deliver(&rooms, &room, held, &fetched_tx).await;
                 continue;
             }
         };
         match room_event_kind(&message.subject) {
             Some(RoomEventKind::Message) => match republished(&message) {
-                Some((sequence, previous, chat)) => {
-                    let ready = order.push(sequence, previous, chat, Instant::now());
-                    rooms.delivery.messages(&room, ready).await;
+                Some((sequence, previous, event)) => {
+                    let ready = order.push(sequence, previous, event, Instant::now());
+                    deliver(&rooms, &room, ready, &fetched_tx).await;
                 }
                 None => tracing::warn!("undecodable chat message on the room subject"),
             },
@@ -236,15 +304,105 @@ pub async fn listen(rooms: Arc<Rooms>, room: Arc<Room>, mut subscriber: async_na
     }
 }
 
-/// A message the stream republished: its sequence, the sequence of the room's message before
-/// it, and the message with the id its sequence gives it.
-fn republished(message: &async_nats::Message) -> Option<(u64, u64, ChatMessage)> {
+/// What the stream stores for a room: a message, or a change to one (at its sequence).
+enum RoomEvent {
+    Message(ChatMessage),
+    Change(u64, StoredChange),
+}
+
+/// Hands released events to the room's local sockets, in order: messages as they are;
+/// changes applied to the messages' states first (a state not kept here is fetched, and the
+/// changes to it wait for it, in order).
+async fn deliver(
+    rooms: &Arc<Rooms>,
+    room: &Arc<Room>,
+    events: Vec<RoomEvent>,
+    fetched: &mpsc::UnboundedSender<(u64, FetchedState)>,
+) {
+    for event in events {
+        match event {
+            RoomEvent::Message(message) => rooms.delivery.message(room, &message).await,
+            RoomEvent::Change(sequence, change) => {
+                let step = room.states().change(sequence, change.clone());
+                match step {
+                    Step::Applied(applied) => {
+                        metrics::counter!(m::CHANGES_APPLIED, "outcome" => outcome_label(&applied))
+                            .increment(1);
+                        rooms.delivery.change(&room.name, &change, &applied).await;
+                    }
+                    Step::Waiting => {}
+                    Step::Fetch => {
+                        let target = change.target_sequence();
+                        let (bus, fetched) = (rooms.bus.clone(), fetched.clone());
+                        let name = room.name.clone();
+                        tokio::spawn(async move {
+                            let state = fetch_state(&bus, name, change.target).await;
+                            let _ = fetched.send((target, state));
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A message's state read from the persisters, and the sequence it is complete up to; `None`
+/// when it is no message of the room; `Err` when it could not be read.
+pub type FetchedState = Result<Option<(MessageState, u64)>, ()>;
+
+/// Reads a message's state from the persisters.
+pub async fn fetch_state(bus: &Bus, room: String, id: Uuid) -> FetchedState {
+    let query = HistoryQuery {
+        room,
+        ids: vec![id],
+        limit: 1,
+        ..HistoryQuery::default()
+    };
+    match bus.history(&query).await {
+        Ok(page) => Ok(page
+            .states
+            .into_iter()
+            .find(|s| s.message.id == id)
+            .map(|s| (s, page.as_of))),
+        Err(e) => {
+            tracing::debug!(error = %e.message, "a message's state could not be read");
+            Err(())
+        }
+    }
+}
+
+/// The `outcome` label of [`m::CHANGES_APPLIED`].
+fn outcome_label(applied: &Applied) -> &'static str {
+    match applied {
+        Applied::Done(Outcome::Seen) => "seen",
+        Applied::Done(Outcome::Edited { .. }) => "edited",
+        Applied::Done(Outcome::Deleted) => "deleted",
+        Applied::Done(Outcome::Reacted { changed: true, .. }) => "reacted",
+        Applied::Done(Outcome::Reacted { changed: false, .. }) => "unchanged",
+        Applied::Done(Outcome::Gone) => "gone",
+        Applied::Done(Outcome::TooManyEmoji) => "too_many_emoji",
+        Applied::NoSuchMessage => "no_such_message",
+        Applied::Unknown => "unknown",
+    }
+}
+
+/// An event the stream republished: its sequence, the sequence of the room's event before it,
+/// and the message (with the id its sequence gives it) or change.
+fn republished(message: &async_nats::Message) -> Option<(u64, u64, RoomEvent)> {
     let headers = message.headers.as_ref()?;
     let number = |name| headers.get(name)?.as_str().parse::<u64>().ok();
     let sequence = number(async_nats::header::NATS_SEQUENCE)?;
     let previous = number(async_nats::header::NATS_LAST_SEQUENCE)?;
+    if headers.get(CHANGE_HEADER).is_some() {
+        let change = serde_json::from_slice::<StoredChange>(&message.payload).ok()?;
+        return Some((sequence, previous, RoomEvent::Change(sequence, change)));
+    }
     let stored = serde_json::from_slice::<StoredMessage>(&message.payload).ok()?;
-    Some((sequence, previous, stored.into_message(sequence)))
+    Some((
+        sequence,
+        previous,
+        RoomEvent::Message(stored.into_message(sequence)),
+    ))
 }
 
 /// Waits until `deadline`, or forever without one.

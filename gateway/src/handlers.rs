@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
+use chatify_shared::changes::ChangeEntry;
 use chatify_shared::id::now_millis;
 use chatify_shared::wire::{
-    Author, ChatMessage, DirectMessage, ErrorCode, JOIN_HISTORY_LEN, Member, Notice,
-    SINCE_HISTORY_MAX, StoredMessage, Typing, TypingEvent,
+    Author, ChatMessage, DirectMessage, ErrorCode, JOIN_HISTORY_LEN, Member, Notice, ReadMarker,
+    ReadNotice, SINCE_HISTORY_MAX, StoredMessage, Typing, TypingEvent, UnreadQuery,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -21,6 +22,7 @@ use uuid::Uuid;
 use crate::access::{Action, Who};
 use crate::auth::AuthError;
 use crate::bus::{Stored, dedup_key};
+use crate::changes;
 use crate::dm;
 use crate::error::{ChatError, Empty, reply};
 use crate::history;
@@ -66,6 +68,10 @@ pub async fn accept(
     s.on("typing", typing);
     s.on("refresh_token", refresh_token);
     s.on("open_dm", open_dm);
+    s.on("edit_message", edit_message);
+    s.on("delete_message", delete_message);
+    s.on("react", react);
+    s.on("mark_read", mark_read);
     s.on_disconnect(on_disconnect);
     Ok(())
 }
@@ -156,6 +162,7 @@ where
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Joined {
     room: String,
     /// At most `limits.presence_list_max` members.
@@ -163,6 +170,23 @@ struct Joined {
     /// How many members the room has.
     count: usize,
     history: Vec<ChatMessage>,
+    /// With `since`: what changed after it in messages at or before it, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changes: Option<Vec<ChangeEntry>>,
+    /// Whether older entries of `changes` were left out (more than 1,000).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    changes_cut: bool,
+    /// With auth: the user's read marker in the room (null: none) and how many messages of
+    /// others came after it (at most 1,000).
+    #[serde(flatten)]
+    read: Option<ReadState>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadState {
+    last_read: Option<Uuid>,
+    unread: u32,
 }
 
 async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
@@ -211,7 +235,15 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
             } else {
                 SINCE_HISTORY_MAX
             };
-            let history = history::on_join(&app.bus, &room, request.since, history_max);
+            let last_read = match &session.identity {
+                Some(identity) => Some(app.reads.last(&room, &identity.user_id).await?),
+                None => None,
+            };
+            let unread = session.identity.as_ref().map(|identity| UnreadQuery {
+                user_id: identity.user_id.clone(),
+                after: last_read.flatten(),
+            });
+            let history = history::on_join(&app.bus, &room, request.since, history_max, unread);
             let (users, history) = if already_in {
                 (app.rooms.users(&room).await, history.await?)
             } else {
@@ -227,7 +259,7 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                 let welcome = Notice::new(&room, format!("Welcome {username}"));
                 emit(&socket, "receive_message", &welcome);
             }
-            emit(&socket, "last_100_messages", &history);
+            emit(&socket, "last_100_messages", &history.messages);
             if !already_in {
                 metrics::counter!(m::JOINS).increment(1);
             }
@@ -236,7 +268,13 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                 room,
                 users: users.listed,
                 count: users.count,
-                history,
+                history: history.messages,
+                changes: request.since.map(|_| history.changes),
+                changes_cut: history.changes_cut,
+                read: last_read.map(|last_read| ReadState {
+                    last_read,
+                    unread: history.unread.unwrap_or_default(),
+                }),
             })
         },
     )
@@ -269,6 +307,9 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
                 ),
             ));
         }
+        if let Some(reply_to) = request.reply_to {
+            changes::check_reply(&app, &request.room, reply_to).await?;
+        }
         let dedup = request.client_id.as_deref().map(|client_id| {
             let scope = match &session.identity {
                 Some(identity) => format!("user:{}", identity.user_id),
@@ -282,7 +323,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
             message: request.message,
             created_time: now_millis(),
             user_id: session.identity.as_ref().map(|i| i.user_id.clone()),
-            reply_to: None,
+            reply_to: request.reply_to,
         };
         let started = std::time::Instant::now();
         let stored = app.bus.publish_message(message, dedup).await?;
@@ -290,6 +331,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
         Ok(match stored {
             Stored::New(message) => {
                 metrics::counter!(m::MESSAGES_RECEIVED).increment(1);
+                session.sent(message.id);
                 tracing::debug!(%socket_id, message_id = %message.id, room = %message.room, "message stored");
                 if let (Some((a, b)), Some(identity)) =
                     (dm::participants(&message.room), &session.identity)
@@ -311,6 +353,7 @@ async fn send_message(s: SocketRef, State(app): State<App>, event: Ordered) {
             }
             Stored::Duplicate(first) => {
                 metrics::counter!(m::DUPLICATE_SENDS).increment(1);
+                session.sent(first.id);
                 Sent {
                     id: first.id,
                     created_time: first.created_time,
@@ -395,6 +438,129 @@ async fn typing(s: SocketRef, State(app): State<App>, event: Ordered) {
             .await?;
         Ok(Empty {})
     })
+    .await;
+}
+
+/// The checks every change of a message (and a read marker) passes first: the connection is in
+/// the room, may do `action` there, and has not used up its changes' rate. Returns the name it
+/// joined the room with.
+async fn may_change(
+    app: &App,
+    session: &Session,
+    room: &str,
+    action: Action,
+    event: &'static str,
+) -> Result<String, ChatError> {
+    let username = session
+        .rooms
+        .username_in(room)
+        .ok_or_else(|| ChatError::not_in_room(room))?;
+    allowed(app, session, room, action).await?;
+    if !session.allow_change() {
+        metrics::counter!(m::RATE_LIMITED, "event" => event).increment(1);
+        return Err(ChatError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "too many changes: at most {} a second, with bursts of {} (edits, deletions, reactions and read markers together)",
+                app.limits.changes_per_second, app.limits.changes_burst
+            ),
+        ));
+    }
+    Ok(username)
+}
+
+/// `edit_message { room, id, message }`.
+async fn edit_message(s: SocketRef, State(app): State<App>, event: Ordered) {
+    run(
+        app.clone(),
+        s,
+        event,
+        "edit_message",
+        |session, v| async move {
+            let request = payload::edit(&v, &app.limits)?;
+            let username = may_change(
+                &app,
+                &session,
+                &request.target.room,
+                Action::Send,
+                "edit_message",
+            )
+            .await?;
+            changes::edit(&app, &session, username, request).await
+        },
+    )
+    .await;
+}
+
+/// `delete_message { room, id }`.
+async fn delete_message(s: SocketRef, State(app): State<App>, event: Ordered) {
+    run(
+        app.clone(),
+        s,
+        event,
+        "delete_message",
+        |session, v| async move {
+            let request = payload::delete(&v, &app.limits)?;
+            let username = may_change(
+                &app,
+                &session,
+                &request.room,
+                Action::Send,
+                "delete_message",
+            )
+            .await?;
+            changes::delete(&app, &session, username, request).await
+        },
+    )
+    .await;
+}
+
+/// `react { room, id, emoji, add }`.
+async fn react(s: SocketRef, State(app): State<App>, event: Ordered) {
+    run(app.clone(), s, event, "react", |session, v| async move {
+        let request = payload::react(&v, &app.limits)?;
+        let username =
+            may_change(&app, &session, &request.target.room, Action::Send, "react").await?;
+        changes::react(&app, &session, username, request).await
+    })
+    .await;
+}
+
+/// `mark_read { room, id }` (with auth): moves the user's read marker in the room forward;
+/// the user's other connections get `read`.
+async fn mark_read(s: SocketRef, State(app): State<App>, event: Ordered) {
+    let socket_id = s.id.to_string();
+    run(
+        app.clone(),
+        s,
+        event,
+        "mark_read",
+        |session, v| async move {
+            let Some(identity) = &session.identity else {
+                return Err(ChatError::invalid(
+                    "mark_read needs auth, which is off on this server",
+                ));
+            };
+            let request = payload::mark_read(&v, &app.limits)?;
+            may_change(&app, &session, &request.room, Action::History, "mark_read").await?;
+            changes::lookup(&app, &request.room, request.id).await?;
+            if app
+                .reads
+                .mark(&request.room, &identity.user_id, request.id)
+                .await?
+            {
+                let notice = ReadNotice {
+                    socket_id,
+                    marker: ReadMarker {
+                        room: request.room,
+                        id: request.id,
+                    },
+                };
+                app.users.read(&identity.user_id, &notice).await;
+            }
+            Ok(Empty {})
+        },
+    )
     .await;
 }
 

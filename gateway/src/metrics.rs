@@ -28,12 +28,22 @@ pub const HTTP_TIMEOUTS: &str = "chatify_gateway_http_timeouts_total";
 pub const FORWARDED: &str = "chatify_gateway_forwarded_requests_total";
 pub const ACCESS_REFUSALS: &str = "chatify_gateway_access_refusals_total";
 pub const ACCESS_WEBHOOK_CALLS: &str = "chatify_gateway_access_webhook_total";
+pub const CHANGES_APPLIED: &str = "chatify_gateway_changes_applied_total";
+pub const CHANGES_UNTOLD: &str = "chatify_gateway_changes_untold_total";
 pub const DIRECT_MESSAGES: &str = "chatify_gateway_direct_message_notifications_total";
 
 /// Registers the help texts; call once at start.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(CONNECTIONS, "Socket.IO connections accepted");
+    describe_counter!(
+        CHANGES_APPLIED,
+        "Changes (edits, deletions, reactions) a room listener applied, by outcome"
+    );
+    describe_counter!(
+        CHANGES_UNTOLD,
+        "Changes whose message state could not be read (no persister answered): edits and deletions told as made, reactions not told"
+    );
     describe_gauge!(CONNECTED_SOCKETS, "Sockets connected now");
     describe_counter!(AUTH_REFUSALS, "Connections refused by token checks");
     describe_counter!(

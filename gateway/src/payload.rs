@@ -18,12 +18,36 @@ pub struct Join {
     pub since: Option<Uuid>,
 }
 
-/// `send_message { room, message, clientId? }`, with the text trimmed.
+/// `send_message { room, message, clientId?, replyTo? }`, with the text trimmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Send {
     pub room: String,
     pub message: String,
     pub client_id: Option<String>,
+    /// A message id (which must be a message of the room: checked against the stored ones).
+    pub reply_to: Option<Uuid>,
+}
+
+/// The message an `edit_message`, `delete_message`, `react` or `mark_read` is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub room: String,
+    pub id: Uuid,
+}
+
+/// `edit_message { room, id, message }`, with the text trimmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub target: Target,
+    pub message: String,
+}
+
+/// `react { room, id, emoji, add }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct React {
+    pub target: Target,
+    pub emoji: String,
+    pub add: bool,
 }
 
 /// `get_history { room, before?, limit? }`.
@@ -157,9 +181,8 @@ pub fn join(v: &Value, limits: &Limits) -> Result<Join, ChatError> {
     })
 }
 
-pub fn send(v: &Value, limits: &Limits) -> Result<Send, ChatError> {
-    let o = object(v, "send_message", "{ room, message, clientId? }")?;
-    let room = room(o, &["room"], limits)?;
+/// A message's text: trimmed, not empty, at most `limits.message_max_bytes` bytes.
+fn text(o: &Map<String, Value>, limits: &Limits) -> Result<String, ChatError> {
     let message = required_string(o, &["message"])?.trim();
     if message.is_empty() {
         return Err(ChatError::invalid("message must not be empty"));
@@ -174,6 +197,14 @@ pub fn send(v: &Value, limits: &Limits) -> Result<Send, ChatError> {
             ),
         ));
     }
+    Ok(message.to_owned())
+}
+
+pub fn send(v: &Value, limits: &Limits) -> Result<Send, ChatError> {
+    let o = object(v, "send_message", "{ room, message, clientId?, replyTo? }")?;
+    let room = room(o, &["room"], limits)?;
+    let message = text(o, limits)?;
+    let reply_to = message_id(o, "replyTo")?;
     let client_id = match string_field(o, &["clientId"])? {
         None => None,
         Some(id) if id.is_empty() || id.chars().count() > CLIENT_ID_MAX_CHARS => {
@@ -185,8 +216,63 @@ pub fn send(v: &Value, limits: &Limits) -> Result<Send, ChatError> {
     };
     Ok(Send {
         room,
-        message: message.to_owned(),
+        message,
         client_id,
+        reply_to,
+    })
+}
+
+fn target(o: &Map<String, Value>, limits: &Limits) -> Result<Target, ChatError> {
+    Ok(Target {
+        room: room(o, &["room"], limits)?,
+        id: message_id(o, "id")?.ok_or_else(|| ChatError::invalid("id is required"))?,
+    })
+}
+
+/// `edit_message { room, id, message }`.
+pub fn edit(v: &Value, limits: &Limits) -> Result<Edit, ChatError> {
+    let o = object(v, "edit_message", "{ room, id, message }")?;
+    Ok(Edit {
+        target: target(o, limits)?,
+        message: text(o, limits)?,
+    })
+}
+
+/// `delete_message { room, id }`.
+pub fn delete(v: &Value, limits: &Limits) -> Result<Target, ChatError> {
+    target(object(v, "delete_message", "{ room, id }")?, limits)
+}
+
+/// `mark_read { room, id }`.
+pub fn mark_read(v: &Value, limits: &Limits) -> Result<Target, ChatError> {
+    target(object(v, "mark_read", "{ room, id }")?, limits)
+}
+
+/// `react { room, id, emoji, add }`: an emoji of 1..=`limits.emoji_max_bytes` bytes without
+/// control characters.
+pub fn react(v: &Value, limits: &Limits) -> Result<React, ChatError> {
+    let o = object(v, "react", "{ room, id, emoji, add }")?;
+    let target = target(o, limits)?;
+    let emoji = required_string(o, &["emoji"])?;
+    if emoji.is_empty() || emoji.len() > limits.emoji_max_bytes {
+        return Err(ChatError::invalid(format!(
+            "emoji must be 1..={} bytes",
+            limits.emoji_max_bytes
+        )));
+    }
+    if emoji.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ChatError::invalid(
+            "emoji must not contain control characters or white space",
+        ));
+    }
+    let add = match o.get("add") {
+        Some(Value::Bool(add)) => *add,
+        _ => return Err(ChatError::invalid("add must be true or false")),
+    };
+    Ok(React {
+        target,
+        emoji: emoji.to_owned(),
+        add,
     })
 }
 
@@ -301,6 +387,77 @@ mod tests {
             Ok(v) => panic!("expected an error, got {v:?}"),
             Err(e) => e.code,
         }
+    }
+
+    #[test]
+    fn changes_name_a_message_of_a_room_and_check_their_parts() {
+        let id = chatify_shared::id::message_id(1_700_000_000_000, 7);
+        let l = limits();
+        let e = edit(
+            &json!({"room": "r", "id": id.to_string(), "message": "  fixed "}),
+            &l,
+        );
+        assert_eq!(
+            e.ok(),
+            Some(Edit {
+                target: Target {
+                    room: "r".into(),
+                    id
+                },
+                message: "fixed".into()
+            })
+        );
+        assert_eq!(
+            code(edit(
+                &json!({"room": "r", "id": id.to_string(), "message": " "}),
+                &l
+            )),
+            ErrorCode::InvalidPayload
+        );
+        assert_eq!(
+            code(delete(&json!({"room": "r"}), &l)),
+            ErrorCode::InvalidPayload
+        );
+        assert_eq!(
+            code(delete(
+                &json!({"room": "r", "id": Uuid::new_v4().to_string()}),
+                &l
+            )),
+            ErrorCode::InvalidPayload,
+            "not a message id"
+        );
+        let r = |emoji: &str, add: Value| {
+            react(
+                &json!({"room": "r", "id": id.to_string(), "emoji": emoji, "add": add}),
+                &l,
+            )
+        };
+        assert_eq!(
+            r("👍", json!(true)).map(|r| r.emoji).ok(),
+            Some("👍".into())
+        );
+        assert_eq!(r("👍", json!(false)).map(|r| r.add).ok(), Some(false));
+        for bad in ["", "a\u{7}", "a b", &"x".repeat(33)] {
+            assert_eq!(
+                code(r(bad, json!(true))),
+                ErrorCode::InvalidPayload,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(code(r("👍", json!("yes"))), ErrorCode::InvalidPayload);
+        assert_eq!(code(r("👍", Value::Null)), ErrorCode::InvalidPayload);
+        let s = send(
+            &json!({"room": "r", "message": "hi", "replyTo": id.to_string()}),
+            &l,
+        );
+        assert_eq!(s.ok().and_then(|s| s.reply_to), Some(id));
+        assert_eq!(
+            code(send(
+                &json!({"room": "r", "message": "hi", "replyTo": "x"}),
+                &l
+            )),
+            ErrorCode::InvalidPayload
+        );
     }
 
     #[test]
@@ -425,7 +582,8 @@ mod tests {
             Ok(Send {
                 room: "r".into(),
                 message: "hi".into(),
-                client_id: Some("c1".into())
+                client_id: Some("c1".into()),
+                reply_to: None,
             })
         );
         assert_eq!(

@@ -16,11 +16,13 @@ use chatify_shared::wire::{Member, PresenceDelta};
 use socketioxide::extract::SocketRef;
 use tokio::task::JoinHandle;
 
+use crate::bus::Bus;
 use crate::delivery::{self, Delivery};
 use crate::error::ChatError;
 use crate::liveness::Liveness;
 use crate::metrics as m;
 use crate::presence::{self, Change, Presence, Roster};
+use crate::states::RoomStates;
 
 /// The rooms a socket is in, with the name it uses in each.
 ///
@@ -83,6 +85,9 @@ pub struct Room {
     /// Set while a `chatroom_users` or `room_presence` emission is scheduled (see
     /// [`delivery::users_changed`]).
     pub users_pending: AtomicBool,
+    /// The states of messages changed lately, which the listener keeps to apply changes in
+    /// order; and what each change did, for the handler that made it.
+    states: Mutex<RoomStates>,
 }
 
 #[derive(Default)]
@@ -116,14 +121,20 @@ pub enum UsersUpdate {
 }
 
 impl Room {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, states_bytes: usize) -> Self {
         Self {
             name: name.to_owned(),
             token: RoomToken::new(name),
             local_count: AtomicUsize::new(0),
             state: tokio::sync::Mutex::new(RoomState::default()),
             users_pending: AtomicBool::new(false),
+            states: Mutex::new(RoomStates::new(states_bytes)),
         }
+    }
+
+    /// The room's message states and change outcomes.
+    pub fn states(&self) -> MutexGuard<'_, RoomStates> {
+        self.states.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether the room is listed to its members (else they get its count).
@@ -166,10 +177,20 @@ pub struct Rooms {
     /// Rooms with more members than this are not listed to their members, only counted, and
     /// have no join and leave notices.
     pub list_max: usize,
+    /// Where a listener reads the state of a message changed here for the first time.
+    pub bus: Bus,
+    /// Bytes of message states each room keeps (`gateway.message_states_bytes_per_room`).
+    states_bytes: usize,
 }
 
 impl Rooms {
-    pub fn new(nats: async_nats::Client, presence: Presence, list_max: usize) -> Self {
+    pub fn new(
+        nats: async_nats::Client,
+        presence: Presence,
+        list_max: usize,
+        bus: Bus,
+        states_bytes: usize,
+    ) -> Self {
         let liveness = Arc::new(Liveness::new(presence.gateway().clone()));
         Self {
             delivery: Delivery::default(),
@@ -178,7 +199,14 @@ impl Rooms {
             nats,
             rooms: Mutex::new(HashMap::new()),
             list_max,
+            bus,
+            states_bytes,
         }
+    }
+
+    /// The room of that name, if this gateway has members in it.
+    pub fn get(&self, name: &str) -> Option<Arc<Room>> {
+        self.registry().get(name).cloned()
     }
 
     pub fn gateway(&self) -> &GatewayId {
@@ -205,7 +233,7 @@ impl Rooms {
     fn entry(&self, name: &str) -> Arc<Room> {
         self.registry()
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Room::new(name)))
+            .or_insert_with(|| Arc::new(Room::new(name, self.states_bytes)))
             .clone()
     }
 

@@ -1,23 +1,30 @@
 //! Per-socket state, and the extractor that takes each event's place in the socket's turns
 //! (see [`crate::turns`]).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chatify_shared::config::Limits;
+use chatify_shared::wire::ChatMessage;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::Value;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::TryData;
 use socketioxide::handler::FromMessageParts;
 use socketioxide::socket::Socket;
+use uuid::Uuid;
 
 use crate::answer::Answer;
 use crate::auth::Identity;
 use crate::registry::SocketRooms;
 use crate::turns::{Sequencer, Ticket};
+
+/// Without auth, how many of its latest messages a connection may still edit or delete (it is
+/// their author only while it is connected, and only for these).
+pub const SENT_IDS_KEPT: usize = 256;
 
 /// What the gateway knows about one connected socket.
 pub struct Session {
@@ -44,6 +51,11 @@ pub struct Session {
     typings: DefaultDirectRateLimiter,
     /// `get_history` rate limit.
     histories: DefaultDirectRateLimiter,
+    /// `edit_message`, `delete_message`, `react` and `mark_read` rate limit (together).
+    changes: DefaultDirectRateLimiter,
+    /// Without auth, the ids of the latest messages this connection sent (at most
+    /// [`SENT_IDS_KEPT`]): the messages it is the author of. With auth the author is the user.
+    sent: Mutex<VecDeque<Uuid>>,
     /// Most events received and not finished (`limits.events_queued_per_socket`).
     queued_max: usize,
     /// Answers waiting for room in the socket's outgoing queue, and the most allowed.
@@ -74,6 +86,8 @@ impl Session {
             joins: RateLimiter::direct(quota(limits.joins_per_second, limits.join_burst)),
             typings: RateLimiter::direct(quota(limits.typing_per_second, limits.typing_burst)),
             histories: RateLimiter::direct(quota(limits.history_per_second, limits.history_burst)),
+            changes: RateLimiter::direct(quota(limits.changes_per_second, limits.changes_burst)),
+            sent: Mutex::new(VecDeque::new()),
             queued_max: limits.events_queued_per_socket,
             answers_waiting: AtomicUsize::new(0),
             answers_waiting_max: limits.answers_waiting_per_socket,
@@ -117,6 +131,37 @@ impl Session {
     /// Whether one more `get_history` fits the rate limit now.
     pub fn allow_history(&self) -> bool {
         self.histories.check().is_ok()
+    }
+
+    /// Whether one more change (`edit_message`, `delete_message`, `react`, `mark_read`) fits
+    /// the rate limit now.
+    pub fn allow_change(&self) -> bool {
+        self.changes.check().is_ok()
+    }
+
+    /// Records a message this connection sent (without auth: what makes it the author).
+    pub fn sent(&self, id: Uuid) {
+        if self.identity.is_some() {
+            return;
+        }
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        if sent.len() >= SENT_IDS_KEPT {
+            sent.pop_front();
+        }
+        sent.push_back(id);
+    }
+
+    /// Whether this connection is the author of `message`: with auth, the user who sent it;
+    /// without, this connection, among its latest [`SENT_IDS_KEPT`] messages.
+    pub fn is_author(&self, message: &ChatMessage) -> bool {
+        match &self.identity {
+            Some(identity) => message.user_id.as_deref() == Some(identity.user_id.as_str()),
+            None => self
+                .sent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&message.id),
+        }
     }
 
     /// Whether one more `typing` fits the rate limit now.

@@ -25,6 +25,7 @@ use crate::handlers;
 use crate::http::{self, HttpState, Origins};
 use crate::lifecycle::Lifecycle;
 use crate::presence::Presence;
+use crate::reads::Reads;
 use crate::registry::Rooms;
 use crate::state::{App, AppInner};
 use crate::tcp;
@@ -103,23 +104,28 @@ impl Application {
         // The persister creates the messages stream; a gateway may only read it.
         let messages = bus::open_messages_stream(&js, MESSAGES_STREAM_WAIT).await?;
         let presence = bus::ensure_presence_stream(&js, settings.stream.replicas).await?;
+        let reads = Reads::new(bus::ensure_reads_bucket(&js, settings.stream.replicas).await?);
         let gateway_id = GatewayId::random();
         // Every session id starts with this gateway's, so any gateway can tell where it lives.
         engineioxide::config::set_default_sid_prefix(gateway_id.sid_prefix());
         let presence = Presence::new(nats.clone(), js, presence, gateway_id.clone());
+        let bus = Bus::new(nats.clone(), messages, settings.nats.request_timeout());
         let rooms = Arc::new(Rooms::new(
             nats.clone(),
             presence,
             settings.limits.presence_list_max,
+            bus.clone(),
+            gw.message_states_bytes_per_room,
         ));
         let app = App::new(AppInner {
             limits: settings.limits.clone(),
-            bus: Bus::new(nats.clone(), messages, settings.nats.request_timeout()),
+            bus,
             rooms: rooms.clone(),
             auth: Authenticator::from_settings(&settings.auth),
             expiry: Arc::default(),
             access: Access::from_settings(&settings.access)?,
             users: Users::new(nats.clone()),
+            reads,
             lifecycle: Lifecycle::default(),
             connections: Arc::new(ConnectionLimiter::new(
                 settings.limits.connections_per_address,

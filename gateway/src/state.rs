@@ -11,6 +11,7 @@ use crate::bus::Bus;
 use crate::connections::ConnectionLimiter;
 use crate::expiry::Expiry;
 use crate::lifecycle::Lifecycle;
+use crate::reads::Reads;
 use crate::registry::Rooms;
 use crate::users::Users;
 
@@ -31,8 +32,10 @@ pub struct AppInner {
     pub expiry: Arc<Expiry>,
     /// Who may use which room.
     pub access: Access,
-    /// Users with connections here, for `dm` notifications.
+    /// Users with connections here, for `dm` and `read` notifications.
     pub users: Users,
+    /// Read markers.
+    pub reads: Reads,
     /// The per-address connection cap.
     pub connections: Arc<ConnectionLimiter>,
     /// Refuses new events and tracks running ones during shutdown.

@@ -1,4 +1,5 @@
-//! Reaching a user wherever they are connected: `dm` notifications.
+//! Reaching a user wherever they are connected: `dm` notifications, and `read` when the
+//! user's read marker moved.
 //!
 //! Each authenticated connection is in a Socket.IO room of its own user (a name no chat room
 //! can have: it starts with a control character), and a gateway listens to a user's NATS
@@ -9,8 +10,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use chatify_shared::subjects::user_dm_subject;
-use chatify_shared::wire::DirectMessage;
+use chatify_shared::subjects::{user_dm_subject, user_read_subject};
+use chatify_shared::wire::{DirectMessage, ReadNotice};
 use futures::StreamExt;
 use socketioxide::extract::SocketRef;
 use tokio::task::JoinHandle;
@@ -92,20 +93,56 @@ impl Users {
             }
         }
     }
+
+    /// Tells the user's other connections that its read marker moved. Best effort (core
+    /// NATS): the marker itself is stored, and a join tells it.
+    pub async fn read(&self, user_id: &str, notice: &ReadNotice) {
+        match serde_json::to_vec(notice) {
+            Ok(payload) => {
+                if let Err(e) = self
+                    .nats
+                    .publish(user_read_subject(user_id), payload.into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "a read notification could not be published");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "a read notification could not be encoded"),
+        }
+    }
 }
 
-/// Emits the user's notifications to its connections here that are not in the room.
+/// Emits the user's notifications to its connections here: `dm` to those not in the room,
+/// `read` to those but the one that moved the marker.
 async fn listen(nats: async_nats::Client, rooms: Arc<Rooms>, user_id: String) {
-    let mut subscriber = match nats.subscribe(user_dm_subject(&user_id)).await {
-        Ok(subscriber) => subscriber,
+    let subscribed = tokio::try_join!(
+        nats.subscribe(user_dm_subject(&user_id)),
+        nats.subscribe(user_read_subject(&user_id)),
+    );
+    let (dms, reads) = match subscribed {
+        Ok(subscribers) => subscribers,
         Err(e) => {
-            tracing::warn!(error = %e, "could not listen for a user's dm notifications");
+            tracing::warn!(error = %e, "could not listen for a user's notifications");
             return;
         }
     };
-    while let Some(message) = subscriber.next().await {
+    let user_room = user_room(&user_id);
+    let mut both = futures::stream::select(dms, reads);
+    while let Some(message) = both.next().await {
+        if message.subject.ends_with(".read") {
+            match serde_json::from_slice::<ReadNotice>(&message.payload) {
+                Ok(notice) => {
+                    rooms
+                        .delivery
+                        .emit(&user_room, Some(&notice.socket_id), "read", &notice.marker)
+                        .await;
+                }
+                Err(e) => tracing::warn!(error = %e, "undecodable read notification"),
+            }
+            continue;
+        }
         match serde_json::from_slice::<DirectMessage>(&message.payload) {
-            Ok(dm) => rooms.delivery.dm(&user_room(&user_id), &dm).await,
+            Ok(dm) => rooms.delivery.dm(&user_room, &dm).await,
             Err(e) => tracing::warn!(error = %e, "undecodable dm notification"),
         }
     }

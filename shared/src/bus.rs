@@ -10,7 +10,7 @@ use crate::config::{ConfigError, NatsAuth, NatsSettings, StreamSettings};
 use crate::subjects::{
     DEAD_LETTER_STREAM, DEAD_LETTER_STREAM_SUBJECTS, LEGACY_PRESENCE_RECORDS,
     MESSAGES_REPUBLISH_DESTINATION, MESSAGES_STREAM, MESSAGES_STREAM_SUBJECTS, PRESENCE_STREAM,
-    PRESENCE_STREAM_SUBJECTS, Role,
+    PRESENCE_STREAM_SUBJECTS, READS_BUCKET, Role,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,8 @@ pub enum BusError {
     Stream(#[from] jetstream::context::CreateStreamError),
     #[error("could not open a JetStream stream: {0}")]
     OpenStream(#[from] jetstream::context::GetStreamError),
+    #[error("could not open or create the read markers' bucket {READS_BUCKET}: {0}")]
+    Bucket(String),
     #[error(
         "stream {MESSAGES_STREAM} exists without republishing to the rooms, and JetStream cannot add that to an existing stream: let the persister write everything (its consumer has nothing pending), then delete the stream and either recreate it with `first_seq` above its last sequence ({last_sequence}; message ids and storage keys come from sequences, so they must not start again) or also start a new HarperDB table"
     )]
@@ -221,6 +223,39 @@ pub async fn ensure_presence_stream(
         tracing::warn!(error = %e, "could not purge presence records of an older Chatify");
     }
     Ok(stream)
+}
+
+/// The bucket of read markers ([`READS_BUCKET`]), created by the first gateway that needs it:
+/// one value per room and user, on disk and replicated like the streams. Declared as the
+/// stream a key-value bucket is (async-nats's `create_key_value` first reads the account's
+/// limits, in a form nats-server 2.9 does not answer).
+pub async fn ensure_reads_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, BusError> {
+    if let Ok(store) = js.get_key_value(READS_BUCKET).await {
+        return Ok(store);
+    }
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{READS_BUCKET}"),
+        description: Some(
+            "Chatify read markers: the last message each user read in each room".to_owned(),
+        ),
+        subjects: vec![format!("$KV.{READS_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::Bucket(e.to_string()))?;
+    js.get_key_value(READS_BUCKET)
+        .await
+        .map_err(|e| BusError::Bucket(e.to_string()))
 }
 
 /// The stream keeping messages HarperDB refused for good, for an operator to inspect (30 days).

@@ -303,6 +303,9 @@ pub struct GatewaySettings {
     pub gateway_timeout_ms: u64,
     /// How long shutdown may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
+    /// Bytes of message states (reactions and who made them) a room's listener keeps to
+    /// apply changes in order; the least recently changed messages are dropped beyond.
+    pub message_states_bytes_per_room: usize,
 }
 
 impl Default for GatewaySettings {
@@ -321,6 +324,7 @@ impl Default for GatewaySettings {
             heartbeat_interval_ms: 2000,
             gateway_timeout_ms: 7000,
             shutdown_timeout_ms: 10_000,
+            message_states_bytes_per_room: 1024 * 1024,
         }
     }
 }
@@ -419,6 +423,16 @@ pub struct Limits {
     /// Requests to the HTTP history route per client address, and the burst above it.
     pub http_history_per_second: u32,
     pub http_history_burst: u32,
+    /// `edit_message`, `delete_message`, `react` and `mark_read` rate per socket (together),
+    /// and the burst allowed above it.
+    pub changes_per_second: u32,
+    pub changes_burst: u32,
+    /// Longest emoji of a reaction, in bytes.
+    pub emoji_max_bytes: usize,
+    /// Most distinct emoji one message may carry.
+    pub reactions_per_message: u32,
+    /// How long after sending its author may edit a message.
+    pub edit_window_secs: u64,
 }
 
 impl Default for Limits {
@@ -445,6 +459,11 @@ impl Default for Limits {
             history_burst: 20,
             http_history_per_second: 5,
             http_history_burst: 20,
+            changes_per_second: 10,
+            changes_burst: 20,
+            emoji_max_bytes: 32,
+            reactions_per_message: 20,
+            edit_window_secs: 24 * 60 * 60,
         }
     }
 }
@@ -647,6 +666,15 @@ impl Settings {
         {
             return invalid(
                 "limits.typing_per_second, typing_burst, history_per_second, history_burst, http_history_per_second and http_history_burst must be at least 1",
+            );
+        }
+        if l.changes_per_second == 0
+            || l.changes_burst == 0
+            || l.emoji_max_bytes == 0
+            || l.reactions_per_message == 0
+        {
+            return invalid(
+                "limits.changes_per_second, changes_burst, emoji_max_bytes and reactions_per_message must be at least 1",
             );
         }
         if l.answers_waiting_per_socket == 0 {

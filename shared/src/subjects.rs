@@ -47,6 +47,25 @@ pub fn user_dm_subject(user_id: &str) -> String {
     format!("chatify.user.{}.dm", MemberToken::new(user_id).0)
 }
 
+/// Core NATS subject on which a user's connections hear that the user moved a read marker.
+pub fn user_read_subject(user_id: &str) -> String {
+    format!("chatify.user.{}.read", MemberToken::new(user_id).0)
+}
+
+/// The JetStream key-value bucket of read markers: per room and user, the id of the last
+/// message read.
+pub const READS_BUCKET: &str = "CHATIFY_READS";
+
+/// The key of a user's read marker in a room, in [`READS_BUCKET`]: fixed-size digests of both
+/// (any room name and user id make a valid key, and distinct ones distinct keys).
+pub fn read_marker_key(room: &str, user_id: &str) -> String {
+    format!(
+        "{}.{}",
+        MemberToken::new(room).0,
+        MemberToken::new(user_id).0
+    )
+}
+
 /// Core NATS subject on which a gateway serves the Engine.IO requests other gateways received
 /// for its sessions (see the gateway's `forward`).
 pub fn gateway_http_subject(gateway: &GatewayId) -> String {

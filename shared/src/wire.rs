@@ -213,11 +213,25 @@ pub struct HistoryQuery {
     /// before it ([`HistoryPage::changes`]).
     #[serde(default, skip_serializing_if = "is_false")]
     pub changes: bool,
+    /// With auth (a join): also count the user's unread messages ([`HistoryPage::unread`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<UnreadQuery>,
     /// Instead of a range: these messages of the room, with who reacted
     /// ([`HistoryPage::states`]); at most [`HistoryQuery::IDS_MAX`]. What a gateway asks
     /// before it changes a message it has not seen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ids: Vec<Uuid>,
+}
+
+/// What counts as unread for a user: the room's messages after `after` (its read marker; all
+/// of them without one) that are not deleted and not the user's own, up to
+/// [`HistoryQuery::UNREAD_MAX`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnreadQuery {
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Uuid>,
 }
 
 /// Why a [`HistoryQuery`] cannot be answered ([`HistoryQuery::validate`]).
@@ -241,6 +255,8 @@ impl HistoryQuery {
     pub const IDS_MAX: usize = 100;
     /// The most entries of [`HistoryPage::changes`].
     pub const CHANGES_MAX: usize = 1000;
+    /// The most unread messages counted ([`HistoryQuery::unread`]).
+    pub const UNREAD_MAX: u32 = 1000;
 
     /// Whether the history service can answer the query: the room is named, `limit` is
     /// `1..=`[`HistoryQuery::LIMIT_MAX`], and the cursors are message ids (their stream sequences
@@ -303,6 +319,10 @@ pub struct HistoryPage {
     /// Whether older entries of `changes` were left out.
     #[serde(default, skip_serializing_if = "is_false")]
     pub changes_cut: bool,
+    /// For [`HistoryQuery::unread`]: the unread messages counted (at most
+    /// [`HistoryQuery::UNREAD_MAX`]); `None` when not asked (or from a persister that cannot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<u32>,
     /// For [`HistoryQuery::ids`]: the messages found, with who reacted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub states: Vec<MessageState>,
@@ -310,6 +330,22 @@ pub struct HistoryPage {
     /// none above it (0: not told).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub as_of: u64,
+}
+
+/// `read`: a user's read marker in a room moved (to the user's other connections).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadMarker {
+    pub room: String,
+    pub id: Uuid,
+}
+
+/// `read` on the bus: also names the connection that moved it, which does not get it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadNotice {
+    pub socket_id: String,
+    #[serde(flatten)]
+    pub marker: ReadMarker,
 }
 
 /// Error codes of the contract.
