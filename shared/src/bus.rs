@@ -98,7 +98,7 @@ pub async fn connect(
         options = options.require_tls(true);
     }
     options
-        .connect(settings.url.as_str())
+        .connect(settings.server_urls())
         .await
         .map_err(|source| BusError::Connect {
             url: settings.url.clone(),
