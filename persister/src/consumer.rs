@@ -91,10 +91,17 @@ impl Consumer {
         {
             return Ok(());
         }
-        let consumer = self
-            .stream
-            .get_or_create_consumer(PERSISTER_CONSUMER, consumer_config())
-            .await?;
+        // On a cluster, JetStream may not answer for a while (a leader election, a node away).
+        let consumer = chatify_shared::bus::retry_jetstream(
+            "creating the durable consumer",
+            chatify_shared::bus::JETSTREAM_SETUP_WAIT,
+            chatify_shared::bus::consumer_error_is_transient,
+            || {
+                self.stream
+                    .get_or_create_consumer(PERSISTER_CONSUMER, consumer_config())
+            },
+        )
+        .await?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(self.settings.batch_size)
