@@ -1,10 +1,18 @@
 # shellcheck shell=bash
 # Sourced by the scripts that start a private system (test.sh, faults.sh): exports every port
 # variable deploy/local/up.sh reads with a free loopback port, so the system never collides with
-# a developer's running set.
-mapfile -t _ports < <(node "$(dirname -- "${BASH_SOURCE[0]}")/free-ports.mjs" 12)
-export CHATIFY_LB_PORT=${_ports[0]} CHATIFY_GATEWAY1_PORT=${_ports[1]} CHATIFY_GATEWAY2_PORT=${_ports[2]}
-export CHATIFY_PERSISTER_PORT=${_ports[3]} CHATIFY_NATS_PORT=${_ports[4]} CHATIFY_NATS_MONITOR_PORT=${_ports[5]}
-export CHATIFY_HDB_PORT=${_ports[6]} CHATIFY_HDB_HTTP_PORT=${_ports[7]} CHATIFY_HDB_MQTT_PORT=${_ports[8]}
-export CHATIFY_HDB_MQTTS_PORT=${_ports[9]} CHATIFY_HDB_REPLICATION_PORT=${_ports[10]} CHATIFY_WEB_PORT=${_ports[11]}
-unset _ports
+# a developer's running set. With CHATIFY_NATS_NODES=3 also the other NATS nodes' and the routes'
+# ports, with CHATIFY_PERSISTERS=N the other persisters' (set those two before sourcing this).
+_vars=(
+  CHATIFY_LB_PORT CHATIFY_GATEWAY1_PORT CHATIFY_GATEWAY2_PORT CHATIFY_PERSISTER_PORT CHATIFY_NATS_PORT
+  CHATIFY_NATS_MONITOR_PORT CHATIFY_HDB_PORT CHATIFY_HDB_HTTP_PORT CHATIFY_HDB_MQTT_PORT
+  CHATIFY_HDB_MQTTS_PORT CHATIFY_HDB_REPLICATION_PORT CHATIFY_WEB_PORT
+)
+if [[ ${CHATIFY_NATS_NODES:-1} -gt 1 ]]; then
+  _vars+=(CHATIFY_NATS_CLUSTER_PORT CHATIFY_NATS2_PORT CHATIFY_NATS2_MONITOR_PORT CHATIFY_NATS2_CLUSTER_PORT
+    CHATIFY_NATS3_PORT CHATIFY_NATS3_MONITOR_PORT CHATIFY_NATS3_CLUSTER_PORT)
+fi
+for ((_i = 2; _i <= ${CHATIFY_PERSISTERS:-1}; _i++)); do _vars+=("CHATIFY_PERSISTER${_i}_PORT"); done
+mapfile -t _ports < <(node "$(dirname -- "${BASH_SOURCE[0]}")/free-ports.mjs" "${#_vars[@]}")
+for _i in "${!_vars[@]}"; do export "${_vars[_i]}=${_ports[_i]}"; done
+unset _ports _vars _i

@@ -15,10 +15,18 @@ CHATIFY_NATS_SYNC_DIR=$CHATIFY_LOCAL_DIR/nats-server
 CHATIFY_HAPROXY_CFG=$CHATIFY_REPO/deploy/haproxy/haproxy.cfg
 CHATIFY_WEB_DIR=$CHATIFY_REPO/web
 
-# Start order; down.sh walks it backwards.
+# Start order of the default set (one NATS server, one persister); down.sh walks it backwards.
+# With CHATIFY_NATS_NODES=3 the NATS nodes nats2 and nats3 follow nats, and with
+# CHATIFY_PERSISTERS=N the persisters persister2 ... persisterN follow persister
+# (resolve_topology; CHATIFY_ALL_COMPONENTS is the list in use).
 CHATIFY_COMPONENTS=(nats harperdb persister gateway1 gateway2 lb web)
+CHATIFY_NATS_NODE_NAMES=(nats nats2 nats3)
+# The JetStream cluster's name (CHATIFY_NATS_NODES=3), as in compose.
+CHATIFY_NATS_CLUSTER_NAME=chatify
+CHATIFY_MAX_PERSISTERS=9
 
-# Every port variable, as recorded in $CHATIFY_RUN_DIR/env.
+# Every port variable of the default set, as recorded in $CHATIFY_RUN_DIR/env; the cluster's and
+# the extra persisters' come on top (topology_port_vars).
 CHATIFY_PORT_VARS=(
   CHATIFY_LB_PORT CHATIFY_GATEWAY1_PORT CHATIFY_GATEWAY2_PORT CHATIFY_PERSISTER_PORT
   CHATIFY_NATS_PORT CHATIFY_NATS_MONITOR_PORT
@@ -56,25 +64,42 @@ as_root() {
   fi
 }
 
+# The components of this run dir's set, in start order (resolve_topology sets it; before that,
+# the default set).
+CHATIFY_ALL_COMPONENTS=("${CHATIFY_COMPONENTS[@]}")
+
 is_component() {
   local c
-  for c in "${CHATIFY_COMPONENTS[@]}"; do [[ $c == "$1" ]] && return 0; done
+  for c in "${CHATIFY_ALL_COMPONENTS[@]}"; do [[ $c == "$1" ]] && return 0; done
   return 1
 }
+
+# True for the components that are NATS servers (nats, and nats2 and nats3 of a cluster).
+is_nats_node() { [[ $1 == nats || $1 == nats[23] ]]; }
+# True for the persisters (persister, persister2 ...).
+is_persister() { [[ $1 == persister || $1 == persister[2-9] ]]; }
 
 # Dies on a name that is not a component. (Call it directly: in a $(...) or <(...) it would only
 # end that subshell.)
 check_components() {
-  local a
+  local a hint
   for a in "$@"; do
-    is_component "$a" || die "unknown component '$a' (known: ${CHATIFY_COMPONENTS[*]})"
+    if ! is_component "$a"; then
+      hint=
+      if is_nats_node "$a"; then
+        hint=" ($a runs with CHATIFY_NATS_NODES=3, and this run dir has $CHATIFY_NATS_NODES)"
+      elif is_persister "$a"; then
+        hint=" ($a runs with CHATIFY_PERSISTERS=${a#persister} or more, and this run dir has $CHATIFY_PERSISTERS)"
+      fi
+      die "unknown component '$a'$hint (known: ${CHATIFY_ALL_COMPONENTS[*]})"
+    fi
   done
 }
 
 # Prints the requested components in start order (all of them when none is named).
 select_components() {
   local c a
-  for c in "${CHATIFY_COMPONENTS[@]}"; do
+  for c in "${CHATIFY_ALL_COMPONENTS[@]}"; do
     if (($# == 0)); then
       echo "$c"
       continue
@@ -273,6 +298,8 @@ resolve_run_dir() {
   # The NATS users of deploy/nats/permissions.conf.
   NATS_GATEWAY_PASSWORD_FILE=$SECRETS_DIR/nats-gateway-password
   NATS_PERSISTER_PASSWORD_FILE=$SECRETS_DIR/nats-persister-password
+  # The route user of a NATS cluster (CHATIFY_NATS_NODES=3).
+  NATS_CLUSTER_PASSWORD_FILE=$SECRETS_DIR/nats-cluster-password
   HDB_ROOT=$DATA_DIR/harperdb
   HDB_HOME=$DATA_DIR/harperdb-home
 }
@@ -288,6 +315,92 @@ lock_run_dir() {
 
 valid_port() { [[ $1 =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= 65535)); }
 
+# The shape of the set: CHATIFY_NATS_NODES (1, or 3: a JetStream cluster of nats, nats2 and
+# nats3) and CHATIFY_PERSISTERS (1 to 9: persister, persister2 ...). The caller's values, else
+# what the run dir's env file recorded, else 1 and 1; with `recorded`, only what the run dir
+# recorded (down.sh stops what up.sh started, whatever the caller's environment says). Sets
+# CHATIFY_ALL_COMPONENTS, and RECORDED_NATS_NODES and RECORDED_PERSISTERS (empty without an env
+# file; 1 for one an older up.sh wrote).
+resolve_topology() {
+  RECORDED_NATS_NODES="" RECORDED_PERSISTERS=""
+  if [[ -f $RUN_ENV_FILE ]]; then
+    local recorded
+    recorded=$(
+      unset CHATIFY_NATS_NODES CHATIFY_PERSISTERS
+      set +eu
+      # shellcheck disable=SC1090
+      . "$RUN_ENV_FILE" >/dev/null 2>&1
+      printf '%s %s\n' "${CHATIFY_NATS_NODES:-1}" "${CHATIFY_PERSISTERS:-1}"
+    )
+    read -r RECORDED_NATS_NODES RECORDED_PERSISTERS <<<"$recorded"
+  fi
+  if [[ ${1:-} == recorded ]]; then
+    CHATIFY_NATS_NODES=${RECORDED_NATS_NODES:-1} CHATIFY_PERSISTERS=${RECORDED_PERSISTERS:-1}
+  fi
+  : "${CHATIFY_NATS_NODES:=${RECORDED_NATS_NODES:-1}}" "${CHATIFY_PERSISTERS:=${RECORDED_PERSISTERS:-1}}"
+  [[ $CHATIFY_NATS_NODES == 1 || $CHATIFY_NATS_NODES == 3 ]] ||
+    die "CHATIFY_NATS_NODES must be 1 or 3 (a JetStream cluster), not '$CHATIFY_NATS_NODES'"
+  [[ $CHATIFY_PERSISTERS =~ ^[1-9]$ ]] ||
+    die "CHATIFY_PERSISTERS must be a number from 1 to $CHATIFY_MAX_PERSISTERS, not '$CHATIFY_PERSISTERS'"
+  CHATIFY_ALL_COMPONENTS=()
+  local c i
+  for c in "${CHATIFY_COMPONENTS[@]}"; do
+    CHATIFY_ALL_COMPONENTS+=("$c")
+    if [[ $c == nats ]]; then
+      CHATIFY_ALL_COMPONENTS+=("${CHATIFY_NATS_NODE_NAMES[@]:1:CHATIFY_NATS_NODES-1}")
+    elif [[ $c == persister ]]; then
+      for ((i = 2; i <= CHATIFY_PERSISTERS; i++)); do CHATIFY_ALL_COMPONENTS+=("persister$i"); done
+    fi
+  done
+}
+
+nats_clustered() { ((CHATIFY_NATS_NODES > 1)); }
+
+# The prefix of a NATS node's or a persister's variables: nats -> CHATIFY_NATS,
+# nats2 -> CHATIFY_NATS2, persister2 -> CHATIFY_PERSISTER2.
+component_var_prefix() { echo "CHATIFY_${1^^}"; }
+
+# The port variables of a set of NODES NATS nodes and PERSISTERS persisters beyond the default
+# set's (CHATIFY_PORT_VARS): the cluster's route ports and the other nodes' ports, the other
+# persisters' HTTP ports. Without arguments, those of this run dir's set.
+topology_port_vars() {
+  local nodes=${1:-$CHATIFY_NATS_NODES} persisters=${2:-$CHATIFY_PERSISTERS} n p i
+  if ((nodes > 1)); then
+    echo CHATIFY_NATS_CLUSTER_PORT
+    for n in "${CHATIFY_NATS_NODE_NAMES[@]:1:nodes-1}"; do
+      p=$(component_var_prefix "$n")
+      echo "${p}_PORT" "${p}_MONITOR_PORT" "${p}_CLUSTER_PORT"
+    done
+  fi
+  for ((i = 2; i <= persisters; i++)); do echo "CHATIFY_PERSISTER${i}_PORT"; done
+}
+
+# Every port variable a set of any shape may have (what up.sh's own, never the binaries').
+all_port_vars() {
+  printf '%s\n' "${CHATIFY_PORT_VARS[@]}"
+  topology_port_vars "${#CHATIFY_NATS_NODE_NAMES[@]}" "$CHATIFY_MAX_PERSISTERS" | tr ' ' '\n'
+}
+
+# The client URLs of every NATS node of the set, comma separated (what the binaries get).
+nats_client_urls() {
+  local n p urls=
+  for n in "${CHATIFY_NATS_NODE_NAMES[@]:0:CHATIFY_NATS_NODES}"; do
+    p=$(component_var_prefix "$n")_PORT
+    urls+=${urls:+,}nats://127.0.0.1:${!p}
+  done
+  echo "$urls"
+}
+
+# Every node's route address (HOST:PORT), comma separated: each node's CHATIFY_NATS_ROUTES.
+nats_route_addresses() {
+  local n p out=
+  for n in "${CHATIFY_NATS_NODE_NAMES[@]:0:CHATIFY_NATS_NODES}"; do
+    p=$(component_var_prefix "$n")_CLUSTER_PORT
+    out+=${out:+,}127.0.0.1:${!p}
+  done
+  echo "$out"
+}
+
 # Fills every port and credential variable: the caller's environment first, then what the run
 # dir's env file recorded last time, then the defaults.
 resolve_config() {
@@ -299,11 +412,13 @@ resolve_config() {
       set +eu
       # shellcheck disable=SC1090
       . "$RUN_ENV_FILE" >/dev/null 2>&1
-      for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HDB_ADMIN_USERNAME CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
+      for v in $(all_port_vars) CHATIFY_HDB_ADMIN_USERNAME CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
         printf 'recorded_%s=%q\n' "$v" "${!v-}"
       done
     )
-    local "${CHATIFY_PORT_VARS[@]/#/recorded_}" recorded_CHATIFY_HDB_ADMIN_USERNAME \
+    local -a all_vars
+    mapfile -t all_vars < <(all_port_vars)
+    local "${all_vars[@]/#/recorded_}" recorded_CHATIFY_HDB_ADMIN_USERNAME \
       recorded_CHATIFY_HARPERDB__USERNAME recorded_CHATIFY_NATS_SYNC
     eval "$recorded"
     # An env file of an older up.sh named HarperDB's super user CHATIFY_HARPERDB__USERNAME (the
@@ -312,7 +427,7 @@ resolve_config() {
       recorded_CHATIFY_HDB_ADMIN_USERNAME=$recorded_CHATIFY_HARPERDB__USERNAME
       recorded_CHATIFY_HARPERDB__USERNAME=
     fi
-    for v in "${CHATIFY_PORT_VARS[@]}" CHATIFY_HDB_ADMIN_USERNAME CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
+    for v in "${all_vars[@]}" CHATIFY_HDB_ADMIN_USERNAME CHATIFY_HARPERDB__USERNAME CHATIFY_NATS_SYNC; do
       local r=recorded_$v
       if [[ -z ${!v:-} && -n ${!r:-} ]]; then
         printf -v "$v" '%s' "${!r}"
@@ -332,11 +447,28 @@ resolve_config() {
     : "${CHATIFY_HDB_MQTTS_PORT:=$((CHATIFY_HDB_PORT + 11))}"
     : "${CHATIFY_HDB_REPLICATION_PORT:=$((CHATIFY_HDB_PORT + 12))}"
   fi
-  for v in "${CHATIFY_PORT_VARS[@]}"; do
+  # A cluster's route ports and its other nodes, and the persisters beyond the first, only when
+  # the set has them (CHATIFY_NATS_NODES, CHATIFY_PERSISTERS).
+  if nats_clustered; then
+    : "${CHATIFY_NATS_CLUSTER_PORT:=6222}"
+    : "${CHATIFY_NATS2_PORT:=4223}" "${CHATIFY_NATS2_MONITOR_PORT:=8223}" "${CHATIFY_NATS2_CLUSTER_PORT:=6223}"
+    : "${CHATIFY_NATS3_PORT:=4224}" "${CHATIFY_NATS3_MONITOR_PORT:=8224}" "${CHATIFY_NATS3_CLUSTER_PORT:=6224}"
+  fi
+  local i
+  for ((i = 2; i <= CHATIFY_PERSISTERS; i++)); do
+    v=CHATIFY_PERSISTER${i}_PORT
+    # persister2 on CHATIFY_PERSISTER_PORT + 1 (4101), and so on.
+    if [[ -z ${!v:-} ]] && valid_port "$CHATIFY_PERSISTER_PORT"; then
+      printf -v "$v" '%s' $((CHATIFY_PERSISTER_PORT + i - 1))
+    fi
+  done
+  local -a in_use
+  mapfile -t in_use < <(printf '%s\n' "${CHATIFY_PORT_VARS[@]}"; topology_port_vars | tr ' ' '\n')
+  for v in "${in_use[@]}"; do
     valid_port "${!v:-}" || die "$v must be a port number (1-65535), not '${!v:-}'"
   done
   local -A seen=()
-  for v in "${CHATIFY_PORT_VARS[@]}"; do
+  for v in "${in_use[@]}"; do
     [[ -z ${seen[${!v}]:-} ]] || die "$v and ${seen[${!v}]} are both ${!v}: every port must differ"
     seen[${!v}]=$v
   done
@@ -351,11 +483,40 @@ resolve_config() {
   resolve_secret CHATIFY_HARPERDB__PASSWORD "$HDB_PERSISTER_PASSWORD_FILE" "password of the persister's HarperDB user"
   resolve_secret CHATIFY_NATS_GATEWAY_PASSWORD "$NATS_GATEWAY_PASSWORD_FILE" "password of the NATS user chatify-gateway"
   resolve_secret CHATIFY_NATS_PERSISTER_PASSWORD "$NATS_PERSISTER_PASSWORD_FILE" "password of the NATS user chatify-persister"
+  if nats_clustered; then
+    resolve_secret CHATIFY_NATS_CLUSTER_PASSWORD "$NATS_CLUSTER_PASSWORD_FILE" "password of the NATS route user chatify-route"
+  fi
 
   local default_bin=${CARGO_TARGET_DIR:-$CHATIFY_REPO/target}
   [[ $default_bin == /* ]] || default_bin=$CHATIFY_REPO/$default_bin
   CHATIFY_DEFAULT_BIN_DIR=$default_bin/release
   CHATIFY_BIN_DIR=${CHATIFY_BIN_DIR:-$CHATIFY_DEFAULT_BIN_DIR}
+}
+
+# Refuses to change the shape of a run dir's set under it: another NATS node count while one of
+# its NATS servers runs, or over JetStream data of the other shape (a single server's store is no
+# cluster node's, nor the other way round); fewer persisters while one beyond the new count runs.
+check_topology_change() {
+  local c dir i
+  if [[ -n $RECORDED_NATS_NODES && $RECORDED_NATS_NODES != "$CHATIFY_NATS_NODES" ]]; then
+    for c in "${CHATIFY_NATS_NODE_NAMES[@]}"; do
+      if component_pid "$c" >/dev/null; then
+        die "this run dir runs NATS with CHATIFY_NATS_NODES=$RECORDED_NATS_NODES, not $CHATIFY_NATS_NODES: stop it first ($CHATIFY_LOCAL_DIR/down.sh), or use another CHATIFY_RUN_DIR"
+      fi
+    done
+    for dir in "$DATA_DIR"/nats*/jetstream; do
+      if [[ -d $dir ]]; then
+        die "this run dir's JetStream data ($DATA_DIR/nats*) was written with CHATIFY_NATS_NODES=$RECORDED_NATS_NODES, not $CHATIFY_NATS_NODES, and a single server's store is no cluster's (nor the other way round): use another CHATIFY_RUN_DIR, or delete $DATA_DIR/nats* (the messages the persisters have not written yet go with it)"
+      fi
+    done
+  fi
+  if [[ -n $RECORDED_PERSISTERS ]]; then
+    for ((i = CHATIFY_PERSISTERS + 1; i <= RECORDED_PERSISTERS; i++)); do
+      if component_pid "persister$i" >/dev/null; then
+        die "persister$i runs, and CHATIFY_PERSISTERS=$CHATIFY_PERSISTERS has none: stop it first ($CHATIFY_LOCAL_DIR/down.sh persister$i)"
+      fi
+    done
+  fi
 }
 
 # Sets the variable NAME to the caller's value, else the one kept in FILE, else a new random one
@@ -400,7 +561,7 @@ export_lines() {
 write_env_file() {
   local tmp=$RUN_ENV_FILE.tmp v
   local -a pairs=(CHATIFY_RUN_DIR "$CHATIFY_RUN_DIR")
-  for v in "${CHATIFY_PORT_VARS[@]}"; do pairs+=("$v" "${!v}"); done
+  for v in "${CHATIFY_PORT_VARS[@]}" $(topology_port_vars); do pairs+=("$v" "${!v}"); done
   pairs+=(
     CHATIFY_LB_URL "http://127.0.0.1:$CHATIFY_LB_PORT"
     CHATIFY_GATEWAY1_URL "http://127.0.0.1:$CHATIFY_GATEWAY1_PORT"
@@ -419,7 +580,23 @@ write_env_file() {
     CHATIFY_NATS_PERSISTER_USER chatify-persister
     CHATIFY_NATS_PERSISTER_PASSWORD "$CHATIFY_NATS_PERSISTER_PASSWORD"
     CHATIFY_NATS_SYNC "$CHATIFY_NATS_SYNC"
+    CHATIFY_NATS_NODES "$CHATIFY_NATS_NODES"
+    CHATIFY_PERSISTERS "$CHATIFY_PERSISTERS"
+    CHATIFY_NATS_URLS "$(nats_client_urls)"
   )
+  # Each other NATS node's and persister's addresses, as the first one's above.
+  local n p i
+  for n in "${CHATIFY_NATS_NODE_NAMES[@]:1:CHATIFY_NATS_NODES-1}"; do
+    p=$(component_var_prefix "$n")
+    v=${p}_PORT
+    pairs+=("${p}_URL" "nats://127.0.0.1:${!v}")
+    v=${p}_MONITOR_PORT
+    pairs+=("${p}_MONITOR_URL" "http://127.0.0.1:${!v}")
+  done
+  for ((i = 2; i <= CHATIFY_PERSISTERS; i++)); do
+    v=CHATIFY_PERSISTER${i}_PORT
+    pairs+=("CHATIFY_PERSISTER${i}_URL" "http://127.0.0.1:${!v}")
+  done
   (
     umask 077
     {
@@ -441,9 +618,9 @@ log_file() { echo "$LOG_DIR/$1.log"; }
 # What the command line of each component's process contains.
 component_program() {
   case $1 in
-    nats) echo nats ;; # nats-server, or deploy/nats/start.sh just before it execs nats-server
+    nats | nats2 | nats3) echo nats ;; # nats-server, or deploy/nats/start.sh just before it execs nats-server
     harperdb) echo harperdb ;;
-    persister) echo chatify-persister ;;
+    persister | persister[2-9]) echo chatify-persister ;;
     gateway1 | gateway2) echo chatify-gateway ;;
     lb) echo haproxy ;;
     web) echo web/serve.mjs ;;

@@ -5,6 +5,9 @@
 #   deploy/local/up.sh                      everything: nats harperdb persister gateway1 gateway2 lb web
 #   deploy/local/up.sh nats harperdb        only those (in that order)
 #   deploy/local/down.sh                    stops what up.sh started
+#   CHATIFY_NATS_NODES=3 CHATIFY_PERSISTERS=2 deploy/local/up.sh
+#                                           a 3-node JetStream cluster (nats nats2 nats3, streams
+#                                           replicated 3 ways) and two persisters (persister persister2)
 #
 # A component whose pid file names a live process is left alone, so running it twice is harmless.
 # Everything lives in ${CHATIFY_RUN_DIR:-deploy/local/run}: pids/, logs/, data/, secrets/, and
@@ -25,6 +28,14 @@
 #     the NATS users chatify-gateway and chatify-persister (deploy/nats/permissions.conf)
 #   CHATIFY_CORS__ALLOWED_ORIGINS [http://localhost:3000 and the chat page's origins]
 #   CHATIFY_NATS_SYNC [default]  JetStream's fsync: default (every 2 minutes), always, or an interval
+#   CHATIFY_NATS_NODES [1]  1, or 3: a JetStream cluster (docs/operations.md, "A NATS cluster")
+#     whose routes log in as chatify-route (CHATIFY_NATS_CLUSTER_PASSWORD [random, in secrets/]):
+#     CHATIFY_NATS2_PORT, CHATIFY_NATS3_PORT [4223, 4224]  CHATIFY_NATS2_MONITOR_PORT,
+#     CHATIFY_NATS3_MONITOR_PORT [8223, 8224]  CHATIFY_NATS_CLUSTER_PORT, CHATIFY_NATS2_CLUSTER_PORT,
+#     CHATIFY_NATS3_CLUSTER_PORT [6222, 6223, 6224]  (routes, on 127.0.0.1)
+#   CHATIFY_PERSISTERS [1]  how many persisters (1-9): persister2 ... on CHATIFY_PERSISTER2_PORT ...
+#     [CHATIFY_PERSISTER_PORT + 1 ...]
+#   The run dir remembers CHATIFY_NATS_SYNC, CHATIFY_NATS_NODES and CHATIFY_PERSISTERS.
 # Every other CHATIFY_* variable reaches the gateways and the persister unchanged.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -39,6 +50,8 @@ for arg in "$@"; do
   esac
 done
 
+resolve_run_dir existing
+resolve_topology
 check_components "$@"
 mapfile -t WANTED < <(select_components "$@")
 wants() {
@@ -52,6 +65,7 @@ wants() {
 resolve_run_dir create
 lock_run_dir
 resolve_config
+check_topology_change
 mkdir -p "$PID_DIR" "$LOG_DIR" "$DATA_DIR"
 # Recorded before anything starts, so that a later `up.sh NAME` finds the same ports even if
 # this run fails half way.
@@ -60,10 +74,22 @@ write_env_file
 # --- what each component listens on, how it starts, and how it shows it is ready -----------
 
 component_ports() {
+  local p
   case $1 in
-    nats) echo "$CHATIFY_NATS_PORT $CHATIFY_NATS_MONITOR_PORT" ;;
+    nats | nats2 | nats3)
+      p=$(component_var_prefix "$1")
+      local port=${p}_PORT monitor=${p}_MONITOR_PORT cluster=${p}_CLUSTER_PORT
+      if nats_clustered; then
+        echo "${!port} ${!monitor} ${!cluster}"
+      else
+        echo "${!port} ${!monitor}"
+      fi
+      ;;
     harperdb) echo "$CHATIFY_HDB_PORT $CHATIFY_HDB_HTTP_PORT $CHATIFY_HDB_MQTT_PORT $CHATIFY_HDB_MQTTS_PORT $CHATIFY_HDB_REPLICATION_PORT" ;;
-    persister) echo "$CHATIFY_PERSISTER_PORT" ;;
+    persister | persister[2-9])
+      p=$(component_var_prefix "$1")_PORT
+      echo "${!p}"
+      ;;
     gateway1) echo "$CHATIFY_GATEWAY1_PORT" ;;
     gateway2) echo "$CHATIFY_GATEWAY2_PORT" ;;
     lb) echo "$CHATIFY_LB_PORT" ;;
@@ -72,21 +98,24 @@ component_ports() {
 }
 
 # `env` arguments for a binary (gateway or persister): first `-u` for each of this script's own
-# variables (those the run dir's env file holds, and the build and profiling switches), which the
-# binaries would report as unknown settings, and for the HarperDB admin's settings, which no
-# running binary gets; then the settings: the NATS URL, and each binary's own credentials (the
-# gateways get no HarperDB credentials: they never talk to HarperDB). The caller's other CHATIFY_*
-# variables are inherited as they are (a misspelled setting among them is reported).
+# variables (those the run dir's env file holds, the port variables of every shape of set, the
+# route password, and the build and profiling switches), which the binaries would report as
+# unknown settings, and for the HarperDB admin's settings, which no running binary gets; then the
+# settings: every NATS node's URL, the stream replicas (one per node, unless the caller set
+# CHATIFY_STREAM__REPLICAS), and each binary's own credentials (the gateways get no HarperDB
+# credentials: they never talk to HarperDB). The caller's other CHATIFY_* variables are inherited
+# as they are (a misspelled setting among them is reported).
 # NO_COLOR: their output goes to a log file, not a terminal.
 binary_env() {
   local role=$1 name
-  for name in $(sed -n 's/^export \(CHATIFY_[A-Z0-9_]*\)=.*/\1/p' "$CHATIFY_RUN_DIR/env") \
-    CHATIFY_BIN_DIR CHATIFY_SKIP_BUILD CHATIFY_HDB_NODE_OPTIONS CHATIFY_NATS_PROFILE_PORT; do
+  for name in $(sed -n 's/^export \(CHATIFY_[A-Z0-9_]*\)=.*/\1/p' "$CHATIFY_RUN_DIR/env") $(all_port_vars) \
+    CHATIFY_NATS_CLUSTER_PASSWORD CHATIFY_BIN_DIR CHATIFY_SKIP_BUILD CHATIFY_HDB_NODE_OPTIONS CHATIFY_NATS_PROFILE_PORT; do
     [[ $name == *__* ]] || printf '%s\0' -u "$name"
   done
   printf '%s\0' -u CHATIFY_HARPERDB__ADMIN_USERNAME -u CHATIFY_HARPERDB__ADMIN_PASSWORD
   [[ $role == gateway ]] && printf '%s\0' -u CHATIFY_HARPERDB__USERNAME -u CHATIFY_HARPERDB__PASSWORD
-  printf '%s\0' "CHATIFY_NATS__URL=nats://127.0.0.1:$CHATIFY_NATS_PORT" "NO_COLOR=${NO_COLOR:-1}"
+  printf '%s\0' "CHATIFY_NATS__URL=$(nats_client_urls)" \
+    "CHATIFY_STREAM__REPLICAS=${CHATIFY_STREAM__REPLICAS:-$CHATIFY_NATS_NODES}" "NO_COLOR=${NO_COLOR:-1}"
   "${role}_settings"
 }
 
@@ -104,17 +133,31 @@ persister_settings() {
 
 # Through deploy/nats/start.sh (as in compose), which adds CHATIFY_NATS_SYNC to nats.conf, and
 # the users of permissions.conf with their passwords (the effective config, readable by its
-# owner only, is $DATA_DIR/nats.conf).
-# CHATIFY_NATS_PROFILE_PORT, when set, opens Go's profiling endpoint there (bench/profile.sh).
+# owner only, is $DATA_DIR/NODE.conf), and on a cluster the node's name and routes: each node
+# routes to every node's route port on 127.0.0.1, as the user chatify-route. Each node keeps its
+# JetStream store in $DATA_DIR/NODE.
+# CHATIFY_NATS_PROFILE_PORT, when set, opens Go's profiling endpoint there (bench/profile.sh; the
+# first node only).
 start_nats() {
-  mkdir -p "$DATA_DIR/nats"
-  start_background nats "$CHATIFY_RUN_DIR" \
+  local node=$1 p port monitor cluster
+  p=$(component_var_prefix "$node")
+  port=${p}_PORT monitor=${p}_MONITOR_PORT cluster=${p}_CLUSTER_PORT
+  local -a cluster_env=() profile=()
+  if [[ $node == nats && -n ${CHATIFY_NATS_PROFILE_PORT:-} ]]; then
+    profile=(--profile "$CHATIFY_NATS_PROFILE_PORT")
+  fi
+  if nats_clustered; then
+    cluster_env=(CHATIFY_NATS_SERVER_NAME="$node" CHATIFY_NATS_CLUSTER_NAME="$CHATIFY_NATS_CLUSTER_NAME"
+      CHATIFY_NATS_CLUSTER_LISTEN="127.0.0.1:${!cluster}" CHATIFY_NATS_ROUTES="$(nats_route_addresses)"
+      CHATIFY_NATS_CLUSTER_PASSWORD="$CHATIFY_NATS_CLUSTER_PASSWORD")
+  fi
+  mkdir -p "$DATA_DIR/$node"
+  start_background "$node" "$CHATIFY_RUN_DIR" \
     env CHATIFY_NATS_SYNC="$CHATIFY_NATS_SYNC" NATS_SERVER="$(nats_server_bin)" \
     CHATIFY_NATS_GATEWAY_PASSWORD="$CHATIFY_NATS_GATEWAY_PASSWORD" \
-    CHATIFY_NATS_PERSISTER_PASSWORD="$CHATIFY_NATS_PERSISTER_PASSWORD" \
-    "$CHATIFY_NATS_START" "$CHATIFY_NATS_CONF" "$DATA_DIR/nats.conf" -js -a 127.0.0.1 \
-    -p "$CHATIFY_NATS_PORT" -m "$CHATIFY_NATS_MONITOR_PORT" -sd "$DATA_DIR/nats" \
-    ${CHATIFY_NATS_PROFILE_PORT:+--profile "$CHATIFY_NATS_PROFILE_PORT"}
+    CHATIFY_NATS_PERSISTER_PASSWORD="$CHATIFY_NATS_PERSISTER_PASSWORD" "${cluster_env[@]}" \
+    "$CHATIFY_NATS_START" "$CHATIFY_NATS_CONF" "$DATA_DIR/$node.conf" -js -a 127.0.0.1 \
+    -p "${!port}" -m "${!monitor}" -sd "$DATA_DIR/$node" "${profile[@]}"
 }
 
 # HarperDB gets a clean environment: it reads many plain variables (HTTP_PORT, LOGGING_LEVEL...)
@@ -161,22 +204,27 @@ start_harperdb() {
 # role (read and insert into the table) and user. Idempotent, so it runs before every start of
 # the persister; the admin's credentials reach this run only.
 setup_harperdb() {
+  local name=$1
   local -a env
   mapfile -d '' -t env < <(binary_env persister)
-  printf '\n===== %s: chatify-persister setup =====\n' "$(date '+%F %T')" >>"$(log_file persister)"
+  printf '\n===== %s: chatify-persister setup =====\n' "$(date '+%F %T')" >>"$(log_file "$name")"
   if ! env "${env[@]}" CHATIFY_HARPERDB__ADMIN_USERNAME="$CHATIFY_HDB_ADMIN_USERNAME" \
     CHATIFY_HARPERDB__ADMIN_PASSWORD="$CHATIFY_HDB_ADMIN_PASSWORD" \
-    "$CHATIFY_BIN_DIR/chatify-persister" setup </dev/null >>"$(log_file persister)" 2>&1; then
-    fail_component persister "could not set HarperDB up (chatify-persister setup)"
+    "$CHATIFY_BIN_DIR/chatify-persister" setup </dev/null >>"$(log_file "$name")" 2>&1; then
+    fail_component "$name" "could not set HarperDB up (chatify-persister setup)"
   fi
 }
 
+# persister, or persister2 ... (CHATIFY_PERSISTERS), each on its own HTTP port; they share the
+# durable consumer and the history service.
 start_persister() {
+  local name=$1 port
   local -a env
-  setup_harperdb
+  port=$(component_var_prefix "$name")_PORT
+  setup_harperdb "$name"
   mapfile -d '' -t env < <(binary_env persister)
-  start_background persister "$CHATIFY_RUN_DIR" \
-    env "${env[@]}" CHATIFY_PERSISTER__HOST=127.0.0.1 CHATIFY_PERSISTER__PORT="$CHATIFY_PERSISTER_PORT" \
+  start_background "$name" "$CHATIFY_RUN_DIR" \
+    env "${env[@]}" CHATIFY_PERSISTER__HOST=127.0.0.1 CHATIFY_PERSISTER__PORT="${!port}" \
     "$CHATIFY_BIN_DIR/chatify-persister"
 }
 
@@ -224,9 +272,9 @@ start_web() {
 
 start_component() {
   case $1 in
-    nats) start_nats ;;
+    nats | nats2 | nats3) start_nats "$1" ;;
     harperdb) start_harperdb ;;
-    persister) start_persister ;;
+    persister | persister[2-9]) start_persister "$1" ;;
     gateway1) start_gateway gateway1 "$CHATIFY_GATEWAY1_PORT" ;;
     gateway2) start_gateway gateway2 "$CHATIFY_GATEWAY2_PORT" ;;
     lb) start_lb ;;
@@ -234,15 +282,29 @@ start_component() {
   esac
 }
 
-# One readiness probe; fails while the component is not ready yet.
+# One readiness probe; fails while the component is not ready yet. A single NATS server is ready
+# once JetStream runs; a cluster node once its full /healthz is ok: it is in contact with the
+# JetStream meta leader (so 2 of the 3 nodes run) and current with it and with the replicas of the
+# streams and consumers it holds (a node that was away has caught up).
 probe() {
+  local p
   case $1 in
-    nats) http_ok "http://127.0.0.1:$CHATIFY_NATS_MONITOR_PORT/healthz?js-enabled-only=true" ;;
+    nats | nats2 | nats3)
+      p=$(component_var_prefix "$1")_MONITOR_PORT
+      if nats_clustered; then
+        http_ok "http://127.0.0.1:${!p}/healthz"
+      else
+        http_ok "http://127.0.0.1:${!p}/healthz?js-enabled-only=true"
+      fi
+      ;;
     harperdb)
       HDB_LAST_STATUS=$(hdb_operation_status '{"operation":"describe_all"}')
       [[ $HDB_LAST_STATUS == 200 ]]
       ;;
-    persister) http_ok "http://127.0.0.1:$CHATIFY_PERSISTER_PORT/readyz" ;;
+    persister | persister[2-9])
+      p=$(component_var_prefix "$1")_PORT
+      http_ok "http://127.0.0.1:${!p}/readyz"
+      ;;
     gateway1) http_ok "http://127.0.0.1:$CHATIFY_GATEWAY1_PORT/readyz" ;;
     gateway2) http_ok "http://127.0.0.1:$CHATIFY_GATEWAY2_PORT/readyz" ;;
     lb) http_ok "http://127.0.0.1:$CHATIFY_LB_PORT/healthz" ;;
@@ -252,7 +314,7 @@ probe() {
 
 ready_timeout() {
   case $1 in
-    nats) echo 20 ;;
+    nats | nats2 | nats3) if nats_clustered; then echo 60; else echo 20; fi ;;
     harperdb) echo 120 ;;
     lb | web) echo 30 ;;
     *) echo 60 ;;
@@ -277,6 +339,12 @@ wait_ready() {
       fi
     fi
     if ((SECONDS - start >= timeout)); then
+      if is_nats_node "$name" && nats_clustered; then
+        local monitor health
+        monitor=$(component_var_prefix "$name")_MONITOR_PORT
+        health=$(curl -s --max-time 2 "http://127.0.0.1:${!monitor}/healthz" 2>/dev/null || true)
+        fail_component "$name" "was not ready after ${timeout}s: a cluster node is ready once it reaches the JetStream meta leader and has caught up, which needs 2 of the 3 nodes running (/healthz: ${health:-no answer})"
+      fi
       fail_component "$name" "was not ready after ${timeout}s"
     fi
     sleep 0.3
@@ -287,7 +355,7 @@ wait_ready() {
 
 needs_binaries=false
 for c in "${WANTED[@]}"; do
-  case $c in persister | gateway1 | gateway2) needs_binaries=true ;; esac
+  case $c in persister | persister[2-9] | gateway1 | gateway2) needs_binaries=true ;; esac
 done
 
 if $needs_binaries; then
@@ -303,7 +371,7 @@ if $needs_binaries; then
   fi
   for c in "${WANTED[@]}"; do
     case $c in
-      persister) bin=chatify-persister ;;
+      persister | persister[2-9]) bin=chatify-persister ;;
       gateway1 | gateway2) bin=chatify-gateway ;;
       *) continue ;;
     esac
@@ -338,14 +406,36 @@ done
 
 # --- start --------------------------------------------------------------------------------------
 
+# NATS nodes of a cluster are started together and waited for after the last one: none is ready
+# before two of them run.
+NATS_STARTED=()
+wait_nats_nodes() {
+  local n
+  for n in "${NATS_STARTED[@]}"; do
+    wait_ready "$n"
+    note "$n: ready"
+  done
+  NATS_STARTED=()
+}
+
+nats_running() {
+  local n
+  for n in "${CHATIFY_NATS_NODE_NAMES[@]:0:CHATIFY_NATS_NODES}"; do
+    component_pid "$n" >/dev/null && return 0
+    wants "$n" && return 0
+  done
+  return 1
+}
+
 for c in "${WANTED[@]}"; do
+  if ! is_nats_node "$c"; then wait_nats_nodes; fi
   case $c in
-    persister | gateway1 | gateway2)
-      for dep in nats harperdb; do
-        [[ $c != persister && $dep == harperdb ]] && continue
-        component_pid "$dep" >/dev/null || wants "$dep" ||
-          warn "$c needs $dep, which this run dir does not run (start it with: deploy/local/up.sh $dep)"
-      done
+    persister | persister[2-9] | gateway1 | gateway2)
+      nats_running || warn "$c needs nats, which this run dir does not run (start it with: deploy/local/up.sh nats)"
+      if is_persister "$c"; then
+        component_pid harperdb >/dev/null || wants harperdb ||
+          warn "$c needs harperdb, which this run dir does not run (start it with: deploy/local/up.sh harperdb)"
+      fi
       ;;
     web)
       component_pid lb >/dev/null || wants lb ||
@@ -359,9 +449,14 @@ for c in "${WANTED[@]}"; do
     info "$c: starting (log: $(log_file "$c"))"
     start_component "$c"
   fi
+  if is_nats_node "$c" && nats_clustered; then
+    NATS_STARTED+=("$c")
+    continue
+  fi
   wait_ready "$c"
   note "$c: ready"
 done
+wait_nats_nodes
 
 # --- report -------------------------------------------------------------------------------------
 
@@ -374,15 +469,29 @@ echo "  chat page      $(status web "http://localhost:$CHATIFY_WEB_PORT")"
 echo "  load balancer  $(status lb "http://127.0.0.1:$CHATIFY_LB_PORT")"
 echo "  gateway1       $(status gateway1 "http://127.0.0.1:$CHATIFY_GATEWAY1_PORT")"
 echo "  gateway2       $(status gateway2 "http://127.0.0.1:$CHATIFY_GATEWAY2_PORT")"
-echo "  persister      $(status persister "http://127.0.0.1:$CHATIFY_PERSISTER_PORT  (/healthz /readyz /metrics)")"
-echo "  NATS           $(status nats "nats://127.0.0.1:$CHATIFY_NATS_PORT  (monitoring http://127.0.0.1:$CHATIFY_NATS_MONITOR_PORT)")"
+for c in "${CHATIFY_ALL_COMPONENTS[@]}"; do
+  is_persister "$c" || continue
+  p=$(component_var_prefix "$c")_PORT
+  printf '  %-14s %s\n' "$c" "$(status "$c" "http://127.0.0.1:${!p}  (/healthz /readyz /metrics)")"
+done
+for c in "${CHATIFY_ALL_COMPONENTS[@]}"; do
+  is_nats_node "$c" || continue
+  p=$(component_var_prefix "$c")
+  port=${p}_PORT monitor=${p}_MONITOR_PORT
+  label=NATS
+  nats_clustered && label="NATS $c"
+  printf '  %-14s %s\n' "$label" "$(status "$c" "nats://127.0.0.1:${!port}  (monitoring http://127.0.0.1:${!monitor})")"
+done
+if nats_clustered; then
+  echo "  NATS cluster   $CHATIFY_NATS_CLUSTER_NAME, routes on 127.0.0.1:$(nats_route_addresses | sed 's/127\.0\.0\.1://g') (user chatify-route), streams replicated ${CHATIFY_STREAM__REPLICAS:-$CHATIFY_NATS_NODES} ways"
+fi
 echo "  HarperDB       $(status harperdb "http://127.0.0.1:$CHATIFY_HDB_PORT  (operations API; admin '$CHATIFY_HDB_ADMIN_USERNAME', persister '$CHATIFY_HARPERDB__USERNAME')")"
 if $HDB_PASSWORD_FROM_ENV; then
   echo "  admin password from CHATIFY_HDB_ADMIN_PASSWORD (also recorded in $RUN_ENV_FILE)"
 else
   echo "  admin password in $HDB_PASSWORD_FILE (and $RUN_ENV_FILE)"
 fi
-echo "  credentials    NATS users chatify-gateway and chatify-persister, the persister's HarperDB user: $SECRETS_DIR/"
+echo "  credentials    NATS users chatify-gateway and chatify-persister$(nats_clustered && echo ", route user chatify-route"), the persister's HarperDB user: $SECRETS_DIR/"
 echo "  environment    . $RUN_ENV_FILE"
 echo "  logs           $LOG_DIR/"
 if [[ $CHATIFY_RUN_DIR == "$CHATIFY_LOCAL_DIR/run" ]]; then

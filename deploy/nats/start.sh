@@ -20,10 +20,22 @@
 # without credentials is refused. A password may be a bcrypt hash (`nats server passwd`); it may
 # not contain a double quote, a backslash or a line break.
 #
+# A JetStream cluster node, when CHATIFY_NATS_CLUSTER_LISTEN is set (deploy/local/up.sh with
+# CHATIFY_NATS_NODES=3, compose's three nats services):
+#   CHATIFY_NATS_SERVER_NAME       this node's name, unique in the cluster (JetStream needs one)
+#   CHATIFY_NATS_CLUSTER_NAME      the cluster's name [chatify]
+#   CHATIFY_NATS_CLUSTER_LISTEN    HOST:PORT the route listener binds to
+#   CHATIFY_NATS_ROUTES            every node's route address, HOST:PORT, comma separated (a node
+#                                  may list its own: NATS ignores a route to itself)
+#   CHATIFY_NATS_CLUSTER_PASSWORD  the password of the route user chatify-route (required): a
+#                                  route sees every message of every account, so no server joins
+#                                  without it. It goes into the route URLs too: plain (no bcrypt
+#                                  hash), and no '@', ':' or '/' besides the characters above.
+#
 # NATS_SERVER names the binary (default: nats-server on PATH). EFFECTIVE_CONF (written readable by
 # its owner only: it holds the passwords) is BASE_CONF with the sync setting added to its jetstream
-# block, then permissions.conf, then the users; nats-server is exec'd with -c EFFECTIVE_CONF and
-# the rest.
+# block, then permissions.conf, then the users, then the cluster; nats-server is exec'd with
+# -c EFFECTIVE_CONF and the rest.
 set -eu
 
 die() {
@@ -55,6 +67,27 @@ password() {
 }
 gateway_password=$(password CHATIFY_NATS_GATEWAY_PASSWORD)
 persister_password=$(password CHATIFY_NATS_PERSISTER_PASSWORD)
+cluster_listen=${CHATIFY_NATS_CLUSTER_LISTEN:-}
+if [ -n "$cluster_listen" ]; then
+  server_name=${CHATIFY_NATS_SERVER_NAME:-}
+  cluster_name=${CHATIFY_NATS_CLUSTER_NAME:-chatify}
+  routes=${CHATIFY_NATS_ROUTES:-}
+  cluster_password=$(password CHATIFY_NATS_CLUSTER_PASSWORD)
+  case $cluster_password in
+    *@* | *:* | */*) die "CHATIFY_NATS_CLUSTER_PASSWORD may not contain '@', ':' or '/' (it is part of the route URLs)" ;;
+  esac
+  for value in "$server_name" "$cluster_name"; do
+    printf '%s' "$value" | grep -Eq '^[A-Za-z0-9_-]+$' ||
+      die "CHATIFY_NATS_SERVER_NAME and CHATIFY_NATS_CLUSTER_NAME must be set, of letters, digits, '-' and '_' only (not '$value')"
+  done
+  [ -n "$routes" ] || die "CHATIFY_NATS_ROUTES is not set: a cluster node needs the route address of every node"
+  for address in $cluster_listen $(printf '%s' "$routes" | tr ',' ' '); do
+    printf '%s' "$address" | grep -Eq '^[A-Za-z0-9.-]+:[0-9]+$' ||
+      die "CHATIFY_NATS_CLUSTER_LISTEN and CHATIFY_NATS_ROUTES take HOST:PORT addresses, not '$address'"
+  done
+elif [ -n "${CHATIFY_NATS_ROUTES:-}" ]; then
+  die "CHATIFY_NATS_ROUTES is set without CHATIFY_NATS_CLUSTER_LISTEN"
+fi
 case $sync in
   default) ;;
   always) ;;
@@ -93,5 +126,20 @@ fi
   printf '    {user: "chatify-persister", password: "%s", permissions: $CHATIFY_PERSISTER_PERMISSIONS}\n' "$persister_password"
   echo "  ]"
   echo "}"
+  if [ -n "$cluster_listen" ]; then
+    echo
+    echo "# ---- the JetStream cluster (deploy/nats/start.sh): routes log in as chatify-route"
+    printf 'server_name: "%s"\n' "$server_name"
+    echo "cluster {"
+    printf '  name: "%s"\n' "$cluster_name"
+    printf '  listen: "%s"\n' "$cluster_listen"
+    printf '  authorization {user: "chatify-route", password: "%s"}\n' "$cluster_password"
+    echo "  routes: ["
+    for address in $(printf '%s' "$routes" | tr ',' ' '); do
+      printf '    "nats-route://chatify-route:%s@%s"\n' "$cluster_password" "$address"
+    done
+    echo "  ]"
+    echo "}"
+  fi
 } >>"$effective"
 exec "$server" -c "$effective" "$@"

@@ -124,6 +124,24 @@ async fn a_connection_without_credentials_or_with_a_wrong_password_is_refused() 
     Ok(())
 }
 
+/// `nats.url` names every node of a cluster, comma separated: a client connects to one that
+/// answers (here the second, the first has no server).
+#[tokio::test]
+async fn every_url_of_a_comma_separated_list_is_tried() -> TestResult {
+    let (server, users) = NatsServer::start_with_users().await?;
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let list = format!("nats://127.0.0.1:{nobody}, {}", server.url);
+    let nats = bus::connect(&users.gateway(&list), "t", Role::Gateway).await?;
+    nats.flush().await?;
+    assert_eq!(
+        nats.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    Ok(())
+}
+
 /// A persister and a gateway with their own credentials do their work: the persister creates
 /// its streams and consumer and answers history; the gateway starts, stores a message that its
 /// room receives, and gets history.

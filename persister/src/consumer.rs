@@ -28,6 +28,13 @@ use crate::retry::Retry;
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// How often the consumer's leader sends an idle heartbeat to a waiting pull request. Two missed
+/// ones mean the pull went unheard (see [`repulling`]).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How long to wait before pulling afresh after "no responders" (no leader of the consumer yet).
+const NO_LEADER_PAUSE: Duration = Duration::from_millis(500);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("could not create the durable consumer {PERSISTER_CONSUMER}: {0}")]
@@ -91,16 +98,29 @@ impl Consumer {
         {
             return Ok(());
         }
-        let consumer = self
-            .stream
-            .get_or_create_consumer(PERSISTER_CONSUMER, consumer_config())
-            .await?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.settings.batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await?;
+        // On a cluster, JetStream may not answer for a while (a leader election, a node away).
+        let consumer = chatify_shared::bus::retry_jetstream(
+            "creating the durable consumer",
+            chatify_shared::bus::JETSTREAM_SETUP_WAIT,
+            chatify_shared::bus::consumer_error_is_transient,
+            || {
+                self.stream
+                    .get_or_create_consumer(PERSISTER_CONSUMER, consumer_config())
+            },
+        )
+        .await?;
+        let batch_size = self.settings.batch_size;
+        let consumer = &consumer;
+        let open = move || {
+            consumer
+                .stream()
+                .max_messages_per_batch(batch_size)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+        };
+        // The first stream opens here, so that a consumer that cannot be read fails the start.
+        let first = open().await?;
+        let messages = Box::pin(repulling(Some(first), open, pull_stalled));
         let mut lanes = Lanes::new(&self.db, self.settings.write_connections)?;
         let dead_letters = DeadLetters::new(self.js.clone(), retry);
         let writer = BatchWriter::new(retry, self.settings.max_attempts, dead_letters);
@@ -119,6 +139,75 @@ impl Consumer {
         self.ready.store(false, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Whether a read error of the pull stream means its pulls went unheard, and how long to wait
+/// before pulling afresh: two missed idle heartbeats, or no responders (no consumer leader).
+fn pull_stalled(e: &jetstream::consumer::pull::MessagesError) -> Option<Duration> {
+    use jetstream::consumer::pull::MessagesErrorKind as K;
+    match e.kind() {
+        K::MissingHeartbeat => Some(Duration::ZERO),
+        K::NoResponders => Some(NO_LEADER_PAUSE),
+        _ => None,
+    }
+}
+
+/// The consumer's messages, pulled afresh whenever the pulls go unheard.
+///
+/// A pull request waits on the consumer's leader. When that node dies or steps down (a NATS
+/// cluster losing a node, a rolling restart), the requests waiting there are gone, but
+/// async-nats goes on counting the messages they asked for and sends no new request until they
+/// expire (30 s and 5 more): the persister would write nothing meanwhile. Without requests the
+/// leader's idle heartbeats stop too, so when `stalled` says so of an error (two missed
+/// heartbeats, no responders) this stream is dropped (its subscription and pulls with it) and
+/// `open` makes a new one, whose first request reaches the new leader, after `stalled`'s pause.
+/// The error is passed on (the caller logs it). Messages fetched and not yet acked are not
+/// affected: their acks go to their own reply subjects, and JetStream redelivers any it never
+/// gets after the ack wait. `first` is the stream to start with (None: open one).
+fn repulling<S, D, E, OE, F, Fut>(
+    first: Option<S>,
+    open: F,
+    stalled: fn(&E) -> Option<Duration>,
+) -> impl Stream<Item = Result<D, String>>
+where
+    S: Stream<Item = Result<D, E>> + Unpin,
+    E: Display,
+    OE: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<S, OE>>,
+{
+    futures::stream::unfold((open, first), move |(mut open, mut current)| async move {
+        let stream = match current.as_mut() {
+            Some(stream) => stream,
+            None => match open().await {
+                Ok(stream) => current.insert(stream),
+                Err(e) => {
+                    tokio::time::sleep(NO_LEADER_PAUSE).await;
+                    return Some((
+                        Err(format!("could not pull from the consumer: {e}")),
+                        (open, None),
+                    ));
+                }
+            },
+        };
+        match stream.next().await {
+            None => None,
+            Some(Ok(message)) => Some((Ok(message), (open, current))),
+            Some(Err(e)) => match stalled(&e) {
+                Some(pause) => {
+                    drop(current.take());
+                    tokio::time::sleep(pause).await;
+                    Some((
+                        Err(format!(
+                            "{e}: pulling afresh (the consumer's leader may have changed)"
+                        )),
+                        (open, None),
+                    ))
+                }
+                None => Some((Err(e.to_string()), (open, current))),
+            },
+        }
+    })
 }
 
 /// How batches are cut from the messages.
@@ -333,5 +422,53 @@ mod tests {
         assert!(acked_after_written(&log.events()));
         drop(tx);
         Ok(())
+    }
+
+    /// A read error of a fake pull stream: `Stalled` is what two missed heartbeats are.
+    #[derive(Debug)]
+    enum ReadError {
+        Stalled,
+        Other,
+    }
+
+    impl Display for ReadError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{self:?}")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_pull_is_opened_afresh_and_other_errors_are_passed_on() {
+        use std::sync::Mutex;
+        let second: Vec<Result<u32, ReadError>> = vec![Ok(3), Ok(4)];
+        let later = Mutex::new(vec![second]);
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let open = || {
+            opened.fetch_add(1, Ordering::SeqCst);
+            let next = later.lock().ok().and_then(|mut l| l.pop());
+            async move { next.map(futures::stream::iter).ok_or("no stream left") }
+        };
+        let first = futures::stream::iter(vec![
+            Ok(1),
+            Err(ReadError::Other),
+            Ok(2),
+            Err(ReadError::Stalled),
+            Ok(99),
+        ]);
+        let stalled = |e: &ReadError| matches!(e, ReadError::Stalled).then_some(Duration::ZERO);
+        let got: Vec<Result<u32, String>> = repulling(Some(first), open, stalled).collect().await;
+        assert_eq!(
+            got,
+            vec![
+                Ok(1),
+                Err("Other".to_owned()),
+                Ok(2),
+                Err("Stalled: pulling afresh (the consumer's leader may have changed)".to_owned()),
+                Ok(3),
+                Ok(4),
+            ],
+            "what the stalled stream still held (99) is dropped with it"
+        );
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
     }
 }

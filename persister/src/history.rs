@@ -127,9 +127,16 @@ async fn cached(sources: &Sources, query: &HistoryQuery) -> Option<HistoryPage> 
         return None;
     }
     let from = sources.recent.newest(&query.room)?;
-    match sources.unwritten.room_after(&query.room, from).await {
+    // Each message since the entry's newest is one request to the stream: beyond a room's worth
+    // (the room had a busy while since the entry was last brought up to date, and reading it
+    // all could outlast the gateway's request timeout) the uncached path answers sooner.
+    match sources
+        .unwritten
+        .room_after(&query.room, from, KEEP_PER_ROOM)
+        .await
+    {
         Ok(later) => sources.recent.extend_and_answer(query, from, later),
-        // Too far behind (thousands of messages since the entry's newest) or the stream did
+        // Too far behind (more than a room's worth since the entry's newest) or the stream did
         // not answer: the entry goes, and the uncached path answers (a latest page refills it).
         Err(e) => {
             tracing::debug!(error = %e, "recent messages could not be brought up to date");
@@ -165,7 +172,9 @@ async fn uncached(
         .map_err(|e| unavailable(&e))?;
     let (stored, recent) = tokio::join!(
         sources.db.history(query),
-        sources.unwritten.room_after(&query.room, floor)
+        sources
+            .unwritten
+            .room_after(&query.room, floor, crate::unwritten::MAX_UNWRITTEN)
     );
     let stored = stored.map_err(|e| {
         tracing::warn!(error = %e, room_len = query.room.len(), "history query failed");

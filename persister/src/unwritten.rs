@@ -12,7 +12,7 @@ use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage
 
 /// The most unwritten messages of one room read for one answer; beyond that the writer is far
 /// behind (HarperDB was down) and history answers `unavailable` until it catches up.
-const MAX_UNWRITTEN: usize = 5000;
+pub const MAX_UNWRITTEN: usize = 5000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnwrittenError {
@@ -20,8 +20,8 @@ pub enum UnwrittenError {
     Floor(String),
     #[error("could not read unwritten messages from the stream: {0}")]
     Read(String),
-    #[error("more than {MAX_UNWRITTEN} messages of the room are not written yet")]
-    TooMany,
+    #[error("more than {0} messages of the room follow")]
+    TooMany(usize),
 }
 
 #[derive(Clone)]
@@ -42,11 +42,13 @@ impl Unwritten {
         }
     }
 
-    /// The room's messages in the stream after `floor`, oldest first.
+    /// The room's messages in the stream after `floor`, oldest first; [`UnwrittenError::TooMany`]
+    /// once more than `max` follow (each is one request to the stream).
     pub async fn room_after(
         &self,
         room: &str,
         floor: u64,
+        max: usize,
     ) -> Result<Vec<ChatMessage>, UnwrittenError> {
         let subject = RoomToken::new(room).store_subject();
         let mut found = Vec::new();
@@ -65,8 +67,8 @@ impl Unwritten {
                             tracing::warn!(error = %e, seq = m.sequence, "undecodable message skipped")
                         }
                     }
-                    if found.len() > MAX_UNWRITTEN {
-                        return Err(UnwrittenError::TooMany);
+                    if found.len() > max {
+                        return Err(UnwrittenError::TooMany(max));
                     }
                 }
                 Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(found),

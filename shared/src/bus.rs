@@ -1,9 +1,10 @@
 //! Connecting to NATS and declaring the JetStream objects both services rely on.
 
+use std::fmt::Display;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, ErrorCode, stream};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{ConfigError, NatsAuth, NatsSettings, StreamSettings};
@@ -41,6 +42,101 @@ pub enum BusError {
         "stream {MESSAGES_STREAM} does not exist after {waited:?}: the persister creates it (and a gateway may not), so start a persister first"
     )]
     MessagesStreamMissing { waited: Duration },
+}
+
+/// How long a starting service repeats the JetStream requests that set it up (streams, the
+/// persisters' consumer) while JetStream cannot answer them yet.
+pub const JETSTREAM_SETUP_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether a JetStream API error may pass by itself: on a cluster, while no meta leader is
+/// elected (no answer, "JetStream system temporarily unavailable") or while a stream's nodes are
+/// not all back ("no suitable peers for placement", "insufficient resources"). A bad request or a
+/// stream of another configuration will not.
+pub fn jetstream_error_is_transient(e: &jetstream::Error) -> bool {
+    e.code() >= 500
+        || [
+            ErrorCode::CLUSTER_NOT_AVAILABLE,
+            ErrorCode::CLUSTER_NO_PEERS,
+            ErrorCode::CLUSTER_NOT_LEADER,
+            ErrorCode::CLUSTER_NOT_ACTIVE,
+            ErrorCode::CLUSTER_INCOMPLETE,
+            ErrorCode::INSUFFICIENT_RESOURCES,
+        ]
+        .contains(&e.error_code())
+}
+
+fn create_stream_error_is_transient(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::JetStreamUnavailable | K::Response => true,
+        K::JetStream(j) => jetstream_error_is_transient(&j),
+        _ => false,
+    }
+}
+
+fn get_stream_error_is_transient(e: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::context::GetStreamErrorKind as K;
+    match e.kind() {
+        K::Request => true,
+        K::JetStream(j) => jetstream_error_is_transient(&j),
+        _ => false,
+    }
+}
+
+/// Whether creating or reading a consumer failed for a reason that may pass by itself (see
+/// [`jetstream_error_is_transient`]).
+pub fn consumer_error_is_transient(e: &jetstream::stream::ConsumerError) -> bool {
+    use jetstream::stream::ConsumerErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::Request => true,
+        K::JetStream(j) => jetstream_error_is_transient(&j),
+        _ => false,
+    }
+}
+
+/// Runs `op` until it succeeds, fails in a way `transient` says will not pass, or has failed for
+/// `wait` (then with its last error), pausing 250 ms, then longer, up to 2 s, between attempts.
+/// A service starting while a NATS cluster elects its JetStream leader, or while one of its
+/// nodes restarts, waits for that instead of exiting.
+pub async fn retry_jetstream<T, E, F, Fut>(
+    what: &str,
+    wait: Duration,
+    transient: impl Fn(&E) -> bool,
+    mut op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Display,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    let mut failures = 0u32;
+    loop {
+        match op().await {
+            Ok(value) => {
+                if failures > 0 {
+                    tracing::info!(
+                        failures,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "{what}: done"
+                    );
+                }
+                return Ok(value);
+            }
+            Err(e) if transient(&e) && started.elapsed() < wait => {
+                failures += 1;
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "{what}: JetStream cannot answer yet (a cluster electing its leader, or a node away?); retrying"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Connects as `role` (whose inbox prefix it takes, so that the NATS permissions can keep
@@ -100,7 +196,7 @@ pub async fn connect(
         options = options.require_tls(true);
     }
     options
-        .connect(settings.url.as_str())
+        .connect(settings.server_urls())
         .await
         .map_err(|source| BusError::Connect {
             url: settings.url.clone(),
@@ -151,29 +247,64 @@ pub async fn ensure_messages_stream(
     settings: &StreamSettings,
 ) -> Result<stream::Stream, BusError> {
     let config = messages_stream_config(settings);
-    if let Ok(existing) = js.get_stream(MESSAGES_STREAM).await {
+    let existing = retry_jetstream(
+        "reading the messages stream",
+        JETSTREAM_SETUP_WAIT,
+        get_stream_error_is_transient,
+        || async {
+            match js.get_stream(MESSAGES_STREAM).await {
+                Ok(stream) => Ok(Some(stream)),
+                Err(e) if is_stream_not_found(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await?;
+    if let Some(existing) = existing {
         check_republish(&existing, &config)?;
     }
-    js.create_or_update_stream(config).await?;
-    Ok(js.get_stream(MESSAGES_STREAM).await?)
+    retry_jetstream(
+        "creating the messages stream",
+        JETSTREAM_SETUP_WAIT,
+        create_stream_error_is_transient,
+        || js.create_or_update_stream(config.clone()),
+    )
+    .await?;
+    Ok(retry_jetstream(
+        "reading the messages stream",
+        JETSTREAM_SETUP_WAIT,
+        get_stream_error_is_transient,
+        || js.get_stream(MESSAGES_STREAM),
+    )
+    .await?)
+}
+
+fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// The messages stream as a gateway sees it: it may only read the stream's information and
-/// messages, so it waits up to `wait` for a persister to create the stream, then checks that
-/// it republishes to the rooms.
+/// messages, so it waits up to `wait` for a persister to create the stream (and for JetStream to
+/// answer at all: a cluster electing its leader), then checks that it republishes to the rooms.
 pub async fn open_messages_stream(
     js: &jetstream::Context,
     wait: Duration,
 ) -> Result<stream::Stream, BusError> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut warned = false;
     let stream = loop {
-        match js.get_stream(MESSAGES_STREAM).await {
+        let remaining = wait.saturating_sub(started.elapsed());
+        let found = retry_jetstream(
+            "reading the messages stream",
+            remaining,
+            get_stream_error_is_transient,
+            || js.get_stream(MESSAGES_STREAM),
+        )
+        .await;
+        match found {
             Ok(stream) => break stream,
-            Err(e)
-                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
+            Err(e) if is_stream_not_found(&e) => {
                 if started.elapsed() >= wait {
                     return Err(BusError::MessagesStreamMissing { waited: wait });
                 }
@@ -216,9 +347,20 @@ pub async fn ensure_presence_stream(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<stream::Stream, BusError> {
-    js.create_or_update_stream(presence_stream_config(replicas))
-        .await?;
-    let stream = js.get_stream(PRESENCE_STREAM).await?;
+    retry_jetstream(
+        "creating the presence stream",
+        JETSTREAM_SETUP_WAIT,
+        create_stream_error_is_transient,
+        || js.create_or_update_stream(presence_stream_config(replicas)),
+    )
+    .await?;
+    let stream = retry_jetstream(
+        "reading the presence stream",
+        JETSTREAM_SETUP_WAIT,
+        get_stream_error_is_transient,
+        || js.get_stream(PRESENCE_STREAM),
+    )
+    .await?;
     if let Err(e) = stream.purge().filter(LEGACY_PRESENCE_RECORDS).await {
         tracing::warn!(error = %e, "could not purge presence records of an older Chatify");
     }
@@ -263,7 +405,7 @@ pub async fn ensure_dead_letter_stream(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<(), BusError> {
-    js.create_or_update_stream(stream::Config {
+    let config = stream::Config {
         name: DEAD_LETTER_STREAM.to_owned(),
         subjects: vec![DEAD_LETTER_STREAM_SUBJECTS.to_owned()],
         retention: stream::RetentionPolicy::Limits,
@@ -271,7 +413,13 @@ pub async fn ensure_dead_letter_stream(
         max_age: Duration::from_secs(30 * 24 * 3600),
         num_replicas: replicas,
         ..Default::default()
-    })
+    };
+    retry_jetstream(
+        "creating the dead-letter stream",
+        JETSTREAM_SETUP_WAIT,
+        create_stream_error_is_transient,
+        || js.create_or_update_stream(config.clone()),
+    )
     .await?;
     Ok(())
 }
@@ -293,4 +441,74 @@ pub async fn drain(client: &async_nats::Client) -> Result<(), DrainError> {
     client.flush().await?;
     client.drain().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Failure {
+        transient: bool,
+    }
+
+    impl Display for Failure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "transient: {}", self.transient)
+        }
+    }
+
+    /// An operation that fails `failures` times (transiently or not), then succeeds.
+    async fn attempt(calls: &AtomicU32, failures: u32, transient: bool) -> Result<u32, Failure> {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        if n < failures {
+            Err(Failure { transient })
+        } else {
+            Ok(n)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_until_the_operation_succeeds() {
+        let calls = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let result = retry_jetstream(
+            "test",
+            Duration::from_secs(60),
+            |f: &Failure| f.transient,
+            || attempt(&calls, 5, true),
+        )
+        .await;
+        assert_eq!(result.ok(), Some(5));
+        // 250 + 500 + 1000 + 2000 + 2000 ms of pauses
+        assert_eq!(started.elapsed(), Duration::from_millis(5750));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_failure_is_returned_after_the_wait_and_a_permanent_one_at_once() {
+        let calls = AtomicU32::new(0);
+        let result = retry_jetstream(
+            "test",
+            Duration::from_secs(10),
+            |f: &Failure| f.transient,
+            || attempt(&calls, u32::MAX, true),
+        )
+        .await;
+        assert!(result.is_err_and(|f| f.transient));
+        // 0.25 + 0.5 + 1 + 2 + 2 + 2 + 2 = 9.75 s, one more attempt and the 11.75 s one fails
+        assert_eq!(calls.load(Ordering::SeqCst), 9);
+
+        let calls = AtomicU32::new(0);
+        let result = retry_jetstream(
+            "test",
+            Duration::from_secs(10),
+            |f: &Failure| f.transient,
+            || attempt(&calls, 1, false),
+        )
+        .await;
+        assert!(result.is_err_and(|f| !f.transient));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }

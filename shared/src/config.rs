@@ -199,8 +199,23 @@ impl NatsSettings {
         !self.tls_ca_file.is_empty() || !self.tls_cert_file.is_empty()
     }
 
+    /// The servers of `url`: its comma-separated URLs, trimmed, empty ones left out. The client
+    /// tries them in turn (and the servers a cluster advertises), at the start and after a loss.
+    pub fn server_urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.auth()?;
+        if self.server_urls().is_empty() {
+            return Err(ConfigError::Invalid(
+                "nats.url must name at least one server".into(),
+            ));
+        }
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return Err(ConfigError::Invalid(
                 "nats.tls_cert_file and nats.tls_key_file go together: set both or neither".into(),
@@ -898,6 +913,31 @@ mod tests {
             "12345",
             "digits stay text"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn nats_url_takes_every_node_of_a_cluster() -> Result<(), ConfigError> {
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "CHATIFY_NATS__URL",
+                "nats://127.0.0.1:4222, nats://127.0.0.1:4223,,nats://127.0.0.1:4224",
+            )]),
+        )?;
+        assert_eq!(
+            s.nats.server_urls(),
+            [
+                "nats://127.0.0.1:4222",
+                "nats://127.0.0.1:4223",
+                "nats://127.0.0.1:4224"
+            ]
+        );
+        let err = Settings::load_from(None, env(&[("CHATIFY_NATS__URL", " , ")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("nats.url"), "{err}");
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 // deploy/docker-compose.yml cannot run here (no Docker engine): these checks keep it in
 // agreement with what does run, deploy/local/up.sh and lib.sh, by parsing both — the
-// components, ports, CHATIFY_* names, the shared HAProxy and NATS configuration files, and the
-// chat page (web/serve.mjs) with the origins the gateways allow for it.
+// components (compose runs up.sh's cluster set: CHATIFY_NATS_NODES=3 CHATIFY_PERSISTERS=2),
+// ports, CHATIFY_* names, the shared HAProxy and NATS configuration files, the NATS cluster,
+// and the chat page (web/serve.mjs) with the origins the gateways allow for it.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { cpSync, existsSync, mkdtempSync, rmSync } from "node:fs";
@@ -10,6 +11,7 @@ import path from "node:path";
 import { describe, test } from "node:test";
 import {
   caseLabels,
+  caseMatches,
   dockerfile,
   parseYamlDocuments,
   portOf,
@@ -21,6 +23,7 @@ import {
   shellChatifyNames,
   shellDefaults,
   shellFunction,
+  upComponents,
 } from "./helpers.mjs";
 
 const COMPOSE = "deploy/docker-compose.yml";
@@ -37,6 +40,11 @@ const WEB_DOCKERFILE = "deploy/docker/web.Dockerfile";
 const config = configTable();
 
 const components = shellArray(libSh, "CHATIFY_COMPONENTS");
+// The set compose describes: up.sh with CHATIFY_NATS_NODES=3 CHATIFY_PERSISTERS=2.
+const CLUSTER = { natsNodes: 3, persisters: 2 };
+const clusterComponents = upComponents(CLUSTER.natsNodes, CLUSTER.persisters);
+const natsServices = clusterComponents.filter((c) => /^nats\d*$/.test(c));
+const persisterServices = clusterComponents.filter((c) => /^persister\d*$/.test(c));
 const defaults = shellDefaults(libSh);
 const shellNames = shellChatifyNames(upSh, libSh);
 const defaultPort = (name) => {
@@ -81,15 +89,19 @@ describe("docker-compose.yml", () => {
     assert.equal(typeof services, "object");
   });
 
-  test("has exactly the components up.sh starts, and up.sh handles each", () => {
+  test("has exactly the components up.sh's cluster set starts, and up.sh handles each", () => {
     assert.deepEqual(components, ["nats", "harperdb", "persister", "gateway1", "gateway2", "lb", "web"]);
+    assert.deepEqual(clusterComponents, ["nats", "nats2", "nats3", "harperdb", "persister", "persister2", "gateway1", "gateway2", "lb", "web"]);
+    assert.deepEqual(upComponents(), components, "the default set");
     for (const fn of ["start_component", "probe", "component_ports"]) {
-      assert.deepEqual(caseLabels(shellFunction(upSh, fn)).sort(), [...components].sort(), `up.sh ${fn}()`);
+      const labels = caseLabels(shellFunction(upSh, fn));
+      for (const c of upComponents(3, 9)) assert.ok(labels.some((l) => caseMatches(l, c)), `up.sh ${fn}() has no arm for ${c}`);
+      for (const l of labels) assert.ok(upComponents(3, 9).some((c) => caseMatches(l, c)), `up.sh ${fn}(): ${l} is no component`);
     }
-    // persister-setup: up.sh's setup_harperdb, which it runs before every start of the persister.
-    assert.deepEqual(Object.keys(services).sort(), [...components, "persister-setup"].sort());
+    // persister-setup: up.sh's setup_harperdb, which it runs before every start of a persister.
+    assert.deepEqual(Object.keys(services).sort(), [...clusterComponents, "persister-setup"].sort());
     assert.ok(/chatify-persister" setup/.test(shellFunction(upSh, "setup_harperdb")));
-    assert.ok(/^\s*setup_harperdb$/m.test(shellFunction(upSh, "start_persister")));
+    assert.ok(/^\s*setup_harperdb "\$name"$/m.test(shellFunction(upSh, "start_persister")));
     assert.deepEqual(services["persister-setup"].command, ["setup"]);
   });
 
@@ -123,7 +135,7 @@ describe("docker-compose.yml", () => {
     const common = names("binary_env");
     const persister = [...names("persister_settings"), ...names("start_persister")];
     const gatewaySettings = [...names("gateway_settings"), ...names("start_gateway")];
-    assert.deepEqual(common, ["CHATIFY_NATS__URL"]);
+    assert.deepEqual(common, ["CHATIFY_NATS__URL", "CHATIFY_STREAM__REPLICAS"]);
     // Each its own credentials: the gateways none for HarperDB, nobody the HarperDB admin's but setup.
     assert.ok(persister.includes("CHATIFY_NATS__PASSWORD") && persister.includes("CHATIFY_HARPERDB__PASSWORD"));
     assert.ok(gatewaySettings.includes("CHATIFY_NATS__PASSWORD") && !gatewaySettings.includes("CHATIFY_HARPERDB__PASSWORD"));
@@ -131,6 +143,7 @@ describe("docker-compose.yml", () => {
     assert.deepEqual(setup.sort(), ["CHATIFY_HARPERDB__ADMIN_PASSWORD", "CHATIFY_HARPERDB__ADMIN_USERNAME"]);
     const expected = {
       persister: [...common, ...persister],
+      persister2: [...common, ...persister],
       "persister-setup": [...common, ...persister.filter((n) => !n.startsWith("CHATIFY_PERSISTER__")), ...setup],
       gateway1: [...common, ...gatewaySettings],
       gateway2: [...common, ...gatewaySettings],
@@ -145,18 +158,27 @@ describe("docker-compose.yml", () => {
       assert.equal(env.get("CHATIFY_GATEWAY__HOST"), "0.0.0.0");
       assert.equal(Number(env.get("CHATIFY_GATEWAY__PORT")), defaultPort(`CHATIFY_${name.toUpperCase()}_PORT`));
     }
-    const p = environment(services.persister);
-    assert.equal(p.get("CHATIFY_PERSISTER__HOST"), "0.0.0.0");
-    assert.equal(Number(p.get("CHATIFY_PERSISTER__PORT")), defaultPort("CHATIFY_PERSISTER_PORT"));
+    // Each persister in its own container, all on up.sh's first persister port.
+    for (const name of persisterServices) {
+      const p = environment(services[name]);
+      assert.equal(p.get("CHATIFY_PERSISTER__HOST"), "0.0.0.0");
+      assert.equal(Number(p.get("CHATIFY_PERSISTER__PORT")), defaultPort("CHATIFY_PERSISTER_PORT"));
+    }
   });
 
-  test("the binaries reach NATS and HarperDB by service name, on the ports up.sh and the configs use", () => {
-    for (const name of ["persister", "persister-setup", "gateway1", "gateway2"]) {
+  test("the binaries reach every NATS node and HarperDB by service name, on the ports up.sh and the configs use", () => {
+    // up.sh gives every node's URL (nats_client_urls), and one stream replica per node.
+    assert.match(shellFunction(upSh, "binary_env"), /"CHATIFY_NATS__URL=\$\(nats_client_urls\)"/);
+    assert.match(shellFunction(upSh, "binary_env"), /"CHATIFY_STREAM__REPLICAS=\$\{CHATIFY_STREAM__REPLICAS:-\$CHATIFY_NATS_NODES\}"/);
+    for (const name of [...persisterServices, "persister-setup", "gateway1", "gateway2"]) {
       const env = environment(services[name]);
-      const nats = new URL(env.get("CHATIFY_NATS__URL"));
-      assert.equal(nats.hostname, "nats");
-      assert.equal(Number(nats.port), defaultPort("CHATIFY_NATS_PORT"));
-      assert.equal(Number(nats.port), Number(/^port:\s*(\d+)/m.exec(natsConf)?.[1]), "nats.conf port");
+      const urls = env.get("CHATIFY_NATS__URL").split(",").map((u) => new URL(u));
+      assert.deepEqual(urls.map((u) => u.hostname), natsServices, `${name}: every NATS node's URL, in order`);
+      for (const nats of urls) {
+        assert.equal(Number(nats.port), defaultPort("CHATIFY_NATS_PORT"));
+        assert.equal(Number(nats.port), Number(/^port:\s*(\d+)/m.exec(natsConf)?.[1]), "nats.conf port");
+      }
+      assert.equal(Number(env.get("CHATIFY_STREAM__REPLICAS")), natsServices.length, `${name}: a replica on every node`);
       if (name.startsWith("gateway")) {
         assert.ok(!env.has("CHATIFY_HARPERDB__URL"), `${name} gets no HarperDB settings`);
         continue;
@@ -246,27 +268,68 @@ describe("docker-compose.yml", () => {
     assert.equal(preset.get("CHATIFY_GATEWAY2_ADDR"), `127.0.0.1:${defaultPort("CHATIFY_GATEWAY2_PORT")}`);
   });
 
-  test("nats and up.sh start nats-server the same way: deploy/nats/start.sh, nats.conf, JetStream on", () => {
+  test("every nats node and up.sh start nats-server the same way: deploy/nats/start.sh, nats.conf, JetStream on", () => {
     const conf = libPath("CHATIFY_NATS_CONF");
     assert.equal(conf, repoPath("deploy/nats/nats.conf"));
     const script = libPath("CHATIFY_NATS_START");
     assert.equal(script, repoPath("deploy/nats/start.sh"));
     const start = shellFunction(upSh, "start_nats");
     assert.match(start, /CHATIFY_NATS_SYNC="\$CHATIFY_NATS_SYNC"/);
-    assert.match(start, /"\$CHATIFY_NATS_START" "\$CHATIFY_NATS_CONF" "\$DATA_DIR\/nats.conf" -js /);
-    const confMount = mounts(services.nats).find((m) => m.source === conf);
-    assert.ok(confMount, "compose's nats does not mount deploy/nats/nats.conf");
-    const scriptMount = mounts(services.nats).find((m) => m.source === script);
-    assert.ok(scriptMount, "compose's nats does not mount deploy/nats/start.sh");
-    assert.deepEqual(services.nats.entrypoint, ["/bin/sh", scriptMount.target]);
-    // start.sh BASE_CONF EFFECTIVE_CONF nats-server-arguments...
-    const command = services.nats.command;
-    assert.equal(command[0], confMount.target, "start.sh's base config is the mounted nats.conf");
-    assert.ok(command.includes("-js"));
-    assert.equal(environment(services.nats).get("CHATIFY_NATS_SYNC"), "${CHATIFY_NATS_SYNC:-default}");
-    // Both give the store directory on the command line (nats.conf must not: see its comment).
-    assert.ok(command.includes("-sd") && start.includes("-sd"));
+    assert.match(start, /"\$CHATIFY_NATS_START" "\$CHATIFY_NATS_CONF" "\$DATA_DIR\/\$node.conf" -js /);
+    const volumes = new Set();
+    for (const name of natsServices) {
+      const nats = services[name];
+      const confMount = mounts(nats).find((m) => m.source === conf);
+      assert.ok(confMount, `compose's ${name} does not mount deploy/nats/nats.conf`);
+      const scriptMount = mounts(nats).find((m) => m.source === script);
+      assert.ok(scriptMount, `compose's ${name} does not mount deploy/nats/start.sh`);
+      assert.deepEqual(nats.entrypoint, ["/bin/sh", scriptMount.target]);
+      // start.sh BASE_CONF EFFECTIVE_CONF nats-server-arguments...
+      const command = nats.command;
+      assert.equal(command[0], confMount.target, "start.sh's base config is the mounted nats.conf");
+      assert.ok(command.includes("-js"));
+      assert.equal(environment(nats).get("CHATIFY_NATS_SYNC"), "${CHATIFY_NATS_SYNC:-default}");
+      // Both give the store directory on the command line (nats.conf must not: see its comment).
+      assert.ok(command.includes("-sd") && start.includes("-sd"));
+      // Each node its own store, as up.sh's $DATA_DIR/NODE.
+      const data = mounts(nats).find((m) => !m.bind && m.target === command[command.indexOf("-sd") + 1]);
+      assert.ok(data, `${name} keeps its store on a volume`);
+      volumes.add(data.source);
+    }
+    assert.equal(volumes.size, natsServices.length, "every node has a volume of its own");
+    assert.match(start, /-sd "\$DATA_DIR\/\$node"/);
     assert.doesNotMatch(natsConf, /^\s*store_dir/m);
+  });
+
+  test("the NATS cluster: up.sh's and compose's nodes have the same names, cluster, routes and route user", () => {
+    const start = shellFunction(upSh, "start_nats");
+    const upCluster = shellSettings(start);
+    // up.sh: the node's component name, lib.sh's cluster name, its route port on 127.0.0.1,
+    // every node's route address, the generated route password.
+    assert.equal(upCluster.get("CHATIFY_NATS_SERVER_NAME"), "$node");
+    assert.equal(upCluster.get("CHATIFY_NATS_CLUSTER_NAME"), "$CHATIFY_NATS_CLUSTER_NAME");
+    assert.equal(upCluster.get("CHATIFY_NATS_CLUSTER_LISTEN"), "127.0.0.1:${!cluster}", "routes on loopback only");
+    assert.equal(upCluster.get("CHATIFY_NATS_ROUTES"), "$(nats_route_addresses)");
+    assert.equal(upCluster.get("CHATIFY_NATS_CLUSTER_PASSWORD"), "$CHATIFY_NATS_CLUSTER_PASSWORD");
+    assert.equal(shellArray(libSh, "CHATIFY_NATS_NODE_NAMES").join(" "), natsServices.join(" "));
+    const clusterPort = defaultPort("CHATIFY_NATS_CLUSTER_PORT");
+    for (const name of natsServices) {
+      const env = environment(services[name]);
+      assert.equal(env.get("CHATIFY_NATS_SERVER_NAME"), name, `${name} is named after its service, as up.sh names a node after its component`);
+      assert.equal(env.get("CHATIFY_NATS_CLUSTER_NAME"), shellAssignment(libSh, "CHATIFY_NATS_CLUSTER_NAME"));
+      assert.equal(env.get("CHATIFY_NATS_CLUSTER_LISTEN"), `0.0.0.0:${clusterPort}`);
+      assert.deepEqual(env.get("CHATIFY_NATS_ROUTES").split(","), natsServices.map((n) => `${n}:${clusterPort}`), `${name}: a route to every node`);
+      assert.equal(env.get("CHATIFY_NATS_CLUSTER_PASSWORD"), "${CHATIFY_NATS_CLUSTER_PASSWORD:?set CHATIFY_NATS_CLUSTER_PASSWORD in deploy/.env}");
+      // Healthy as up.sh's probe of a cluster node: the full /healthz (meta leader, current).
+      const health = services[name].healthcheck.test.join(" ");
+      assert.ok(health.endsWith("http://127.0.0.1:8222/healthz"), health);
+    }
+    assert.match(shellFunction(upSh, "probe"), /if nats_clustered; then\s+http_ok "http:\/\/127\.0\.0\.1:\$\{!p\}\/healthz"\s+else/);
+    // Only the NATS services get the route password.
+    for (const [name, service] of Object.entries(services)) {
+      if (natsServices.includes(name)) continue;
+      assert.ok(!JSON.stringify(service.environment ?? {}).includes("CHATIFY_NATS_CLUSTER_PASSWORD"), name);
+    }
   });
 
   test("every depends_on target has a health check and is waited for", () => {
@@ -286,7 +349,7 @@ describe("docker-compose.yml", () => {
         assert.ok(Array.isArray(test) && test.length > 1 && test[0] === "CMD", `${target} has no health check`);
         assert.equal(condition, "service_healthy", `${name} → ${target}`);
         // up.sh starts components in this order too.
-        const order = (n) => components.indexOf(n === "persister-setup" ? "persister" : n);
+        const order = (n) => clusterComponents.indexOf(n === "persister-setup" ? "persister" : n);
         assert.ok(order(target) < order(name), `${target} starts after ${name} in up.sh`);
       }
     }
@@ -296,10 +359,10 @@ describe("docker-compose.yml", () => {
   test("built services name existing Dockerfile targets and the same build context", () => {
     const { stages } = dockerfile();
     const built = Object.entries(services).filter(([, s]) => s.build && s.build.dockerfile !== WEB_DOCKERFILE);
-    assert.deepEqual(built.map(([n]) => n).sort(), ["gateway1", "gateway2", "persister", "persister-setup"]);
+    assert.deepEqual(built.map(([n]) => n).sort(), ["gateway1", "gateway2", "persister", "persister-setup", "persister2"]);
     assert.deepEqual(
       Object.entries(services).filter(([, s]) => s.build).map(([n]) => n).sort(),
-      ["gateway1", "gateway2", "persister", "persister-setup", "web"],
+      ["gateway1", "gateway2", "persister", "persister-setup", "persister2", "web"],
     );
     for (const [name, service] of built) {
       const context = path.resolve(repoPath("deploy"), service.build.context);

@@ -1,6 +1,7 @@
 // Shared helpers of the deploy checks: reading the repository's files, parsing YAML the way
 // Kubernetes does, the configuration table of docs/configuration.md, and the few shell constructs of
 // deploy/local/*.sh that the checks compare against.
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -94,13 +95,32 @@ export function shellFunction(text, name) {
   return match[1];
 }
 
-/** The labels of the arms of the `case` statements in a piece of shell: `a | b) ...` → a, b. */
+/** The labels of the arms of the `case` statements in a piece of shell: `a | b[2-9]) ...` → a, b[2-9]. */
 export function caseLabels(body) {
   const labels = [];
-  for (const m of body.matchAll(/^\s*([a-z0-9_*][a-z0-9_ |*-]*)\)/gm)) {
+  for (const m of body.matchAll(/^\s*([a-z0-9_*[][a-z0-9_ |*[\]-]*)\)/gm)) {
     for (const label of m[1].split("|")) labels.push(label.trim());
   }
   return labels;
+}
+
+/** Whether a shell `case` pattern (`*`, `?` and `[...]` classes) matches a word. */
+export function caseMatches(pattern, word) {
+  const re = pattern.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
+  return new RegExp(`^${re}$`).test(word);
+}
+
+/**
+ * The components deploy/local/up.sh runs for a set of `natsNodes` NATS nodes and `persisters`
+ * persisters, in start order: lib.sh's own resolve_topology, run by bash.
+ */
+export function upComponents(natsNodes = 1, persisters = 1) {
+  const out = execFileSync(
+    "bash",
+    ["-c", `. "$0"; RUN_ENV_FILE=/nonexistent; resolve_topology; printf '%s\\n' "\${CHATIFY_ALL_COMPONENTS[@]}"`, repoPath("deploy/local/lib.sh")],
+    { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"], env: { PATH: process.env.PATH, CHATIFY_NATS_NODES: String(natsNodes), CHATIFY_PERSISTERS: String(persisters) } },
+  );
+  return out.trim().split("\n");
 }
 
 /** A bash array assignment `NAME=(a b c)` (may span lines). */

@@ -360,7 +360,7 @@ describe("configuration", () => {
     }
   });
 
-  test("NATS: R3 streams on the 3-server JetStream cluster of nats-values.yaml, reached through its Service", () => {
+  test("NATS: R3 streams on the 3-server JetStream cluster of nats-values.yaml, every server's URL given", () => {
     const replicas = Number(generated.get("chatify-config").get("CHATIFY_STREAM__REPLICAS"));
     assert.equal(replicas, 3);
     assert.equal(natsValues.config.cluster.enabled, true);
@@ -374,10 +374,16 @@ describe("configuration", () => {
     assert.ok(install, "deploy/kubernetes/README.md must show the helm install of nats/nats");
     assert.equal(install[2], `${DIR}/nats-values.yaml`);
     assert.ok(readme.includes("helm repo add nats https://nats-io.github.io/k8s/helm/charts/"));
+    // Each pod of the release's StatefulSet through its headless Service, as up.sh and compose
+    // name every node.
+    const release = install[1];
     for (const container of [gatewayContainer, persisterContainer]) {
-      const url = new URL(setting(container, "CHATIFY_NATS__URL"));
-      assert.equal(url.hostname, install[1]);
-      assert.equal(Number(url.port), natsValues.config.nats?.port ?? 4222);
+      const urls = setting(container, "CHATIFY_NATS__URL").split(",").map((u) => new URL(u));
+      assert.deepEqual(
+        urls.map((u) => u.hostname),
+        Array.from({ length: natsValues.config.cluster.replicas }, (_, i) => `${release}-${i}.${release}-headless`),
+      );
+      for (const url of urls) assert.equal(Number(url.port), natsValues.config.nats?.port ?? 4222);
     }
     assert.ok(readme.includes(`kubectl apply -k ${DIR}`));
   });

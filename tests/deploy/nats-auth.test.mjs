@@ -92,6 +92,42 @@ describe("deploy/nats/start.sh with the users", () => {
     assert.equal(statSync(effective).mode & 0o777, 0o600);
   });
 
+  test("a cluster node: its name, the cluster, routes to every node that log in as chatify-route, and nats-server takes it", () => {
+    const cluster = {
+      ...passwords,
+      CHATIFY_NATS_SERVER_NAME: "nats2",
+      CHATIFY_NATS_CLUSTER_LISTEN: "127.0.0.1:16223",
+      CHATIFY_NATS_ROUTES: "127.0.0.1:16222,127.0.0.1:16223,127.0.0.1:16224",
+      CHATIFY_NATS_CLUSTER_PASSWORD: "r-secret_3",
+    };
+    const { status, stderr, stdout, effective } = start(cluster, "cluster");
+    assert.equal(status, 0, `${stdout}${stderr}`);
+    assert.match(stdout + stderr, /is valid/);
+    const text = readFileSync(effective, "utf8");
+    assert.match(text, /^server_name: "nats2"$/m);
+    assert.match(text, /^  name: "chatify"$/m, "the default cluster name");
+    assert.match(text, /^  listen: "127\.0\.0\.1:16223"$/m);
+    assert.match(text, /^  authorization \{user: "chatify-route", password: "r-secret_3"\}$/m, "routes must log in");
+    for (const port of [16222, 16223, 16224]) {
+      assert.ok(text.includes(`"nats-route://chatify-route:r-secret_3@127.0.0.1:${port}"`), `route to ${port}`);
+    }
+    // Without the route password, or with one that breaks the route URLs, or routes alone: refused.
+    for (const [name, env, message] of [
+      ["no-password", { ...cluster, CHATIFY_NATS_CLUSTER_PASSWORD: "" }, /CHATIFY_NATS_CLUSTER_PASSWORD is not set/],
+      ["at", { ...cluster, CHATIFY_NATS_CLUSTER_PASSWORD: "a@b" }, /may not contain '@'/],
+      ["no-name", { ...cluster, CHATIFY_NATS_SERVER_NAME: "" }, /CHATIFY_NATS_SERVER_NAME/],
+      ["no-routes", { ...cluster, CHATIFY_NATS_ROUTES: "" }, /CHATIFY_NATS_ROUTES is not set/],
+      ["bad-route", { ...cluster, CHATIFY_NATS_ROUTES: "nats://x:1" }, /HOST:PORT/],
+      ["routes-alone", { ...passwords, CHATIFY_NATS_ROUTES: "127.0.0.1:1" }, /without CHATIFY_NATS_CLUSTER_LISTEN/],
+    ]) {
+      const out = start(env, `cluster-${name}`);
+      assert.equal(out.status, 2, name);
+      assert.match(out.stderr, message, name);
+    }
+    // Without the cluster settings, no cluster block (a single server, as before).
+    assert.doesNotMatch(readFileSync(start(passwords, "single").effective, "utf8"), /cluster \{|server_name/);
+  });
+
   test("refuses to start without both passwords, or with one NATS would misread", () => {
     for (const missing of Object.keys(passwords)) {
       const { status, stderr, effective } = start({ ...passwords, [missing]: "" }, `missing-${missing}`);
@@ -127,13 +163,19 @@ describe("the same users everywhere", () => {
     }
   });
 
-  test("compose: nats gets both passwords and permissions.conf beside nats.conf; each binary logs in as its user", () => {
+  test("compose: every nats node gets both passwords and permissions.conf beside nats.conf; each binary logs in as its user", () => {
     const [compose] = parseYamlDocuments(readRepo("deploy/docker-compose.yml"), "compose", { version: "1.2", merge: true });
+    const natsNodes = Object.keys(compose.services).filter((n) => /^nats\d*$/.test(n));
+    assert.deepEqual(natsNodes, ["nats", "nats2", "nats3"]);
+    for (const name of natsNodes) {
+      const nats = compose.services[name];
+      const targets = nats.volumes.map((v) => v.split(":").slice(0, 2));
+      assert.ok(targets.some(([src, dst]) => src === "./nats/permissions.conf" && dst === "/etc/nats/permissions.conf"), name);
+      assert.ok(targets.some(([, dst]) => dst === "/etc/nats/nats.conf"), name);
+      for (const variable of Object.values(PASSWORD_VARS)) assert.equal(nats.environment[variable], compose.services.nats.environment[variable], name);
+    }
     const nats = compose.services.nats;
-    const targets = nats.volumes.map((v) => v.split(":").slice(0, 2));
-    assert.ok(targets.some(([src, dst]) => src === "./nats/permissions.conf" && dst === "/etc/nats/permissions.conf"));
-    assert.ok(targets.some(([, dst]) => dst === "/etc/nats/nats.conf"));
-    const logins = { "chatify-gateway": ["gateway1", "gateway2"], "chatify-persister": ["persister", "persister-setup"] };
+    const logins = { "chatify-gateway": ["gateway1", "gateway2"], "chatify-persister": ["persister", "persister2", "persister-setup"] };
     for (const [user, services] of Object.entries(logins)) {
       const variable = PASSWORD_VARS[user];
       assert.match(nats.environment[variable], new RegExp(`^\\$\\{${variable}:\\?`));

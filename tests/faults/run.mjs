@@ -2,6 +2,13 @@
 // and checks, after each, what HarperDB holds against what clients were told.
 //
 //   node tests/faults/run.mjs [--full] [--summary FILE] [SCENARIO...]
+//   node tests/faults/run.mjs --groups [SCENARIO...]
+//
+// Each scenario needs a set of one shape (its `system`): "single" (one NATS server, one
+// persister: deploy/local/up.sh's default) or "cluster" (CHATIFY_NATS_NODES=3
+// CHATIFY_PERSISTERS=2). The scenarios given must all need the shape of the running set.
+// --groups prints, for scripts/faults.sh, one line per shape the scenarios given (all by
+// default) need, in run order: the shape, then its scenarios.
 //
 // Prints one line per scenario:
 //   NAME: attempted=… acknowledged=… stored=… lost=0 duplicated=0 unexpected=0 reordered=0 (… s)
@@ -23,15 +30,36 @@ import gatewayCrash from "./scenarios/gateway-crash.mjs";
 import gracefulShutdown from "./scenarios/graceful-shutdown.mjs";
 import slowClient from "./scenarios/slow-client.mjs";
 import ordering from "./scenarios/ordering.mjs";
+import natsNodeLoss from "./scenarios/nats-node-loss.mjs";
+import natsRollingRestart from "./scenarios/nats-rolling-restart.mjs";
+import persisterPair from "./scenarios/persister-pair.mjs";
 
-export const SCENARIOS = [persisterCrash, natsRestart, harperdbOutage, gatewayCrash, gracefulShutdown, slowClient, ordering];
-const COMPONENTS = ["nats", "harperdb", "persister", "gateway1", "gateway2", "lb"];
+export const SCENARIOS = [
+  persisterCrash,
+  natsRestart,
+  harperdbOutage,
+  gatewayCrash,
+  gracefulShutdown,
+  slowClient,
+  ordering,
+  natsNodeLoss,
+  natsRollingRestart,
+  persisterPair,
+];
+
+/** The shape of set each system name stands for (what deploy/local/up.sh is started with). */
+export const SYSTEMS = {
+  single: { natsNodes: 1, persisters: 1 },
+  cluster: { natsNodes: 3, persisters: 2 },
+};
+const systemOf = (scenario) => scenario.system ?? "single";
 
 function parseArgs(argv) {
-  const opts = { full: false, summary: path.join(REPO_DIR, "target", "faults", "summary.json"), names: [] };
+  const opts = { full: false, groups: false, summary: path.join(REPO_DIR, "target", "faults", "summary.json"), names: [] };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--full") opts.full = true;
+    else if (a === "--groups") opts.groups = true;
     else if (a === "--summary") opts.summary = argv[++i];
     else if (a.startsWith("-")) throw new Error(`unknown option ${a}`);
     else opts.names.push(a);
@@ -45,12 +73,12 @@ const log = (msg) => console.log(`    ${new Date().toISOString().slice(11, 23)} 
 
 /** Brings every component back (up.sh starts only what is not running) and waits until each is ready. */
 async function restoreSystem() {
-  const missing = COMPONENTS.filter((c) => !sys.pidOf(c));
+  const missing = sys.components().filter((c) => !sys.pidOf(c));
   if (missing.length) {
     log(`restarting ${missing.join(" ")}`);
     await sys.up(...missing);
   }
-  for (const c of ["gateway1", "gateway2", "persister"]) await sys.waitReady(c, 30_000);
+  for (const c of ["gateway1", "gateway2", ...sys.persisters()]) await sys.waitReady(c, 30_000);
 }
 
 class Checks {
@@ -164,13 +192,36 @@ function checkRunDir() {
   }
 }
 
+/** The scenarios must all need the shape of the running set (the run dir's env file says it). */
+function checkSystem(chosen) {
+  const running = sys.topology();
+  for (const s of chosen) {
+    const want = SYSTEMS[systemOf(s)];
+    if (want.natsNodes !== running.natsNodes || want.persisters !== running.persisters) {
+      throw new Error(
+        `${s.name} needs a ${systemOf(s)} set (CHATIFY_NATS_NODES=${want.natsNodes} CHATIFY_PERSISTERS=${want.persisters}), and $CHATIFY_RUN_DIR runs CHATIFY_NATS_NODES=${running.natsNodes} CHATIFY_PERSISTERS=${running.persisters} (scripts/faults.sh starts the right one for each scenario)`,
+      );
+    }
+  }
+}
+
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
-  checkRunDir();
-  const sizes = loadSizes(opts.full);
   const chosen = opts.names.length ? SCENARIOS.filter((s) => opts.names.includes(s.name)) : SCENARIOS;
+  if (opts.groups) {
+    for (const system of Object.keys(SYSTEMS)) {
+      const names = chosen.filter((s) => systemOf(s) === system).map((s) => s.name);
+      if (names.length) console.log(`${system} ${names.join(" ")}`);
+    }
+    return;
+  }
+  checkRunDir();
+  checkSystem(chosen);
+  const sizes = loadSizes(opts.full);
   const runTag = uid().slice(0, 6);
+  const { natsNodes, persisters } = sys.topology();
   console.log(`fault scenarios (${opts.full ? "full" : "reduced"} sizes): ${chosen.map((s) => s.name).join(" ")}`);
+  console.log(`system: ${natsNodes} NATS node(s), ${persisters} persister(s), NATS sync ${process.env.CHATIFY_NATS_SYNC || sys.syncMode()}`);
   console.log(`sizes: ${Object.entries(sizes).map(([k, v]) => `${k.replace(/^FAULTS_/, "")}=${v}`).join(" ")}`);
   const started = Date.now();
   const results = [];
@@ -183,7 +234,15 @@ async function main() {
   for (const r of results) console.log(r.line);
   const passed = results.every((r) => r.passed);
   console.log(passed ? "all scenarios passed" : `FAILED: ${results.filter((r) => !r.passed).map((r) => r.name).join(" ")}`);
-  const summary = { mode: opts.full ? "full" : "reduced", passed, seconds, sizes, startedAt: new Date(started).toISOString(), scenarios: results };
+  const summary = {
+    mode: opts.full ? "full" : "reduced",
+    system: { natsNodes, persisters, natsSync: process.env.CHATIFY_NATS_SYNC || sys.syncMode() },
+    passed,
+    seconds,
+    sizes,
+    startedAt: new Date(started).toISOString(),
+    scenarios: results,
+  };
   fs.mkdirSync(path.dirname(opts.summary), { recursive: true });
   fs.writeFileSync(opts.summary, `${JSON.stringify(summary, null, 2)}\n`);
   console.log(`summary: ${opts.summary}`);

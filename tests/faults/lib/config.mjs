@@ -28,6 +28,17 @@ export const SIZES = {
   // ordering
   FAULTS_ORDER_MESSAGES: { reduced: 6000, full: 100_000, doc: "messages sent without waiting for acks, across a persister restart" },
   FAULTS_ORDER_RATE: { reduced: 1500, full: 1500, doc: "messages a second (all senders), in bursts of 40 per sender" },
+  // nats-node-loss, nats-rolling-restart (a 3-node NATS cluster, 2 persisters)
+  FAULTS_CLUSTER_SENDERS: { reduced: 8, full: 16, doc: "sockets sending (one message at a time, 100 a second each, retried with the same clientId)" },
+  FAULTS_NODE_DOWN_MS: { reduced: 8000, full: 30_000, doc: "how long the stream leader's node stays down (load goes on)" },
+  FAULTS_CLUSTER_AFTER_MS: { reduced: 4000, full: 10_000, doc: "load kept up after the node(s) are back and current" },
+  FAULTS_ROLLING_PAUSE_MS: { reduced: 2000, full: 10_000, doc: "how long each node stays stopped in the rolling restart" },
+  // persister-pair
+  FAULTS_PAIR_MESSAGES: { reduced: 18_000, full: 100_000, doc: "messages sent while one of the two persisters is being killed" },
+  FAULTS_PAIR_RATE: { reduced: 600, full: 1000, doc: "messages a second (all senders together)" },
+  FAULTS_PAIR_KILL_MIN_MS: { reduced: 1000, full: 4000, doc: "shortest pause between a restart and the next SIGKILL" },
+  FAULTS_PAIR_KILL_MAX_MS: { reduced: 2000, full: 10_000, doc: "longest pause between a restart and the next SIGKILL" },
+  FAULTS_PAIR_MIN_KILLS: { reduced: 3, full: 5, doc: "SIGKILLs that must have hit the load" },
   // every scenario
   FAULTS_SETTLE_MS: { reduced: 90_000, full: 300_000, doc: "how long the persister may take to write everything after a scenario" },
 };

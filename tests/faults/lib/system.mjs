@@ -1,6 +1,8 @@
 // Control of the system under test, started by deploy/local/up.sh in $CHATIFY_RUN_DIR:
 // component PIDs, SIGKILL/SIGTERM, restarts through up.sh/down.sh, /readyz, /metrics, the
-// JetStream consumer's state (NATS monitoring) and the rows HarperDB holds.
+// JetStream consumer's state and the streams' leaders (NATS monitoring) and the rows HarperDB
+// holds. The set may be the default one (one NATS server, one persister) or a cluster set
+// (CHATIFY_NATS_NODES=3: nats nats2 nats3; CHATIFY_PERSISTERS=N: persister persister2 ...).
 
 import fs from "node:fs";
 import path from "node:path";
@@ -19,6 +21,36 @@ export const urls = {
   natsMonitor: () => need("CHATIFY_NATS_MONITOR_URL"),
   harperdb: () => need("CHATIFY_HARPERDB_URL"),
 };
+
+// ---------------------------------------------------------------------------------------------
+// The set's shape
+// ---------------------------------------------------------------------------------------------
+
+const count = (name) => Number(ENV.vars[name] || 1);
+
+/** { natsNodes, persisters } of the set (the run dir's env file; 1 and 1 by default). */
+export const topology = () => ({ natsNodes: count("CHATIFY_NATS_NODES"), persisters: count("CHATIFY_PERSISTERS") });
+
+/** The run dir's CHATIFY_NATS_SYNC (default when unset). */
+export const syncMode = () => ENV.vars.CHATIFY_NATS_SYNC || "default";
+
+/** The NATS servers' component names (also their server names on a cluster): nats, nats2, nats3. */
+export const natsNodes = () => ["nats", "nats2", "nats3"].slice(0, topology().natsNodes);
+
+/** The persisters' component names: persister, persister2 ... */
+export const persisters = () => Array.from({ length: topology().persisters }, (_, i) => (i ? `persister${i + 1}` : "persister"));
+
+/** Every component the scenarios restart, in start order (not the chat page). */
+export const components = () => [...natsNodes(), "harperdb", ...persisters(), "gateway1", "gateway2", "lb"];
+
+/** The HTTP URL of a gateway, persister (persister2 ...) or the load balancer. */
+export function urlOf(name) {
+  if (urls[name]) return urls[name]();
+  return need(`CHATIFY_${name.toUpperCase()}_URL`);
+}
+
+/** The monitoring URL of a NATS node. */
+export const monitorOf = (node) => need(`CHATIFY_${node.toUpperCase()}_MONITOR_URL`);
 
 // ---------------------------------------------------------------------------------------------
 // Processes
@@ -126,7 +158,7 @@ export async function get(url, timeoutMs = 2000) {
   }
 }
 
-export const readyStatus = async (name) => (await get(`${urls[name]()}/readyz`, 1500)).status;
+export const readyStatus = async (name) => (await get(`${urlOf(name)}/readyz`, 1500)).status;
 
 /** Waits until GET url/readyz answers 200; returns the ms waited. */
 export async function waitReady(name, timeoutMs = 30_000) {
@@ -151,7 +183,7 @@ export function parseMetrics(text) {
 
 /** One metric of a component, summed over the series whose labels include every `labels` pair (0 when absent). */
 export async function metric(name, metricName, labels = {}) {
-  const res = await get(`${urls[name]()}/metrics`, 3000);
+  const res = await get(`${urlOf(name)}/metrics`, 3000);
   if (res.status !== 200) throw new Error(`${name} /metrics: ${res.status || res.error}`);
   let sum = 0;
   for (const [series, value] of Object.entries(parseMetrics(res.text))) {
@@ -167,27 +199,115 @@ export async function metric(name, metricName, labels = {}) {
 // NATS monitoring: the persisters' durable consumer
 // ---------------------------------------------------------------------------------------------
 
-/** { messages, pending, ackPending, redelivered } of the CHATIFY_MESSAGES stream and its consumer. */
-export async function consumerState() {
-  const res = await get(`${urls.natsMonitor()}/jsz?consumers=true`, 3000);
-  if (res.status !== 200) throw new Error(`NATS monitoring /jsz: ${res.status || res.error}`);
-  const jsz = JSON.parse(res.text);
-  for (const account of jsz.account_details ?? []) {
-    for (const stream of account.stream_detail ?? []) {
-      if (stream.name !== "CHATIFY_MESSAGES") continue;
-      const c = (stream.consumer_detail ?? []).find((x) => x.name === "chatify-persister");
-      if (!c) return { messages: stream.state.messages, lastSeq: stream.state.last_seq, pending: undefined };
-      return {
-        messages: stream.state.messages,
-        lastSeq: stream.state.last_seq,
-        pending: c.num_pending,
-        ackPending: c.num_ack_pending,
-        redelivered: c.num_redelivered,
-        ackFloor: c.ack_floor?.stream_seq,
-      };
-    }
+/** A NATS node's /jsz with the streams and consumers it holds (parsed), or throws. */
+export async function jsz(node = "nats", timeoutMs = 3000) {
+  const res = await get(`${monitorOf(node)}/jsz?consumers=true`, timeoutMs);
+  if (res.status !== 200) throw new Error(`NATS ${node} monitoring /jsz: ${res.status || res.error}`);
+  return JSON.parse(res.text);
+}
+
+/** A stream's details in a /jsz answer, or undefined. */
+export function streamIn(jszAnswer, name = "CHATIFY_MESSAGES") {
+  for (const account of jszAnswer.account_details ?? []) {
+    for (const stream of account.stream_detail ?? []) if (stream.name === name) return stream;
   }
-  return { messages: 0, pending: undefined };
+  return undefined;
+}
+
+/**
+ * A stream's state as its leader sees it: { leader, node, stream } where `stream` is the
+ * leader's /jsz detail (its `cluster.replicas` say whether each follower is current), or
+ * { leader: undefined } while no node answers as the leader (an election). `nodes` are the
+ * nodes asked (all of them by default; one that does not answer is skipped).
+ */
+export async function streamLeader(name = "CHATIFY_MESSAGES", nodes = natsNodes()) {
+  const answers = await Promise.all(nodes.map((n) => jsz(n, 1500).then((j) => [n, j], () => [n, undefined])));
+  for (const [node, j] of answers) {
+    const stream = j && streamIn(j, name);
+    if (stream?.cluster?.leader === node) return { leader: node, node, stream };
+  }
+  return { leader: undefined };
+}
+
+/** Waits until a stream has a leader (other than `not`, when given); resolves { leader, stream, ms }. */
+export async function waitStreamLeader({ name = "CHATIFY_MESSAGES", not, timeoutMs = 30_000, nodes } = {}) {
+  const started = Date.now();
+  for (;;) {
+    const found = await streamLeader(name, nodes ?? natsNodes().filter((n) => n !== not));
+    if (found.leader && found.leader !== not) return { ...found, ms: Date.now() - started };
+    if (Date.now() - started > timeoutMs) throw new Error(`no leader of ${name}${not ? ` other than ${not}` : ""} within ${timeoutMs} ms`);
+    await sleep(100);
+  }
+}
+
+/**
+ * Waits until `node` is a current replica of the stream in its leader's view (it has caught up
+ * after a restart); resolves the ms waited.
+ */
+export async function waitReplicaCurrent(node, { name = "CHATIFY_MESSAGES", timeoutMs = 30_000 } = {}) {
+  const started = Date.now();
+  let last;
+  for (;;) {
+    last = await streamLeader(name);
+    if (last.leader === node) return Date.now() - started;
+    const replica = last.stream?.cluster?.replicas?.find((r) => r.name === node);
+    if (replica?.current) return Date.now() - started;
+    if (Date.now() - started > timeoutMs) {
+      throw new Error(`${node} not a current replica of ${name} within ${timeoutMs} ms: ${JSON.stringify(last.stream?.cluster ?? last)}`);
+    }
+    await sleep(200);
+  }
+}
+
+/** The names of the clients connected to a NATS node (its /connz), e.g. chatify-gateway-gateway1. */
+export async function clientsOf(node) {
+  const res = await get(`${monitorOf(node)}/connz?limit=1000`, 2000);
+  if (res.status !== 200) return [];
+  return (JSON.parse(res.text).connections ?? []).map((c) => c.name ?? "?").sort();
+}
+
+/**
+ * { messages, pending, ackPending, redelivered } of the CHATIFY_MESSAGES stream and its
+ * consumer: on a single server from its /jsz, on a cluster from the consumer's leader's (a
+ * follower's view may lag), and an error while it has none.
+ */
+export async function consumerState() {
+  if (topology().natsNodes > 1) return clusterConsumerState();
+  const stream = streamIn(await jsz("nats"));
+  return stream ? consumerStateOf(stream) : { messages: 0, pending: undefined };
+}
+
+async function clusterConsumerState() {
+  const answers = await Promise.all(natsNodes().map((n) => jsz(n, 2000).then((j) => [n, j], () => [n, undefined])));
+  let consumerLeader;
+  let streamLeaderDetail;
+  for (const [node, j] of answers) {
+    const stream = j && streamIn(j);
+    if (!stream) continue;
+    if (stream.cluster?.leader === node) streamLeaderDetail = stream;
+    const c = (stream.consumer_detail ?? []).find((x) => x.name === "chatify-persister");
+    if (c?.cluster?.leader === node) consumerLeader = stream;
+  }
+  if (!consumerLeader || !streamLeaderDetail) {
+    throw new Error(
+      `no node answers as the leader of the ${consumerLeader ? "stream CHATIFY_MESSAGES" : "consumer chatify-persister"} (${answers.filter(([, j]) => j).map(([n]) => n).join(", ") || "no node"} answered)`,
+    );
+  }
+  // The consumer's counts from its leader, the stream's from its own (a follower may lag).
+  return { ...consumerStateOf(consumerLeader), messages: streamLeaderDetail.state.messages, lastSeq: streamLeaderDetail.state.last_seq };
+}
+
+function consumerStateOf(stream) {
+  const c = (stream.consumer_detail ?? []).find((x) => x.name === "chatify-persister");
+  if (!c) return { messages: stream.state.messages, lastSeq: stream.state.last_seq, pending: undefined };
+  return {
+    messages: stream.state.messages,
+    lastSeq: stream.state.last_seq,
+    pending: c.num_pending,
+    ackPending: c.num_ack_pending,
+    redelivered: c.num_redelivered,
+    ackFloor: c.ack_floor?.stream_seq,
+  };
 }
 
 /**
