@@ -56,7 +56,9 @@ fn not_found(id: Uuid, room: &str) -> ChatError {
 /// The message `id` of `room` as it is now: the room listener's state when it keeps one, else
 /// the persisters'. `not_found` when it is no message of the room.
 pub async fn lookup(app: &App, room: &str, id: Uuid) -> Result<MessageState, ChatError> {
-    let sequence = chatify_shared::id::sequence_of(&id).unwrap_or(0);
+    let Some(sequence) = chatify_shared::id::sequence_of(&id) else {
+        return Err(not_found(id, room));
+    };
     if let Some(state) = app
         .rooms
         .get(room)

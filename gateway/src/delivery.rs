@@ -321,7 +321,14 @@ async fn deliver(
 ) {
     for event in events {
         match event {
-            RoomEvent::Message(message) => rooms.delivery.message(room, &message).await,
+            RoomEvent::Message(message) => {
+                // A message the stream just delivered has no change before it: its state is
+                // known here, and changes made soon after it apply without a fetch.
+                if let Some(sequence) = chatify_shared::id::sequence_of(&message.id) {
+                    room.states().message(sequence, &message);
+                }
+                rooms.delivery.message(room, &message).await;
+            }
             RoomEvent::Change(sequence, change) => {
                 let step = room.states().change(sequence, change.clone());
                 match step {

@@ -168,6 +168,17 @@ fn message_id(o: &Map<String, Value>, name: &str) -> Result<Option<Uuid>, ChatEr
     }
 }
 
+/// A message a change or reply is about: any UUID (one that is no message id is no message of
+/// the room: `not_found`, as the contract says).
+fn target_id(o: &Map<String, Value>, name: &str) -> Result<Option<Uuid>, ChatError> {
+    match string_field(o, &[name])? {
+        None => Ok(None),
+        Some(s) => Uuid::parse_str(s)
+            .map(Some)
+            .map_err(|_| ChatError::invalid(format!("{name} must be a message id (a UUID)"))),
+    }
+}
+
 pub fn join(v: &Value, limits: &Limits) -> Result<Join, ChatError> {
     let o = object(v, "join_room", "{ username, room, since? }")?;
     let room = room(o, &["room", "userRoom"], limits)?;
@@ -204,7 +215,7 @@ pub fn send(v: &Value, limits: &Limits) -> Result<Send, ChatError> {
     let o = object(v, "send_message", "{ room, message, clientId?, replyTo? }")?;
     let room = room(o, &["room"], limits)?;
     let message = text(o, limits)?;
-    let reply_to = message_id(o, "replyTo")?;
+    let reply_to = target_id(o, "replyTo")?;
     let client_id = match string_field(o, &["clientId"])? {
         None => None,
         Some(id) if id.is_empty() || id.chars().count() > CLIENT_ID_MAX_CHARS => {
@@ -225,7 +236,7 @@ pub fn send(v: &Value, limits: &Limits) -> Result<Send, ChatError> {
 fn target(o: &Map<String, Value>, limits: &Limits) -> Result<Target, ChatError> {
     Ok(Target {
         room: room(o, &["room"], limits)?,
-        id: message_id(o, "id")?.ok_or_else(|| ChatError::invalid("id is required"))?,
+        id: target_id(o, "id")?.ok_or_else(|| ChatError::invalid("id is required"))?,
     })
 }
 

@@ -3,14 +3,16 @@
 //!
 //! Changes reach the listener in the room's order (see [`crate::delivery`]), as they reach
 //! every other gateway and the persister, and it applies them with
-//! [`MessageState::apply`], as they do: everyone computes the same counts. A message's state
-//! comes from the persisters the first time it is changed here ([`RoomStates::needs`], with the
-//! sequence its answer is complete up to), and is kept while it is changed, within a byte
-//! bound per room; changes arriving while it is fetched wait for it in order.
+//! [`MessageState::apply`], as they do: everyone computes the same counts. A message delivered
+//! here enters the cache as it is; an older one's state comes from the persisters the first
+//! time it is changed here (with the sequence their answer is complete up to). States are kept
+//! within a byte bound per room, the least recently used dropped first; changes arriving while
+//! a state is fetched wait for it in order.
 
 use std::collections::{HashMap, VecDeque};
 
 use chatify_shared::changes::{Change, MessageState, Outcome, StoredChange};
+use chatify_shared::wire::ChatMessage;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
@@ -72,6 +74,17 @@ impl RoomStates {
     /// A cached state (a copy).
     pub fn get(&mut self, target: u64) -> Option<MessageState> {
         self.cache.get(&target).cloned()
+    }
+
+    /// The message stored at `sequence`, as the stream delivered it: nothing changed it yet.
+    pub fn message(&mut self, sequence: u64, message: &ChatMessage) {
+        let mut state = MessageState::new(message.clone());
+        state.version = sequence;
+        self.bytes += weight(&state);
+        if let Some((_, old)) = self.cache.push(sequence, state) {
+            self.bytes = self.bytes.saturating_sub(weight(&old));
+        }
+        self.shrink();
     }
 
     /// Takes the change stored at `sequence` in the room's order.

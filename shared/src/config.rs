@@ -339,7 +339,7 @@ impl Default for GatewaySettings {
             heartbeat_interval_ms: 2000,
             gateway_timeout_ms: 7000,
             shutdown_timeout_ms: 10_000,
-            message_states_bytes_per_room: 1024 * 1024,
+            message_states_bytes_per_room: 64 * 1024,
         }
     }
 }
