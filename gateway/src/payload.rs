@@ -430,13 +430,16 @@ mod tests {
             ErrorCode::InvalidPayload
         );
         assert_eq!(
-            code(delete(
-                &json!({"room": "r", "id": Uuid::new_v4().to_string()}),
-                &l
-            )),
+            code(delete(&json!({"room": "r", "id": "not-a-uuid"}), &l)),
             ErrorCode::InvalidPayload,
-            "not a message id"
+            "not a UUID"
         );
+        // Any UUID names a target: one that is no message of the room is `not_found` later.
+        let other = Uuid::new_v4();
+        assert!(matches!(
+            delete(&json!({"room": "r", "id": other.to_string()}), &l),
+            Ok(Target { id, .. }) if id == other
+        ));
         let r = |emoji: &str, add: Value| {
             react(
                 &json!({"room": "r", "id": id.to_string(), "emoji": emoji, "add": add}),
