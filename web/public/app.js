@@ -1,5 +1,9 @@
 // Chatify's chat page: one room at a time, through the load balancer, with socket.io-client.
-// All user text goes into the page with textContent, never as HTML.
+// All user text goes into the page with textContent, never as HTML. Messages change: replies,
+// edits and deletions (of the messages this connection sent: without auth the server knows the
+// author as the sending connection, until it disconnects) and reactions, live and after a
+// reconnect (the join ack's `changes`). Messages that arrive while the page is away (hidden,
+// unfocused or disconnected) are counted in the title and the room header and marked "New".
 import { io } from "/vendor/socket.io.esm.min.js";
 
 const HISTORY_PAGE = 50; // messages per "load older messages" (get_history limit, 1..=100)
@@ -8,6 +12,8 @@ const TYPING_IDLE_MS = 2_500; // stop saying "typing" after this long without a 
 const TYPING_EXPIRE_MS = 6_000; // forget someone's "typing" if no update arrives
 const MESSAGE_MAX_BYTES = 4096;
 const CHATBOT = "ChatBot";
+const REACTIONS = ["👍", "❤️", "😂", "🎉"]; // the emoji the page offers (others' show too)
+const QUOTE_CHARS = 120; // how much of a replied-to message a quote shows
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -37,6 +43,10 @@ const el = {
   composer: $("composer"),
   input: $("message-input"),
   sendButton: $("send-button"),
+  unreadBadge: $("unread-badge"),
+  replyBar: $("reply-bar"),
+  replyText: $("reply-text"),
+  replyCancel: $("reply-cancel"),
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -60,6 +70,15 @@ const state = {
   noticeSeq: 0,
   loadingOlder: false,
   suppressWelcome: false, // a rejoin's "Welcome <me>" is not shown again
+  msgs: new Map(), // stored message id → { id, username, message, createdTime, editedTime, deleted, reactions, replyTo, li }
+  owned: new Set(), // ids this connection sent: the ones it may edit and delete (without auth)
+  myReactions: new Map(), // id → Set of emoji this connection added (a second click removes)
+  reacting: new Set(), // "id emoji" with a react request in flight
+  replyTo: null, // the id the composer replies to
+  editing: null, // the id being edited in place
+  unread: new Map(), // room → messages of others that arrived while the page was away
+  awayOpen: false, // a "New" divider was placed in the current away period
+  divider: null, // the "New" divider (a list item), or null
 };
 
 const newClientId = () =>
@@ -169,27 +188,177 @@ function timeElement(ms) {
   return t;
 }
 
-/** A stored message ({ id, room, username, message, createdTime }); returns false if already shown. */
+/**
+ * A stored message ({ id, room, username, message, createdTime, replyTo?, editedTime?,
+ * reactions? }, or a deleted one { id, room, createdTime, deleted: true }); returns its list item,
+ * or null if it was already shown (then what it says now is merged in: a deletion, a later edit).
+ */
 function addMessage(m) {
-  if (!m || typeof m.id !== "string" || m.room !== state.room) return false;
-  if (typeof m.username !== "string" || typeof m.message !== "string") return false;
-  if (state.seen.has(m.id)) return false;
+  if (!m || typeof m.id !== "string" || m.room !== state.room) return null;
+  const deleted = m.deleted === true;
+  if (!deleted && (typeof m.username !== "string" || typeof m.message !== "string")) return null;
+  if (state.seen.has(m.id)) {
+    if (deleted) applyDelete(m.id);
+    else if (Number.isFinite(m.editedTime)) applyEdit(m.id, m.message, m.editedTime);
+    return null;
+  }
   state.seen.add(m.id);
   if (!state.lastId || m.id > state.lastId) state.lastId = m.id;
 
+  const data = {
+    id: m.id,
+    username: typeof m.username === "string" ? m.username : "",
+    message: deleted ? "" : m.message,
+    createdTime: m.createdTime,
+    editedTime: Number.isFinite(m.editedTime) ? m.editedTime : null,
+    deleted,
+    reactions: m.reactions && typeof m.reactions === "object" ? { ...m.reactions } : {},
+    replyTo: typeof m.replyTo === "string" ? m.replyTo : null,
+    li: null,
+  };
   const li = h("li", "message");
   li.dataset.key = m.id;
   li.dataset.id = m.id;
-  li.dataset.author = m.username;
-  if (m.username === state.username) li.classList.add("mine");
-  li.append(avatar(m.username));
+  if (data.username) li.dataset.author = data.username;
+  if (data.username === state.username) li.classList.add("mine");
+  li.append(avatar(data.username || "?"));
+  data.li = li;
+  state.msgs.set(m.id, data);
+  renderMessage(data);
+  insertByKey(li);
+  updateQuotes(m.id); // replies to it shown before it (an older page) can quote it now
+  return li;
+}
+
+/** (Re)builds a message's bubble and actions from its data. */
+function renderMessage(d) {
+  const li = d.li;
+  li.querySelector(":scope > .bubble")?.remove();
+  li.querySelector(":scope > .actions")?.remove();
+  li.classList.toggle("deleted", d.deleted);
   const bubble = h("div", "bubble");
   const meta = h("div", "meta");
-  meta.append(h("span", "author", m.username), timeElement(m.createdTime));
-  bubble.append(meta, h("p", "text", m.message));
-  li.append(bubble);
-  insertByKey(li);
-  return true;
+  if (d.username) meta.append(h("span", "author", d.username));
+  meta.append(timeElement(d.createdTime));
+  const edited = h("span", "edited muted", "(edited)");
+  edited.dataset.testid = "edited-mark";
+  meta.append(edited);
+  bubble.append(meta);
+  if (d.deleted) {
+    const p = h("p", "text deleted-text", "This message was deleted");
+    bubble.append(p);
+    li.append(bubble);
+    renderEdited(d);
+    return;
+  }
+  if (d.replyTo) bubble.append(quoteElement(d.replyTo));
+  bubble.append(h("p", "text", d.message));
+  const reactions = h("ul", "reactions");
+  reactions.dataset.testid = "reactions";
+  reactions.setAttribute("aria-label", "Reactions");
+  bubble.append(reactions);
+  li.append(bubble, actionsElement(d));
+  renderEdited(d);
+  renderReactions(d);
+}
+
+function renderEdited(d) {
+  const mark = d.li.querySelector(".edited");
+  if (!mark) return;
+  mark.hidden = !d.editedTime || d.deleted;
+  if (d.editedTime) mark.title = `Edited ${new Date(d.editedTime).toLocaleString()}`;
+}
+
+/** The toolbar of a message: reply, the reactions the page offers, and edit/delete when it may. */
+function actionsElement(d) {
+  const bar = h("div", "actions");
+  bar.setAttribute("role", "toolbar");
+  bar.setAttribute("aria-label", `Actions on ${d.username}'s message`);
+  const button = (text, testid, label, onClick) => {
+    const b = h("button", "action", text);
+    b.type = "button";
+    b.dataset.testid = testid;
+    if (label) b.setAttribute("aria-label", label);
+    b.addEventListener("click", onClick);
+    return b;
+  };
+  bar.append(button("Reply", "reply-button", `Reply to ${d.username}`, () => startReply(d.id)));
+  for (const emoji of REACTIONS) {
+    const b = button(emoji, "react-button", `React with ${emoji}`, () => toggleReaction(d.id, emoji));
+    b.classList.add("emoji");
+    b.dataset.emoji = emoji;
+    b.setAttribute("aria-pressed", "false");
+    bar.append(b);
+  }
+  const edit = button("Edit", "edit-button", "Edit your message", () => startEdit(d.id));
+  const del = button("Delete", "delete-button", "Delete your message", () => confirmDelete(d.id));
+  edit.classList.add("own-only");
+  del.classList.add("own-only");
+  bar.append(edit, del);
+  updateOwnActions(d, bar);
+  return bar;
+}
+
+/** Edit and Delete show on the messages this connection sent (the server's author, without auth). */
+function updateOwnActions(d, bar = d.li.querySelector(":scope > .actions")) {
+  if (!bar) return;
+  const own = state.owned.has(d.id) && !d.deleted;
+  d.li.classList.toggle("own", own);
+  for (const b of bar.querySelectorAll(".own-only")) b.hidden = !own;
+}
+
+/** The counts under a message, each a button that toggles this page's reaction. */
+function renderReactions(d) {
+  const list = d.li.querySelector(".reactions");
+  if (!list) return;
+  const mine = state.myReactions.get(d.id) ?? new Set();
+  const entries = Object.entries(d.reactions).filter(([, n]) => Number.isInteger(n) && n > 0);
+  list.replaceChildren(
+    ...entries.map(([emoji, n]) => {
+      const li = h("li");
+      const b = h("button", "reaction");
+      b.type = "button";
+      b.dataset.emoji = emoji;
+      b.dataset.testid = "reaction";
+      b.setAttribute("aria-pressed", String(mine.has(emoji)));
+      b.setAttribute("aria-label", `${emoji} ${n}: ${mine.has(emoji) ? "remove your reaction" : "react too"}`);
+      b.append(h("span", "reaction-emoji", emoji), h("span", "reaction-count", String(n)));
+      b.addEventListener("click", () => toggleReaction(d.id, emoji));
+      li.append(b);
+      return li;
+    }),
+  );
+  list.hidden = entries.length === 0;
+  for (const b of d.li.querySelectorAll(".actions .emoji")) b.setAttribute("aria-pressed", String(mine.has(b.dataset.emoji)));
+}
+
+const snippet = (text) => ([...text].length > QUOTE_CHARS ? `${[...text].slice(0, QUOTE_CHARS).join("")}…` : text);
+
+/** A quote of the message `id` replies to; filled from what the page knows of it. */
+function quoteElement(id) {
+  const q = h("div", "quote");
+  q.dataset.quoteOf = id;
+  q.dataset.testid = "quote";
+  fillQuote(q);
+  return q;
+}
+
+function fillQuote(q) {
+  const target = state.msgs.get(q.dataset.quoteOf);
+  q.classList.toggle("unknown", !target || target.deleted);
+  if (!target) {
+    q.replaceChildren(h("span", "quote-text", "Reply to an older message"));
+  } else if (target.deleted) {
+    q.replaceChildren(h("span", "quote-text", "Reply to a deleted message"));
+  } else {
+    q.replaceChildren(h("span", "quote-author", target.username), h("span", "quote-text", snippet(target.message)));
+  }
+}
+
+/** The quotes of (and the composer's reply to) `id` follow what it says now. */
+function updateQuotes(id) {
+  for (const q of el.messages.querySelectorAll(`.quote[data-quote-of="${CSS.escape(id)}"]`)) fillQuote(q);
+  if (state.replyTo === id) renderReplyBar();
 }
 
 /** A ChatBot notice, or a note of the page itself (kind "local"). */
@@ -222,11 +391,320 @@ function onReceive(m) {
     }
     addNotice(String(m.message ?? ""), Number.isFinite(m.createdTime) ? m.createdTime : Date.now());
   } else {
-    addMessage(m);
+    const li = addMessage(m);
+    if (li && m.username !== state.username && isAway()) arrivedAway(li);
     // Whoever sent a message has stopped typing it.
     stopTyper(m.username);
   }
   if (stick) scrollToBottom();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages that change: replies, edits, deletions, reactions
+// ---------------------------------------------------------------------------------------------
+
+function applyEdit(id, message, editedTime) {
+  const d = state.msgs.get(id);
+  if (!d || d.deleted || typeof message !== "string") return;
+  if (d.editedTime && Number.isFinite(editedTime) && editedTime < d.editedTime) return; // an older edit
+  d.message = message;
+  d.editedTime = Number.isFinite(editedTime) ? editedTime : Date.now();
+  const text = d.li.querySelector(":scope > .bubble > .text");
+  if (text) text.textContent = message;
+  renderEdited(d);
+  updateQuotes(id);
+}
+
+function applyDelete(id) {
+  const d = state.msgs.get(id);
+  if (!d || d.deleted) return;
+  const hadFocus = d.li.contains(document.activeElement);
+  if (state.editing === id) state.editing = null;
+  d.deleted = true;
+  d.message = "";
+  d.reactions = {};
+  d.replyTo = null;
+  state.owned.delete(id);
+  state.myReactions.delete(id);
+  renderMessage(d);
+  updateQuotes(id);
+  if (hadFocus) el.input.focus();
+}
+
+function applyReactions(id, reactions) {
+  const d = state.msgs.get(id);
+  if (!d || d.deleted || !reactions || typeof reactions !== "object") return;
+  d.reactions = { ...reactions };
+  // An emoji nobody has any more is not this page's either.
+  const mine = state.myReactions.get(id);
+  if (mine) for (const e of mine) if (!(d.reactions[e] > 0)) mine.delete(e);
+  const active = document.activeElement;
+  const focused = active && d.li.contains(active) && active.closest(".reactions") ? active.dataset.emoji : null;
+  renderReactions(d);
+  if (focused) d.li.querySelector(`.reactions button[data-emoji="${CSS.escape(focused)}"]`)?.focus();
+}
+
+function onMessageEdited(e) {
+  if (e?.room === state.room) applyEdit(e.id, e.message, e.editedTime);
+}
+
+function onMessageDeleted(e) {
+  if (e?.room === state.room) applyDelete(e.id);
+}
+
+function onReaction(e) {
+  if (e?.room === state.room) applyReactions(e.id, e.reactions);
+}
+
+/** The join ack's `changes` (with `since`): what happened to older messages while away. */
+function applyChanges(changes, cut) {
+  for (const c of Array.isArray(changes) ? changes : []) {
+    if (c?.type === "edited") applyEdit(c.id, c.message, c.editedTime);
+    else if (c?.type === "deleted") applyDelete(c.id);
+    else if (c?.type === "reactions") applyReactions(c.id, c.reactions ?? {});
+  }
+  if (cut) addNotice("Some edits, deletions or reactions made while you were away are not shown: reload the page to see them.", Date.now(), "local");
+}
+
+function startReply(id) {
+  if (!state.msgs.has(id)) return;
+  state.replyTo = id;
+  renderReplyBar();
+  el.input.focus();
+}
+
+function cancelReply({ focus = true } = {}) {
+  state.replyTo = null;
+  renderReplyBar();
+  if (focus) el.input.focus();
+}
+
+function renderReplyBar() {
+  const d = state.replyTo ? state.msgs.get(state.replyTo) : null;
+  el.replyBar.hidden = !state.replyTo;
+  if (!state.replyTo) {
+    el.replyText.replaceChildren();
+    return;
+  }
+  if (!d || d.deleted) {
+    el.replyText.replaceChildren("Replying to a deleted message");
+  } else {
+    el.replyText.replaceChildren("Replying to ", h("strong", "", d.username), `: ${snippet(d.message)}`);
+  }
+}
+
+/** Edits a message in place: its text becomes a box; Enter saves, Escape cancels. */
+function startEdit(id) {
+  const d = state.msgs.get(id);
+  if (!d || d.deleted || !state.owned.has(id)) return;
+  if (state.editing && state.editing !== id) closeEdit(state.editing);
+  if (state.editing === id) {
+    d.li.querySelector(".edit-input")?.focus();
+    return;
+  }
+  state.editing = id;
+  const text = d.li.querySelector(":scope > .bubble > .text");
+  const form = h("form", "edit-form");
+  form.dataset.testid = "edit-form";
+  const box = h("textarea", "edit-input");
+  box.dataset.testid = "edit-input";
+  box.rows = 2;
+  box.maxLength = MESSAGE_MAX_BYTES;
+  box.value = d.message;
+  box.setAttribute("aria-label", "Edit your message (Enter saves, Escape cancels)");
+  const save = h("button", "primary small", "Save");
+  save.type = "submit";
+  save.dataset.testid = "edit-save";
+  const cancel = h("button", "ghost small", "Cancel");
+  cancel.type = "button";
+  cancel.dataset.testid = "edit-cancel";
+  const buttons = h("div", "edit-buttons");
+  buttons.append(save, cancel);
+  form.append(box, buttons);
+  text.hidden = true;
+  text.after(form);
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    saveEdit(id, form);
+  });
+  box.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      saveEdit(id, form);
+    } else if (e.key === "Escape") {
+      e.preventDefault();
+      e.stopPropagation();
+      closeEdit(id, { focus: true });
+    }
+  });
+  cancel.addEventListener("click", () => closeEdit(id, { focus: true }));
+  box.focus();
+  box.setSelectionRange(box.value.length, box.value.length);
+}
+
+function closeEdit(id, { focus = false } = {}) {
+  const d = state.msgs.get(id);
+  if (state.editing === id) state.editing = null;
+  if (!d) return;
+  d.li.querySelector(".edit-form")?.remove();
+  const text = d.li.querySelector(":scope > .bubble > .text");
+  if (text) text.hidden = false;
+  if (focus) (d.li.querySelector('[data-testid="edit-button"]:not([hidden])') ?? el.input).focus();
+}
+
+async function saveEdit(id, form) {
+  const d = state.msgs.get(id);
+  const box = form.querySelector(".edit-input");
+  const text = box.value.trim();
+  if (!d || form.dataset.busy) return;
+  if (!text) {
+    showError("A message cannot be empty: delete it instead.");
+    return;
+  }
+  if (new TextEncoder().encode(text).length > MESSAGE_MAX_BYTES) {
+    showError(`That message is too long (at most ${MESSAGE_MAX_BYTES} bytes).`);
+    return;
+  }
+  if (text === d.message) {
+    closeEdit(id, { focus: true });
+    return;
+  }
+  form.dataset.busy = "true";
+  for (const b of form.querySelectorAll("button")) b.disabled = true;
+  const res = await request("edit_message", { room: state.room, id, message: text });
+  delete form.dataset.busy;
+  for (const b of form.querySelectorAll("button")) b.disabled = false;
+  if (!res?.ok) {
+    showError(`Message not edited: ${describeError(res?.error)}`);
+    if (form.isConnected) box.focus();
+    return;
+  }
+  applyEdit(id, text, res.editedTime);
+  closeEdit(id, { focus: true });
+}
+
+/** Delete asks first, in the message itself: "Delete this message?" Delete / Cancel. */
+function confirmDelete(id) {
+  const d = state.msgs.get(id);
+  if (!d || d.deleted) return;
+  const bubble = d.li.querySelector(":scope > .bubble");
+  let box = bubble.querySelector(".confirm");
+  if (!box) {
+    box = h("div", "confirm");
+    box.setAttribute("role", "group");
+    box.setAttribute("aria-label", "Delete this message?");
+    const yes = h("button", "danger small", "Delete");
+    yes.type = "button";
+    yes.dataset.testid = "delete-confirm";
+    const no = h("button", "ghost small", "Cancel");
+    no.type = "button";
+    no.dataset.testid = "delete-cancel";
+    box.append(h("span", "small", "Delete this message?"), yes, no);
+    bubble.append(box);
+    const close = () => {
+      box.remove();
+      d.li.querySelector('[data-testid="delete-button"]')?.focus();
+    };
+    no.addEventListener("click", close);
+    box.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") {
+        e.stopPropagation();
+        close();
+      }
+    });
+    yes.addEventListener("click", async () => {
+      yes.disabled = true;
+      const res = await request("delete_message", { room: state.room, id });
+      yes.disabled = false;
+      if (!res?.ok) {
+        showError(`Message not deleted: ${describeError(res?.error)}`);
+        return;
+      }
+      applyDelete(id);
+    });
+  }
+  box.querySelector('[data-testid="delete-confirm"]').focus();
+}
+
+/** Adds this page's reaction, or removes it when the page added it. */
+async function toggleReaction(id, emoji) {
+  const d = state.msgs.get(id);
+  const key = `${id} ${emoji}`;
+  if (!d || d.deleted || !state.joined || state.reacting.has(key)) return;
+  const mine = state.myReactions.get(id) ?? new Set();
+  const add = !mine.has(emoji);
+  state.reacting.add(key);
+  const socket = state.socket;
+  const res = await request("react", { room: state.room, id, emoji, add });
+  state.reacting.delete(key);
+  if (socket !== state.socket) return;
+  if (!res?.ok) {
+    showError(`Reaction not ${add ? "added" : "removed"}: ${describeError(res?.error)}`);
+    return;
+  }
+  if (add) mine.add(emoji);
+  else mine.delete(emoji);
+  state.myReactions.set(id, mine);
+  applyReactions(id, res.reactions ?? {});
+}
+
+/** The connection that sent them is gone: its messages cannot be edited or deleted now. */
+function forgetConnection() {
+  const owned = [...state.owned];
+  state.owned.clear();
+  state.myReactions.clear();
+  if (state.editing) closeEdit(state.editing);
+  for (const id of owned) {
+    const d = state.msgs.get(id);
+    if (d) {
+      d.li.querySelector(".confirm")?.remove();
+      updateOwnActions(d);
+    }
+  }
+  for (const d of state.msgs.values()) if (!d.deleted) renderReactions(d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unread count and the "New" divider
+// ---------------------------------------------------------------------------------------------
+
+/** The page is away when hidden, unfocused or not in the room (disconnected). */
+const isAway = () => document.visibilityState !== "visible" || !document.hasFocus() || !state.joined;
+
+/** A message of someone else arrived while away: count it, and mark where the new ones start. */
+function arrivedAway(li) {
+  li.classList.add("arrived-away");
+  if (!state.awayOpen || !state.divider?.isConnected) {
+    state.divider?.remove();
+    state.divider = h("li", "divider");
+    state.divider.dataset.testid = "new-divider";
+    state.divider.setAttribute("role", "separator");
+    state.divider.append(h("span", "divider-text", "New"));
+    state.awayOpen = true;
+    el.messages.insertBefore(state.divider, li);
+  } else if (li.compareDocumentPosition(state.divider) & Node.DOCUMENT_POSITION_FOLLOWING) {
+    el.messages.insertBefore(state.divider, li); // an earlier one (filled in by since)
+  }
+  state.unread.set(state.room, (state.unread.get(state.room) ?? 0) + 1);
+  renderUnread();
+}
+
+/** Back: the count goes, the divider stays until the next time away. */
+function markSeen() {
+  if (!state.room || isAway()) return;
+  state.awayOpen = false;
+  if (state.unread.get(state.room)) {
+    state.unread.set(state.room, 0);
+    renderUnread();
+  }
+}
+
+function renderUnread() {
+  const n = state.room ? (state.unread.get(state.room) ?? 0) : 0;
+  document.title = state.room ? `${n ? `(${n}) ` : ""}${state.room} · Chatify` : "Chatify";
+  el.unreadBadge.textContent = n ? `${n} new` : "";
+  el.unreadBadge.hidden = !n;
+  el.unreadBadge.setAttribute("aria-label", n === 1 ? "1 unread message" : `${n} unread messages`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,6 +833,16 @@ function resetRoom() {
   state.olderCursor = null;
   state.seen.clear();
   state.pending.clear();
+  state.msgs.clear();
+  state.owned.clear();
+  state.myReactions.clear();
+  state.reacting.clear();
+  state.replyTo = null;
+  state.editing = null;
+  state.unread.delete(state.room);
+  state.awayOpen = false;
+  state.divider = null;
+  renderReplyBar();
   for (const timer of state.typers.values()) clearTimeout(timer);
   state.typers.clear();
   state.typingSent = false;
@@ -365,6 +853,7 @@ function resetRoom() {
   el.typing.textContent = "";
   el.olderButton.hidden = true;
   el.olderEnd.hidden = true;
+  el.unreadBadge.hidden = true;
   clearError();
 }
 
@@ -383,6 +872,7 @@ function makeSocket() {
   socket.on("disconnect", (reason) => {
     state.joined = false;
     state.typingSent = false;
+    forgetConnection();
     if (reason === "io client disconnect") return;
     // A gateway that shuts down closes its sockets ("io server disconnect"), which socket.io-client
     // does not retry by itself: the load balancer has another gateway, so come back after a pause.
@@ -405,6 +895,9 @@ function makeSocket() {
   socket.on("chatroom_users", (users) => renderUsers(users));
   socket.on("room_presence", onRoomPresence);
   socket.on("typing", onTyping);
+  socket.on("message_edited", onMessageEdited);
+  socket.on("message_deleted", onMessageDeleted);
+  socket.on("reaction", onReaction);
   socket.on("error", (err) => showError(`The server refused a request: ${describeError(err)}`));
   return socket;
 }
@@ -451,9 +944,20 @@ async function joinRoom() {
       Date.now(),
       "local",
     );
+    // What was filled in arrived while the page was away: count it and mark it "New".
+    const filledIn = history
+      .filter((m) => typeof m?.id === "string" && !seenBefore.has(m.id) && !m.deleted && m.username !== state.username)
+      .map((m) => m.id)
+      .sort();
+    for (const id of filledIn) {
+      const li = state.msgs.get(id)?.li;
+      if (li) arrivedAway(li);
+    }
+    applyChanges(res.changes, res.changesCut === true);
     if (nearBottom()) scrollToBottom();
     setConnState("connected");
   }
+  markSeen();
   // Sends that were waiting for the connection go now, with their first clientId (stored once).
   for (const [clientId, p] of state.pending) if (!p.inFlight && !p.failed) deliver(clientId, p);
   updateSendButton();
@@ -465,7 +969,7 @@ async function enter(username, room) {
   state.room = room;
   el.roomName.textContent = room;
   el.meName.textContent = username;
-  document.title = `${room} · Chatify`;
+  renderUnread();
   el.joinView.hidden = true;
   el.chatView.hidden = false;
   setConnState("connecting");
@@ -484,21 +988,24 @@ function leave({ quiet = false } = {}) {
     socket.disconnect();
   }
   resetRoom();
-  document.title = "Chatify";
+  state.room = "";
+  renderUnread();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Sending and history
 // ---------------------------------------------------------------------------------------------
 
-function addPending(text) {
+function addPending(text, replyTo) {
   const li = h("li", "message mine pending");
   li.dataset.key = "~"; // after every id and notice: pending sends sit at the bottom
   li.append(avatar(state.username));
   const bubble = h("div", "bubble");
   const meta = h("div", "meta");
   meta.append(h("span", "author", state.username), h("span", "status small", "sending…"));
-  bubble.append(meta, h("p", "text", text));
+  bubble.append(meta);
+  if (replyTo) bubble.append(quoteElement(replyTo));
+  bubble.append(h("p", "text", text));
   li.append(bubble);
   el.messages.append(li);
   scrollToBottom();
@@ -507,18 +1014,25 @@ function addPending(text) {
 
 async function deliver(clientId, p) {
   p.inFlight = true;
+  p.sentOn = p.sentOn ?? state.socket?.id;
   p.li.classList.remove("failed");
   p.li.querySelector(".status").textContent = "sending…";
   const socket = state.socket;
-  const res = await request("send_message", { room: state.room, message: p.text, clientId });
+  const payload = { room: state.room, message: p.text, clientId };
+  if (p.replyTo) payload.replyTo = p.replyTo;
+  const res = await request("send_message", payload);
   p.inFlight = false;
   if (socket !== state.socket) return;
   if (res?.ok) {
     state.pending.delete(clientId);
     p.li.remove();
-    addMessages([{ id: res.id, room: state.room, username: state.username, message: p.text.trim(), createdTime: res.createdTime }], {
-      stick: true,
-    });
+    // Sent by this connection (a retry's ack names the first send, maybe of an older connection).
+    if (state.joined && socket.connected && p.sentOn === socket.id) state.owned.add(res.id);
+    const message = { id: res.id, room: state.room, username: state.username, message: p.text.trim(), createdTime: res.createdTime };
+    if (p.replyTo) message.replyTo = p.replyTo;
+    addMessages([message], { stick: true });
+    const d = state.msgs.get(res.id);
+    if (d) updateOwnActions(d);
     return;
   }
   const code = res?.error?.code;
@@ -550,8 +1064,10 @@ function sendCurrent() {
     return;
   }
   const clientId = newClientId();
-  const p = { text, li: addPending(text.trim()), inFlight: false, failed: false };
+  const replyTo = state.replyTo;
+  const p = { text, replyTo, li: addPending(text.trim(), replyTo), inFlight: false, failed: false };
   state.pending.set(clientId, p);
+  if (replyTo) cancelReply({ focus: false });
   el.input.value = "";
   autosize();
   sendTyping(false);
@@ -629,6 +1145,10 @@ el.input.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
     sendCurrent();
+  } else if (e.key === "Escape" && state.replyTo) {
+    e.preventDefault();
+    e.stopPropagation();
+    cancelReply();
   }
 });
 
@@ -641,6 +1161,9 @@ el.input.addEventListener("input", () => {
 el.input.addEventListener("blur", () => sendTyping(false));
 el.olderButton.addEventListener("click", loadOlder);
 el.errorDismiss.addEventListener("click", clearError);
+el.replyCancel.addEventListener("click", () => cancelReply());
+document.addEventListener("visibilitychange", markSeen);
+window.addEventListener("focus", markSeen);
 
 document.addEventListener("keydown", (e) => {
   if (e.key === "Escape" && !el.errorBanner.hidden) clearError();
