@@ -1,7 +1,9 @@
 // The chat page (web/) in a real browser: two headless Chromium pages (Debian's chromium, driven
 // by playwright-core) on the page deploy/local/up.sh serves, talking to the load balancer. They
 // join one room from different gateways, chat, see each other type, page back through history,
-// and one of them loses its connection (its gateway stops) and recovers what it missed.
+// and one of them loses its connection (its gateway stops) and recovers what it missed (and the
+// edits and reactions made meanwhile). They reply to, edit, delete and react to messages, and a
+// hidden page counts what arrived meanwhile and marks it "New".
 //
 // Reads the system's addresses from $CHATIFY_RUN_DIR/env (CHATIFY_WEB_URL, CHATIFY_LB_URL), like
 // tests/e2e. Screenshots go to target/test-artifacts/browser/; with CHATIFY_UPDATE_DOCS_SCREENSHOT=1
@@ -26,6 +28,8 @@ const LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-b
 const SEED_SOCKETS = 4;
 const SEED_PER_SOCKET = 40; // the per-connection send burst
 const SEEDED = SEED_SOCKETS * SEED_PER_SOCKET;
+const HELLO = "Hello bob! <b>this is not bold</b> & neither is <script>this</script>";
+const BOBS_HI = "Hi ann, bob here";
 
 // ---------------------------------------------------------------------------------------------
 // The system under test and the browser
@@ -87,7 +91,13 @@ function script(name, args) {
 const listOf = (page) =>
   page.$$eval("#messages > li", (items) =>
     items.map((li) => ({
-      kind: li.classList.contains("notice") ? "notice" : li.classList.contains("pending") ? "pending" : "message",
+      kind: li.classList.contains("notice")
+        ? "notice"
+        : li.classList.contains("divider")
+          ? "divider"
+          : li.classList.contains("pending")
+            ? "pending"
+            : "message",
       id: li.dataset.id,
       author: li.dataset.author,
       text: (li.querySelector(".text") ?? li.querySelector(".notice-text"))?.textContent,
@@ -107,6 +117,7 @@ async function describePage(page) {
       error: await page.$eval("#error-banner", (e) => (e.hidden ? "" : e.textContent)),
       users: await usersOf(page),
       typing: await page.textContent("#typing"),
+      title: await page.title(),
       last: list.slice(-6),
       count: list.length,
     });
@@ -149,6 +160,63 @@ const hasState = (page, state, timeout) =>
 
 const typingIs = (page, text) => waitUntil(page, `typing line "${text}"`, (t) => document.querySelector("#typing")?.textContent === t, text);
 
+/** The id of the (stored) message with this author and text, as the page shows it. */
+const idOf = async (page, author, text) => {
+  const id = await page.$$eval(
+    "#messages > li.message:not(.pending)",
+    (items, [a, t]) => items.find((li) => li.dataset.author === a && li.querySelector(":scope > .bubble > .text")?.textContent === t)?.dataset.id,
+    [author, text],
+  );
+  assert.ok(id, `${page.name} shows "${text}" from ${author}`);
+  return id;
+};
+
+const itemOf = (page, id) => page.locator(`#messages > li[data-id="${id}"]`);
+
+/** Presses one of a message's toolbar buttons: with the mouse (hover, click) or the keyboard (focus, Enter). */
+async function act(page, id, testid, { emoji, keyboard = false } = {}) {
+  const button = itemOf(page, id).locator(`:scope > .actions [data-testid="${testid}"]${emoji ? `[data-emoji="${emoji}"]` : ""}`);
+  await button.waitFor({ state: "visible", timeout: WAIT_MS }); // Edit and Delete show once the send is acked
+  if (keyboard) {
+    await button.focus();
+    await page.keyboard.press("Enter");
+  } else {
+    await itemOf(page, id).hover();
+    await button.click();
+  }
+}
+
+/** The count the page shows for one emoji under a message ("0" when none). */
+const countIs = (page, id, emoji, count) =>
+  waitUntil(
+    page,
+    `${emoji} ${count} under ${id}`,
+    ([i, e, n]) => (document.querySelector(`#messages > li[data-id="${i}"] .reactions button[data-emoji="${e}"] .reaction-count`)?.textContent ?? "0") === n,
+    [id, emoji, String(count)],
+  );
+
+const textIs = (page, id, text) =>
+  waitUntil(page, `message ${id} says "${text}"`, ([i, t]) => document.querySelector(`#messages > li[data-id="${i}"] > .bubble > .text`)?.textContent === t, [id, text]);
+
+const quoteOf = (page, id) => page.$eval(`#messages > li[data-id="${id}"] [data-testid="quote"]`, (q) => q.textContent);
+
+/** Emulates the tab being hidden (or shown again): document.visibilityState and a visibilitychange. */
+const setHidden = (page, hidden) =>
+  page.evaluate((hide) => {
+    if (hide) {
+      Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+      Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+    } else {
+      delete document.visibilityState;
+      delete document.hidden;
+    }
+    document.dispatchEvent(new Event("visibilitychange"));
+  }, hidden);
+
+/** The unread badge's text ("" when hidden) and the title. */
+const unreadOf = (page) =>
+  page.evaluate(() => ({ badge: document.querySelector('[data-testid="unread-count"]').hidden ? "" : document.querySelector('[data-testid="unread-count"]').textContent, title: document.title }));
+
 /**
  * Waits until the load balancer sends new clients to both gateways (it names the one it chose in
  * its SRV cookie): after a gateway restart, HAProxy's health checks take a few seconds to put it
@@ -185,7 +253,7 @@ const gatewayOf = async (context, lbUrl) => (await context.cookies(lbUrl.replace
 
 describe("the chat page in two headless Chromium pages", { concurrency: false }, () => {
   const room = `lobby ${crypto.randomBytes(3).toString("hex")}`;
-  const seeded = []; // { id, text, createdTime } of the stored history
+  const seeded = []; // { id, text, createdTime, author } of the stored history
   const pageErrors = [];
   let browser;
   let ann; // desktop window
@@ -234,7 +302,7 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
               const text = `Earlier message ${k * SEED_PER_SOCKET + i + 1}`;
               const res = await socket.timeout(WAIT_MS).emitWithAck("send_message", { room, message: text, clientId: crypto.randomUUID() });
               assert.equal(res.ok, true, `seed send: ${JSON.stringify(res)}`);
-              return { id: res.id, text, createdTime: res.createdTime };
+              return { id: res.id, text, createdTime: res.createdTime, author: `archivist${k + 1}` };
             }),
           );
         }),
@@ -317,7 +385,7 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
   });
 
   test("messages typed in one window appear in the other, escaped, with their time", async () => {
-    const hello = "Hello bob! <b>this is not bold</b> & neither is <script>this</script>";
+    const hello = HELLO;
     await ann.keyboard.type(hello);
     await ann.keyboard.press("Enter");
     await hasMessage(bob, "ann", hello);
@@ -327,10 +395,10 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
     assert.ok(Math.abs(Date.parse(got.dateTime) - Date.now()) < 60_000, `time of the message: ${got.dateTime}`);
     assert.match(got.time, /^\d{2}:\d{2}$/);
 
-    await bob.fill("#message-input", "Hi ann, bob here");
+    await bob.fill("#message-input", BOBS_HI);
     await bob.click("#send-button");
-    await hasMessage(ann, "bob", "Hi ann, bob here");
-    await hasMessage(bob, "bob", "Hi ann, bob here");
+    await hasMessage(ann, "bob", BOBS_HI);
+    await hasMessage(bob, "bob", BOBS_HI);
     for (const page of [ann, bob]) {
       const ids = (await listOf(page)).filter((m) => m.kind === "message").map((m) => m.id);
       assert.deepEqual(ids, [...ids].sort(), `${page.name}: messages in id order`);
@@ -356,7 +424,7 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
   });
 
   test('"load older messages" pages back through get_history to the beginning of the room', async () => {
-    const storedIds = async () => (await listOf(ann)).filter((m) => m.kind === "message" && m.author.startsWith("archivist")).map((m) => m.id);
+    const storedIds = async () => (await listOf(ann)).filter((m) => m.kind === "message" && m.author?.startsWith("archivist")).map((m) => m.id);
     const before = new Set(await storedIds());
     // First page: 50 more (100 were shown), and there are still older ones.
     await ann.focus("#older-button");
@@ -391,6 +459,18 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
     await bothGatewaysInRotation(need("CHATIFY_LB_URL"));
   });
 
+  /** The `changes` a join of the room with `since` answers (another client joins, and leaves). */
+  async function joinChanges(since) {
+    const probe = io(need("CHATIFY_LB_URL"), { transports: ["websocket"], reconnection: false, timeout: WAIT_MS });
+    try {
+      const res = await probe.timeout(WAIT_MS).emitWithAck("join_room", { username: "probe", room, since });
+      assert.equal(res.ok, true, `probe join: ${JSON.stringify(res)}`);
+      return res.changes ?? [];
+    } finally {
+      probe.disconnect();
+    }
+  }
+
   /** The outage itself, while ann's Socket.IO requests fail (route), and the recovery. */
   async function dropAndRecover(t, offline) {
     const lbUrl = need("CHATIFY_LB_URL");
@@ -414,6 +494,21 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
     await bob.press("#message-input", "Enter");
     await hasMessage(bob, "bob", missed);
     assert.equal(await ann.$$eval("#messages .text", (t, m) => t.some((n) => n.textContent === m), missed), false, "ann cannot have it yet");
+
+    // Meanwhile bob edits his earlier message (in place, keyboard) and reacts to ann's (mouse).
+    const bobsHi = await idOf(bob, "bob", BOBS_HI);
+    const annsHello = await idOf(bob, "ann", HELLO);
+    const hiEdited = `${BOBS_HI} (edited while you were away)`;
+    await act(bob, bobsHi, "edit-button", { keyboard: true });
+    await waitUntil(bob, "the edit box, focused, with the text", (t) => document.activeElement?.dataset.testid === "edit-input" && document.activeElement.value === t, BOBS_HI);
+    await bob.keyboard.press("ControlOrMeta+A");
+    await bob.keyboard.type(hiEdited);
+    await bob.keyboard.press("Enter");
+    await textIs(bob, bobsHi, hiEdited);
+    assert.equal(await itemOf(bob, bobsHi).locator('[data-testid="edited-mark"]').isVisible(), true, "bob's page says (edited)");
+    await act(bob, annsHello, "react-button", { emoji: "🎉" });
+    await countIs(bob, annsHello, "🎉", 1);
+    await textIs(ann, bobsHi, BOBS_HI); // ann's page, offline, still has the old text
     await hasState(ann, "reconnecting");
 
     // The network is back: the page reconnects (to the gateway that is left) and rejoins with
@@ -422,6 +517,28 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
     await hasState(ann, "connected", 15_000);
     await hasMessage(ann, "bob", missed);
     await hasNotice(ann, "Reconnected: 1 missed message.");
+    // The join's `changes` bring bob's edit and reaction: the server reads them from the
+    // persister, which may not record changes yet. What a join with `since` answers now (another
+    // client asks) decides what ann's page must show.
+    const told = await joinChanges(await idOf(ann, "bob", "Done typing"));
+    if (told.some((c) => c.type === "edited" && c.id === bobsHi)) {
+      await textIs(ann, bobsHi, hiEdited);
+      assert.equal(await itemOf(ann, bobsHi).locator('[data-testid="edited-mark"]').isVisible(), true, "ann's page says (edited)");
+      await countIs(ann, annsHello, "🎉", 1);
+    } else {
+      t.diagnostic(`a join with since answers no changes here (${JSON.stringify(told)}): the persister does not record them yet, so the page's use of them is not checked`);
+      await textIs(ann, bobsHi, BOBS_HI);
+    }
+    // What `since` filled in arrived while she was away: a "New" divider right above it; the
+    // page is in view, so no unread count stays.
+    const missedId = await idOf(ann, "bob", missed);
+    assert.equal(
+      await ann.$eval(`#messages > li[data-id="${missedId}"]`, (li) => li.previousElementSibling?.dataset.testid),
+      "new-divider",
+      "the New divider sits right above the missed message",
+    );
+    assert.equal(await ann.$$eval('[data-testid="new-divider"]', (d) => d.length), 1, "one divider");
+    assert.deepEqual(await unreadOf(ann), { badge: "", title: `${room} · Chatify` }, "seen at once");
     await hasUsers(ann, ["ann", "bob"]);
     await hasNotice(bob, "ann has joined the chat room");
     assert.equal(await ann.isVisible("#conn-banner"), false, "the outage notice is gone");
@@ -435,6 +552,153 @@ describe("the chat page in two headless Chromium pages", { concurrency: false },
     await ann.keyboard.press("Enter");
     await hasMessage(bob, "ann", "Back again, thanks bob");
   }
+
+  test("reply, edit in place, delete and react: each window sees the other's changes live", async (t) => {
+    const back = "Back again, thanks bob";
+    const backId = await idOf(ann, "ann", back);
+
+    // Reply (bob, mouse): the composer says what he replies to; Escape cancels, Reply again, send.
+    await act(bob, backId, "reply-button");
+    await waitUntil(bob, "the reply bar", () => !document.querySelector('[data-testid="reply-bar"]').hidden);
+    assert.equal(await bob.textContent('[data-testid="reply-bar"] #reply-text'), `Replying to ann: ${back}`);
+    assert.equal(await bob.evaluate(() => document.activeElement?.id), "message-input", "the message box has focus");
+    await bob.keyboard.press("Escape");
+    assert.equal(await bob.isVisible('[data-testid="reply-bar"]'), false, "Escape cancels the reply");
+    await act(bob, backId, "reply-button");
+    await bob.keyboard.type("Welcome back!");
+    await bob.keyboard.press("Enter");
+    await hasMessage(ann, "bob", "Welcome back!");
+    await hasMessage(bob, "bob", "Welcome back!");
+    assert.equal(await bob.isVisible('[data-testid="reply-bar"]'), false, "the reply bar goes once sent");
+    const welcomeId = await idOf(ann, "bob", "Welcome back!");
+    for (const page of [ann, bob]) assert.equal(await quoteOf(page, welcomeId), `ann${back}`, `${page.name}: the reply quotes ann's message`);
+
+    // A reply to a message older than bob's page holds (another client, on bob's gateway, answers
+    // the newest stored message bob's page never loaded; ann's page paged back to it).
+    const bobHolds = new Set((await listOf(bob)).map((m) => m.id));
+    const older = [...seeded].sort((a, b) => (a.id < b.id ? -1 : 1)).filter((m) => !bobHolds.has(m.id)).at(-1);
+    assert.ok(older, "bob's page holds only the newest 100 stored messages");
+    const bobsGateway = await gatewayOf(bob.context(), need("CHATIFY_LB_URL"));
+    const carolUrl = ENV[`CHATIFY_${bobsGateway.toUpperCase()}_URL`] ?? need("CHATIFY_LB_URL");
+    const carol = io(carolUrl, { transports: ["websocket"], reconnection: false, timeout: WAIT_MS });
+    try {
+      assert.equal((await carol.timeout(WAIT_MS).emitWithAck("join_room", { username: "carol", room })).ok, true);
+      let old = await carol.timeout(WAIT_MS).emitWithAck("send_message", { room, message: "About an older message…", replyTo: older.id });
+      if (old.ok) {
+        await hasMessage(bob, "carol", "About an older message…");
+        assert.equal(await quoteOf(bob, old.id), "Reply to an older message", "bob's page does not hold it");
+        await hasMessage(ann, "carol", "About an older message…");
+        assert.equal(await quoteOf(ann, old.id), `${older.author}${older.text}`, "ann's page paged back to it");
+      } else {
+        // The server finds a reply's target among the messages its gateway delivered lately, or
+        // asks the persister; this branch's persister may not answer such lookups yet.
+        assert.equal(old.error?.code, "not_found", JSON.stringify(old));
+        t.diagnostic(`a reply to an older stored message was refused (${old.error.message}): the "older message" quote is not checked`);
+        old = await carol.timeout(WAIT_MS).emitWithAck("send_message", { room, message: "About an older message…" });
+        assert.equal(old.ok, true, JSON.stringify(old));
+        await hasMessage(bob, "carol", "About an older message…");
+      }
+
+      // Edit (ann, keyboard): Escape cancels, then Enter saves; both pages show the text and "(edited)".
+      await ann.focus("#message-input");
+      await ann.keyboard.type("Tpyo here");
+      await ann.keyboard.press("Enter");
+      await hasMessage(bob, "ann", "Tpyo here");
+      const typoId = await idOf(ann, "ann", "Tpyo here");
+      assert.equal(await itemOf(bob, typoId).locator('[data-testid="edit-button"]').isHidden(), true, "bob cannot edit ann's message");
+      assert.equal(await itemOf(bob, typoId).locator('[data-testid="delete-button"]').isHidden(), true, "nor delete it");
+      await act(ann, typoId, "edit-button", { keyboard: true });
+      await waitUntil(ann, "the edit box", () => document.activeElement?.dataset.testid === "edit-input");
+      await ann.keyboard.type(" and more");
+      await ann.keyboard.press("Escape");
+      assert.equal(await itemOf(ann, typoId).locator('[data-testid="edit-input"]').count(), 0, "Escape closes the box");
+      await textIs(ann, typoId, "Tpyo here");
+      await act(ann, typoId, "edit-button", { keyboard: true });
+      await waitUntil(ann, "the edit box", () => document.activeElement?.dataset.testid === "edit-input");
+      await ann.keyboard.press("ControlOrMeta+A");
+      await ann.keyboard.type("Typo fixed");
+      await ann.keyboard.press("Enter");
+      for (const page of [ann, bob]) {
+        await textIs(page, typoId, "Typo fixed");
+        assert.equal(await itemOf(page, typoId).locator('[data-testid="edited-mark"]').isVisible(), true, `${page.name}: (edited)`);
+      }
+      assert.equal(await itemOf(ann, typoId).locator('[data-testid="edit-input"]').count(), 0, "the box closes once saved");
+
+      // React: bob 👍 (mouse) → ann sees 1; ann adds hers on the count (keyboard) → 2 on both;
+      // bob's second click takes his back → 1 on both, his button no longer pressed.
+      await act(bob, typoId, "react-button", { emoji: "👍" });
+      await countIs(ann, typoId, "👍", 1);
+      await countIs(bob, typoId, "👍", 1);
+      await itemOf(ann, typoId).locator('.reactions button[data-emoji="👍"]').focus();
+      await ann.keyboard.press("Enter");
+      await countIs(bob, typoId, "👍", 2);
+      await countIs(ann, typoId, "👍", 2);
+      assert.equal(await itemOf(ann, typoId).locator('.reactions button[data-emoji="👍"]').getAttribute("aria-pressed"), "true");
+      await act(bob, typoId, "react-button", { emoji: "👍" });
+      await countIs(ann, typoId, "👍", 1);
+      await countIs(bob, typoId, "👍", 1);
+      assert.equal(await itemOf(bob, typoId).locator('.actions [data-emoji="👍"]').getAttribute("aria-pressed"), "false");
+      assert.equal(await itemOf(ann, typoId).locator('.actions [data-emoji="👍"]').getAttribute("aria-pressed"), "true");
+      await act(bob, typoId, "react-button", { emoji: "❤️" });
+      await countIs(ann, typoId, "❤️", 1);
+
+      // Delete (ann, mouse, with a confirmation): both pages say so; bob's reply quotes "a deleted message".
+      await act(ann, backId, "delete-button");
+      await ann.click(`#messages > li[data-id="${backId}"] [data-testid="delete-confirm"]`);
+      for (const page of [ann, bob]) {
+        await textIs(page, backId, "This message was deleted");
+        await waitUntil(page, "the reply's quote of the deleted message", (i) => document.querySelector(`#messages > li[data-id="${i}"] [data-testid="quote"]`)?.textContent === "Reply to a deleted message", welcomeId);
+        assert.equal(await itemOf(page, backId).locator(".actions").count(), 0, `${page.name}: no actions on a deleted message`);
+      }
+
+      // An error answer shows in the error banner: carol puts 20 distinct emoji on her message (the
+      // most a message carries), so bob's 👍, a 21st, is refused.
+      const many = ["🍎", "🍐", "🍊", "🍋", "🍌", "🍉", "🍇", "🍓", "🫐", "🍒", "🍑", "🥭", "🍍", "🥥", "🥝", "🍅", "🥑", "🥦", "🥕", "🌽"];
+      const acks = await Promise.all(many.map((emoji) => carol.timeout(WAIT_MS).emitWithAck("react", { room, id: old.id, emoji, add: true })));
+      assert.ok(acks.every((a) => a.ok), JSON.stringify(acks.find((a) => !a.ok)));
+      await waitUntil(bob, "20 reactions under carol's message", (i) => document.querySelectorAll(`#messages > li[data-id="${i}"] .reactions button`).length === 20, old.id, 10_000);
+      await act(bob, old.id, "react-button", { emoji: "👍" });
+      await waitUntil(bob, "the refused reaction in the error banner", () => {
+        const banner = document.querySelector("#error-banner");
+        return !banner.hidden && /Reaction not added: .*invalid_payload/.test(banner.textContent);
+      });
+      await countIs(bob, old.id, "👍", 0);
+      assert.equal(await itemOf(bob, old.id).locator('.actions [data-emoji="👍"]').getAttribute("aria-pressed"), "false");
+      await bob.click("#error-dismiss");
+    } finally {
+      carol.disconnect();
+    }
+    await hasNotice(ann, "carol has left the chat room");
+  });
+
+  test("a hidden page counts what arrives in the title and the room header and marks it New", async () => {
+    const titleOf = `${room} · Chatify`;
+    assert.deepEqual(await unreadOf(bob), { badge: "", title: titleOf });
+    await setHidden(bob, true);
+    for (const text of ["Are you there?", "Hello?"]) {
+      await ann.focus("#message-input");
+      await ann.keyboard.type(text);
+      await ann.keyboard.press("Enter");
+      await hasMessage(bob, "ann", text);
+    }
+    await waitUntil(bob, "2 unread", (t) => document.title === `(2) ${t}`, titleOf);
+    assert.deepEqual(await unreadOf(bob), { badge: "2 new", title: `(2) ${titleOf}` });
+    assert.deepEqual(await unreadOf(ann), { badge: "", title: titleOf }, "ann's page is in view: nothing unread");
+    const firstId = await idOf(bob, "ann", "Are you there?");
+    const dividerAbove = () => bob.$eval(`#messages > li[data-id="${firstId}"]`, (li) => li.previousElementSibling?.dataset.testid);
+    assert.equal(await dividerAbove(), "new-divider", "New above the first message that arrived while hidden");
+    assert.equal(await bob.$$eval('[data-testid="new-divider"]', (d) => d.length), 1, "one divider");
+    // Its own messages do not count.
+    await bob.fill("#message-input", "(from my pocket)");
+    await bob.press("#message-input", "Enter");
+    await hasMessage(ann, "bob", "(from my pocket)");
+    assert.equal((await unreadOf(bob)).badge, "2 new");
+
+    await setHidden(bob, false);
+    await waitUntil(bob, "the count cleared", (t) => document.title === t, titleOf);
+    assert.deepEqual(await unreadOf(bob), { badge: "", title: titleOf });
+    assert.equal(await dividerAbove(), "new-divider", "the divider stays once seen");
+  });
 
   test("the phone-sized window fits its width; screenshots are saved", async () => {
     const fit = await bob.evaluate(() => ({
