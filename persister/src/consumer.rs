@@ -21,12 +21,16 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::BatchWriter;
 use crate::dead_letter::{DeadLetters, Publisher};
 use crate::delivery::Delivery;
+use crate::floor::AckFloor;
 use crate::harperdb::{HarperDb, HarperError};
 use crate::lanes::{Lanes, Store};
 use crate::retry::Retry;
 
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a batch holding changes waits for the ack floor to pass the events before it
+/// before it is handed back (see [`crate::batch`]): well within the ack wait.
+const FLOOR_WAIT: Duration = Duration::from_secs(ACK_WAIT.as_secs() / 3);
 
 /// How often the consumer's leader sends an idle heartbeat to a waiting pull request. Two missed
 /// ones mean the pull went unheard (see [`repulling`]).
@@ -123,7 +127,13 @@ impl Consumer {
         let messages = Box::pin(repulling(Some(first), open, pull_stalled));
         let mut lanes = Lanes::new(&self.db, self.settings.write_connections)?;
         let dead_letters = DeadLetters::new(self.js.clone(), retry);
-        let writer = BatchWriter::new(retry, self.settings.max_attempts, dead_letters);
+        let writer = BatchWriter::new(
+            retry,
+            self.settings.max_attempts,
+            dead_letters,
+            self.stream.clone(),
+            FLOOR_WAIT,
+        );
         self.ready.store(true, Ordering::Relaxed);
         tokio::spawn(crate::lag::report(self.stream.clone(), shutdown.clone()));
         tracing::info!(
@@ -221,10 +231,10 @@ struct Batching {
 
 /// Cuts `messages` into batches and writes each on a free lane, until shutdown or the end of
 /// `messages`; then waits for the writes in hand and their acks.
-async fn drain<D, E, S, P>(
+async fn drain<D, E, S, P, F>(
     mut messages: impl Stream<Item = Result<D, E>> + Unpin,
     lanes: &mut Lanes<S>,
-    writer: &BatchWriter<P>,
+    writer: &BatchWriter<P, F>,
     batching: Batching,
     shutdown: &CancellationToken,
 ) where
@@ -232,6 +242,7 @@ async fn drain<D, E, S, P>(
     E: Display,
     S: Store,
     P: Publisher,
+    F: AckFloor,
 {
     loop {
         let first = tokio::select! {
@@ -287,7 +298,7 @@ mod tests {
     use futures::channel::mpsc;
 
     use super::*;
-    use crate::fakes::{Event, FakeDelivery, FakePublisher, FakeStore, Log};
+    use crate::fakes::{Event, FakeDelivery, FakeFloor, FakePublisher, FakeStore, Log};
 
     type Delivered = Result<FakeDelivery, String>;
 
@@ -298,7 +309,7 @@ mod tests {
     struct Parts {
         rx: mpsc::UnboundedReceiver<Delivered>,
         lanes: Lanes<FakeStore>,
-        writer: BatchWriter<FakePublisher>,
+        writer: BatchWriter<FakePublisher, FakeFloor>,
         batching: Batching,
     }
 
@@ -322,7 +333,13 @@ mod tests {
         let (tx, rx) = mpsc::unbounded();
         let store = FakeStore::new(log).taking(Duration::from_millis(20));
         let retry = Retry::new(&PersisterSettings::default(), ACK_WAIT / 3);
-        let writer = BatchWriter::new(retry, 3, DeadLetters::new(FakePublisher::new(log), retry));
+        let writer = BatchWriter::new(
+            retry,
+            3,
+            DeadLetters::new(FakePublisher::new(log), retry),
+            FakeFloor::new(log, 0),
+            FLOOR_WAIT,
+        );
         let batching = Batching {
             size: BATCH,
             wait: Duration::from_millis(5),
@@ -470,5 +487,74 @@ mod tests {
             "what the stalled stream still held (99) is dropped with it"
         );
         assert_eq!(opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_interleaved_with_messages_on_every_lane_end_as_applied_in_stream_order()
+    -> Result<(), HarperError> {
+        use chatify_shared::changes::{Change, MessageState};
+        use std::collections::BTreeMap;
+
+        use crate::fakes::{change, messages};
+
+        let log = Log::default();
+        let (tx, parts) = parts(&log, 2)?;
+        // 300 events: a message every fourth, and changes by ten members to the messages
+        // before them (reactions taken and taken back, edits, a deletion), in an order no
+        // lane can keep by luck.
+        let mut expected: BTreeMap<u64, MessageState> = BTreeMap::new();
+        let mut stored = Vec::new();
+        let mut seed: u64 = 7;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % n
+        };
+        for sequence in 1..=300u64 {
+            if sequence % 4 == 1 {
+                let m = messages(sequence - 1, 1);
+                expected.insert(sequence, MessageState::new(m[0].clone()));
+                stored.push(sequence);
+                let _ = tx.unbounded_send(Ok(FakeDelivery::new(
+                    &log,
+                    sequence,
+                    &format!("m{sequence}"),
+                )));
+                continue;
+            }
+            let target = stored[next(stored.len() as u64) as usize];
+            let by = format!("member {}", next(10));
+            let what = match next(20) {
+                0 => Change::Edit {
+                    message: format!("edit {sequence}"),
+                },
+                1 if sequence > 250 => Change::Delete,
+                n => Change::React {
+                    emoji: ["👍", "🎉"][n as usize % 2].into(),
+                    add: next(3) > 0,
+                    distinct_max: 20,
+                },
+            };
+            let c = change(target, &by, what);
+            if let Some(state) = expected.get_mut(&target) {
+                state.apply(sequence, &c);
+            }
+            let _ = tx.unbounded_send(Ok(FakeDelivery::change(&log, sequence, &c)));
+        }
+        drop(tx);
+        parts.drain(&CancellationToken::new()).await;
+        assert!(log.nakked().is_empty(), "{:?}", log.nakked());
+        let mut acked = log.acked();
+        acked.sort_unstable();
+        assert_eq!(acked, (1..=300).collect::<Vec<_>>());
+        // Batches holding changes take turns, but on both lanes.
+        assert_eq!(log.inserts_per_connection().len(), 2, "both lanes wrote");
+        for (sequence, state) in &expected {
+            assert_eq!(
+                log.row(*sequence).as_ref(),
+                Some(state),
+                "message {sequence}"
+            );
+        }
+        Ok(())
     }
 }

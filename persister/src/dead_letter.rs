@@ -1,12 +1,14 @@
-//! The dead-letter stream: where a message HarperDB refuses for good goes, so that the messages
-//! around it are written and it can still be inspected. It keeps the message as it was stored,
-//! with why HarperDB refused it and its sequence in the messages stream in headers.
+//! The dead-letter stream: where a message (or a change) HarperDB refuses for good goes, so that
+//! the messages around it are written and it can still be inspected. It keeps the message as it
+//! was stored, with why HarperDB refused it and its sequence in the messages stream in headers,
+//! and a change keeps its [`CHANGE_HEADER`] header, so it is read back as the change it is.
 
 use std::future::Future;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
+use chatify_shared::changes::CHANGE_HEADER;
 use chatify_shared::subjects::{
     DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SEQUENCE_HEADER, dead_letter_subject,
 };
@@ -70,6 +72,9 @@ impl<P: Publisher> DeadLetters<P> {
         if let Ok(sequence) = message.stream_sequence() {
             headers.insert(DEAD_LETTER_SEQUENCE_HEADER, sequence.to_string().as_str());
         }
+        if message.is_change() {
+            headers.insert(CHANGE_HEADER, crate::event::CHANGE_HEADER_VALUE);
+        }
         let mut backoff = self.retry.backoff();
         loop {
             let published = self
@@ -121,6 +126,7 @@ mod tests {
                     subject: dead_letter_subject(message.subject()),
                     reason: refusal().to_string(),
                     sequence: "7".into(),
+                    change: false,
                 },
                 Event::Acked(7),
             ]

@@ -3,6 +3,7 @@
 //! message type, so that its tests can hand it messages without a NATS server.
 
 use std::future::Future;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
@@ -18,8 +19,11 @@ pub trait Delivery: Send + Sync + 'static {
     /// The subject it was stored under (its room's store subject).
     fn subject(&self) -> &str;
 
-    /// The stored message, as JSON.
+    /// The stored message or change, as JSON.
     fn payload(&self) -> &Bytes;
+
+    /// Whether it is a change rather than a message (its [`crate::event::is_change`] header).
+    fn is_change(&self) -> bool;
 
     /// Acks it: it is written (or moved aside), and JetStream may count it done. A lost ack
     /// only means a redelivery, which the idempotent insert skips; so a failure is logged only.
@@ -30,6 +34,9 @@ pub trait Delivery: Send + Sync + 'static {
 
     /// Tells JetStream it is still being worked on, so its ack deadline starts over.
     fn in_progress(&self) -> impl Future<Output = ()> + Send;
+
+    /// Hands it back unwritten: JetStream delivers it again (to any persister) after `delay`.
+    fn nak(&self, delay: Duration) -> impl Future<Output = ()> + Send;
 }
 
 impl Delivery for jetstream::Message {
@@ -49,6 +56,10 @@ impl Delivery for jetstream::Message {
         &self.payload
     }
 
+    fn is_change(&self) -> bool {
+        crate::event::is_change(self.headers.as_ref())
+    }
+
     async fn ack(&self) {
         if let Err(e) = jetstream::Message::ack(self).await {
             tracing::warn!(error = %e, "ack failed after a successful write");
@@ -64,6 +75,13 @@ impl Delivery for jetstream::Message {
     async fn in_progress(&self) {
         if let Err(e) = self.ack_with(AckKind::Progress).await {
             tracing::debug!(error = %e, "progress ack failed");
+        }
+    }
+
+    async fn nak(&self, delay: Duration) {
+        if let Err(e) = self.ack_with(AckKind::Nak(Some(delay))).await {
+            // Not handed back: JetStream redelivers it after the ack wait instead.
+            tracing::debug!(error = %e, "nak failed");
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Test doubles for the writer's parts: a HarperDB ([`FakeStore`]), JetStream deliveries
-//! ([`FakeDelivery`]) and the dead-letter stream ([`FakePublisher`]), all writing what happens
-//! to them, in order, into one [`Log`].
+//! Test doubles for the writer's parts: a HarperDB ([`FakeStore`]) with its two tables,
+//! JetStream deliveries ([`FakeDelivery`]), the consumer's ack floor ([`FakeFloor`]) and the
+//! dead-letter stream ([`FakePublisher`]), all writing what happens to them, in order, into one
+//! [`Log`].
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
@@ -9,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatify_shared::changes::{CHANGE_HEADER, Change, MessageState, StoredChange};
+use chatify_shared::storage::{RoomKey, StoredChangeRecord, StoredRecord, storage_key};
 use chatify_shared::subjects::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SEQUENCE_HEADER, RoomToken};
 use chatify_shared::wire::{ChatMessage, StoredMessage};
 use reqwest::StatusCode;
@@ -16,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::dead_letter::Publisher;
 use crate::delivery::Delivery;
+use crate::floor::{AckFloor, FloorError};
 use crate::harperdb::HarperError;
 use crate::lanes::Store;
 
@@ -32,11 +36,19 @@ pub enum Event {
     Acked(u64),
     Terminated(u64),
     InProgress(u64),
-    /// Published to the dead-letter stream: subject, reason header, sequence header.
+    /// Handed back to JetStream (a NAK).
+    Nakked(u64),
+    /// The rows of the messages at these sequences were written over (their new states).
+    Updated(Vec<u64>),
+    /// Change log records of the changes at these sequences were inserted (or found there).
+    Logged(Vec<u64>),
+    /// Published to the dead-letter stream: subject, reason header, sequence header, and
+    /// whether it carried the change header.
     DeadLettered {
         subject: String,
         reason: String,
         sequence: String,
+        change: bool,
     },
 }
 
@@ -53,6 +65,10 @@ struct State {
     most_at_once: usize,
     on_connection: BTreeMap<usize, usize>,
     most_on_a_connection: usize,
+    /// The messages table: rows by key.
+    rows: BTreeMap<String, MessageState>,
+    /// The change log table: records by key.
+    changes: BTreeMap<String, StoredChangeRecord>,
 }
 
 /// The shared record of a test's fakes.
@@ -120,6 +136,35 @@ impl Log {
     pub fn most_at_once_on_a_connection(&self) -> usize {
         self.state().most_on_a_connection
     }
+
+    /// The sequences handed back, in order.
+    pub fn nakked(&self) -> Vec<u64> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Nakked(sequence) => Some(sequence),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The row of room `r`'s message at `sequence`.
+    pub fn row(&self, sequence: u64) -> Option<MessageState> {
+        self.state()
+            .rows
+            .get(&storage_key(&RoomKey::new("r"), sequence))
+            .cloned()
+    }
+
+    /// The change log, in key order (per room, stream order).
+    pub fn change_log(&self) -> Vec<StoredChangeRecord> {
+        self.state().changes.values().cloned().collect()
+    }
+
+    /// Records that another persister acked `sequence` (it counts for the [`FakeFloor`]).
+    pub fn settle(&self, sequence: u64) {
+        self.push(Event::Acked(sequence));
+    }
 }
 
 /// A shutdown token cancelled `after` from now.
@@ -177,9 +222,11 @@ pub struct FakeStore {
     connection: usize,
     /// Connections made so far, shared by every client.
     connections: Arc<AtomicUsize>,
-    /// Errors the next inserts answer, shared by every client.
+    /// Errors the next operations (of any kind) answer, shared by every client.
     failures: Arc<Mutex<VecDeque<HarperError>>>,
-    /// How long an insert takes.
+    /// Errors the next updates answer (after `failures`), shared by every client.
+    update_failures: Arc<Mutex<VecDeque<HarperError>>>,
+    /// How long an operation takes.
     delay: Duration,
 }
 
@@ -190,6 +237,7 @@ impl FakeStore {
             connection: 0,
             connections: Arc::new(AtomicUsize::new(1)),
             failures: Arc::default(),
+            update_failures: Arc::default(),
             delay: Duration::ZERO,
         }
     }
@@ -206,11 +254,34 @@ impl FakeStore {
         self
     }
 
+    pub fn failing_updates(self, errors: impl IntoIterator<Item = HarperError>) -> Self {
+        self.update_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(errors);
+        self
+    }
+
     fn next_failure(&self) -> Option<HarperError> {
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
+    }
+
+    fn next_update_failure(&self) -> Option<HarperError> {
+        self.next_failure().or_else(|| {
+            self.update_failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+        })
+    }
+
+    async fn pause(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
     }
 }
 
@@ -221,6 +292,7 @@ impl Store for FakeStore {
     ) -> impl Future<Output = Result<(), HarperError>> + Send {
         let sequences: Vec<u64> = records.iter().map(ChatMessage::sequence).collect();
         let poisoned = records.iter().any(|r| r.message == POISON);
+        let records = records.to_vec();
         async move {
             {
                 let mut state = self.log.state();
@@ -245,11 +317,83 @@ impl Store for FakeStore {
             *state.on_connection.entry(self.connection).or_default() -= 1;
             if result.is_ok() {
                 *state.per_connection.entry(self.connection).or_default() += 1;
+                for record in &records {
+                    let key = StoredRecord::new(record).pk;
+                    state
+                        .rows
+                        .entry(key)
+                        .or_insert_with(|| MessageState::new(record.clone()));
+                }
                 state.events.push(Event::Inserted(sequences));
             } else {
                 state.events.push(Event::Failed(sequences));
             }
             result
+        }
+    }
+
+    fn states(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<MessageState>, HarperError>> + Send {
+        let keys = keys.to_vec();
+        async move {
+            self.pause().await;
+            if let Some(e) = self.next_failure() {
+                return Err(e);
+            }
+            let state = self.log.state();
+            Ok(keys
+                .iter()
+                .filter_map(|k| state.rows.get(k).cloned())
+                .collect())
+        }
+    }
+
+    /// Refuses a state whose text is [`POISON`] (an edit to it).
+    fn update(
+        &self,
+        states: &[MessageState],
+    ) -> impl Future<Output = Result<(), HarperError>> + Send {
+        let states = states.to_vec();
+        async move {
+            self.pause().await;
+            if let Some(e) = self.next_update_failure() {
+                return Err(e);
+            }
+            if states.iter().any(|s| s.message.message == POISON) {
+                return Err(refusal());
+            }
+            let mut state = self.log.state();
+            for s in &states {
+                state.rows.insert(StoredRecord::from_state(s).pk, s.clone());
+            }
+            let sequences = states.iter().map(|s| s.message.sequence()).collect();
+            state.events.push(Event::Updated(sequences));
+            Ok(())
+        }
+    }
+
+    fn log_changes(
+        &self,
+        records: &[StoredChangeRecord],
+    ) -> impl Future<Output = Result<(), HarperError>> + Send {
+        let records = records.to_vec();
+        async move {
+            self.pause().await;
+            if let Some(e) = self.next_failure() {
+                return Err(e);
+            }
+            let mut state = self.log.state();
+            for r in &records {
+                state
+                    .changes
+                    .entry(r.pk.clone())
+                    .or_insert_with(|| r.clone());
+            }
+            let sequences = records.iter().map(|r| r.sequence).collect();
+            state.events.push(Event::Logged(sequences));
+            Ok(())
         }
     }
 
@@ -269,8 +413,10 @@ pub struct FakeDelivery {
     sequence: u64,
     /// Its room's store subject.
     subject: String,
-    /// The stored message as JSON, or anything else for an undecodable one.
+    /// The stored message or change as JSON, or anything else for an undecodable one.
     payload: Bytes,
+    /// Whether it carries the change header.
+    change: bool,
 }
 
 impl FakeDelivery {
@@ -283,7 +429,26 @@ impl FakeDelivery {
             payload: serde_json::to_vec(&stored(text))
                 .map(Bytes::from)
                 .unwrap_or_default(),
+            change: false,
         }
+    }
+
+    /// `change`, stored at `sequence` on its room's subject with the change header.
+    pub fn change(log: &Log, sequence: u64, change: &StoredChange) -> Self {
+        Self {
+            log: log.clone(),
+            sequence,
+            subject: RoomToken::new(&change.room).store_subject(),
+            payload: serde_json::to_vec(change)
+                .map(Bytes::from)
+                .unwrap_or_default(),
+            change: true,
+        }
+    }
+
+    /// The same delivery, stored under `subject` instead.
+    pub fn on_subject(self, subject: String) -> Self {
+        Self { subject, ..self }
     }
 
     /// A delivery at `sequence` that is not a stored message.
@@ -327,6 +492,10 @@ impl Delivery for FakeDelivery {
         &self.payload
     }
 
+    fn is_change(&self) -> bool {
+        self.change
+    }
+
     async fn ack(&self) {
         self.log.push(Event::Acked(self.sequence));
     }
@@ -337,6 +506,76 @@ impl Delivery for FakeDelivery {
 
     async fn in_progress(&self) {
         self.log.push(Event::InProgress(self.sequence));
+    }
+
+    async fn nak(&self, _delay: Duration) {
+        self.log.push(Event::Nakked(self.sequence));
+    }
+}
+
+/// A change to room `r`'s message at `target` by member `by`.
+pub fn change(target: u64, by: &str, what: Change) -> StoredChange {
+    StoredChange {
+        room: "r".into(),
+        target: messages(target - 1, 1)
+            .first()
+            .map(|m| m.id)
+            .unwrap_or_default(),
+        change: what,
+        at: 1_700_000_100_000,
+        by: chatify_shared::changes::Actor {
+            member_id: by.into(),
+            username: by.into(),
+            user_id: None,
+        },
+    }
+}
+
+/// A reaction (`add`) with 👍.
+pub fn thumbs(add: bool) -> Change {
+    Change::React {
+        emoji: "👍".into(),
+        add,
+        distinct_max: 20,
+    }
+}
+
+/// The consumer's ack floor as the [`Log`] tells it: the highest sequence up to which every
+/// one is acked (or terminated), counting from `base` (every sequence up to it counts as
+/// acked).
+#[derive(Clone)]
+pub struct FakeFloor {
+    /// Where acks are read.
+    log: Log,
+    /// Sequences acked before the test.
+    base: u64,
+}
+
+impl FakeFloor {
+    pub fn new(log: &Log, base: u64) -> Self {
+        Self {
+            log: log.clone(),
+            base,
+        }
+    }
+}
+
+impl AckFloor for FakeFloor {
+    async fn floor(&self) -> Result<u64, FloorError> {
+        let settled: HashSet<u64> = self
+            .log
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Acked(s) | Event::Terminated(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let mut floor = self.base;
+        while settled.contains(&(floor + 1)) {
+            floor += 1;
+        }
+        Ok(floor)
     }
 }
 
@@ -387,6 +626,7 @@ impl Publisher for FakePublisher {
             subject,
             reason: header(DEAD_LETTER_REASON_HEADER),
             sequence: header(DEAD_LETTER_SEQUENCE_HEADER),
+            change: header(CHANGE_HEADER) == crate::event::CHANGE_HEADER_VALUE,
         });
         Ok(())
     }

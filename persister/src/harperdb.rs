@@ -1,5 +1,11 @@
-//! HarperDB over its HTTP operations API: the persister's table, written in batches and read
-//! by history queries.
+//! HarperDB over its HTTP operations API: the persister's tables, written in batches and read
+//! by history queries. The messages table holds each message in its current state (inserted
+//! as stored, then updated as changes come); the change log table beside it
+//! ([`chatify_shared::storage::changes_table`]) what each change did, insert-only.
+//!
+//! Reads ask for every attribute (`*`) rather than naming them: a table created by an older
+//! Chatify declares fewer attributes, and HarperDB 4.7 refuses to name an undeclared one in a
+//! read (while it stores them in writes), so naming them would break history on such a table.
 //!
 //! HarperDB 4.7's `search_by_conditions` silently drops a `<` condition combined with a room
 //! filter and a sort, on tables of realistic size. So the table has one index only, its primary
@@ -10,8 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use chatify_shared::changes::MessageState;
 use chatify_shared::config::HarperDbSettings;
-use chatify_shared::storage::{ATTRIBUTES, RoomKey, StoredRecord, room_keys_end, storage_key};
+use chatify_shared::storage::{
+    ATTRIBUTES, CHANGE_ATTRIBUTES, RoomKey, StoredChangeRecord, StoredRecord, changes_table,
+    room_keys_end, storage_key,
+};
 use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
@@ -27,9 +37,10 @@ pub enum HarperError {
     #[error("HarperDB refused the configured credentials")]
     Unauthorized,
     /// The user is known but its role does not allow the operation: the persister's user may
-    /// only read and insert into its table, and setting the table up is an admin's work.
+    /// only read, insert and update its messages table and read and insert into its change log
+    /// (see [`crate::setup`]), and setting the tables up is an admin's work.
     #[error(
-        "HarperDB does not allow this user to do that ({message}); the database, the table and the persister's user are set up by `chatify-persister setup` with a super user's credentials (harperdb.admin_username and harperdb.admin_password)"
+        "HarperDB does not allow this user to do that ({message}); the database, the tables and the persister's user are set up by `chatify-persister setup` with a super user's credentials (harperdb.admin_username and harperdb.admin_password)"
     )]
     Forbidden { message: String },
     #[error("HarperDB rejected the request ({status}): {message}")]
@@ -76,7 +87,29 @@ pub struct HarperDb {
     username: String,
     password: SecretString,
     database: String,
+    /// The messages table.
     table: String,
+    /// The change log table beside it.
+    changes_table: String,
+}
+
+/// A page of a room's messages in their current state, oldest first, and whether older ones
+/// matched beyond it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatePage {
+    pub states: Vec<MessageState>,
+    pub has_more: bool,
+}
+
+impl StatePage {
+    /// The page as clients see it.
+    pub fn into_page(self) -> HistoryPage {
+        HistoryPage {
+            messages: self.states.into_iter().map(|s| s.message).collect(),
+            has_more: self.has_more,
+            ..HistoryPage::default()
+        }
+    }
 }
 
 /// Answers that the database or table is missing: `Table messages not found` (from a worker
@@ -132,6 +165,7 @@ impl HarperDb {
             password: settings.password.clone(),
             database: settings.database.clone(),
             table: settings.table.clone(),
+            changes_table: changes_table(&settings.table),
         })
     }
 
@@ -164,6 +198,11 @@ impl HarperDb {
     /// The database and table this client works on.
     pub fn table(&self) -> (&str, &str) {
         (&self.database, &self.table)
+    }
+
+    /// The change log table beside it, in the same database.
+    pub fn changes_table(&self) -> &str {
+        &self.changes_table
     }
 
     pub(crate) async fn operation(&self, body: &Value) -> Result<Value, HarperError> {
@@ -221,26 +260,63 @@ impl HarperDb {
         }
     }
 
-    /// Creates the database and the table if missing. Safe to run from several persisters.
+    /// Creates the database, the messages table and the change log table if missing. Safe to
+    /// run from several persisters.
     pub async fn ensure_schema(&self) -> Result<(), HarperError> {
+        let tables = [
+            (self.table.as_str(), &ATTRIBUTES[..]),
+            (self.changes_table.as_str(), &CHANGE_ATTRIBUTES[..]),
+        ];
+        let mut database_checked = false;
+        for (table, attributes) in tables {
+            if self.describe(table).await? {
+                continue;
+            }
+            if !database_checked {
+                self.ensure_database().await?;
+                database_checked = true;
+            }
+            self.create_table(table, attributes).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `table` exists (HarperDB describes it).
+    async fn describe(&self, table: &str) -> Result<bool, HarperError> {
         let described = self
-            .operation(&json!({"operation": "describe_table", "database": self.database, "table": self.table}))
+            .operation(
+                &json!({"operation": "describe_table", "database": self.database, "table": table}),
+            )
             .await;
         match described {
-            Ok(_) => return Ok(()),
-            Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => {}
-            Err(e) => return Err(e),
+            Ok(_) => Ok(true),
+            Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => Ok(false),
+            Err(e) => Err(e),
         }
+    }
+
+    async fn ensure_database(&self) -> Result<(), HarperError> {
         match self
             .operation(&json!({"operation": "create_database", "database": self.database}))
             .await
         {
-            Ok(_) => {}
-            Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {}
-            Err(e) => return Err(e),
+            Ok(_) => Ok(()),
+            Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        let (primary_key, _) = ATTRIBUTES[0];
-        let attributes: Vec<Value> = ATTRIBUTES
+    }
+
+    /// Creates `table` with `attributes` (the primary key first), indexed by its primary key
+    /// only, and waits until HarperDB describes it.
+    async fn create_table(
+        &self,
+        table: &str,
+        attributes: &[(&str, &str)],
+    ) -> Result<(), HarperError> {
+        let primary_key = attributes.first().map(|(name, _)| *name).unwrap_or("pk");
+        let attributes: Vec<Value> = attributes
             .iter()
             .map(|(name, kind)| json!({"name": name, "type": kind}))
             .collect();
@@ -248,7 +324,7 @@ impl HarperDb {
             .operation(&json!({
                 "operation": "create_table",
                 "database": self.database,
-                "table": self.table,
+                "table": table,
                 "primary_key": primary_key,
                 "audit": false,
                 "attributes": attributes,
@@ -261,20 +337,14 @@ impl HarperDb {
         }
         // Table creation settles asynchronously in HarperDB; wait until it is usable.
         for _ in 0..50 {
-            match self
-                .operation(&json!({"operation": "describe_table", "database": self.database, "table": self.table}))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e),
+            if self.describe(table).await? {
+                return Ok(());
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(HarperError::Decode(format!(
-            "table {}.{} did not appear after creation",
-            self.database, self.table
+            "table {}.{table} did not appear after creation",
+            self.database
         )))
     }
 
@@ -290,23 +360,7 @@ impl HarperDb {
                 "records": records,
             }))
             .await?;
-        #[derive(Deserialize)]
-        struct InsertAnswer {
-            #[serde(default)]
-            inserted_hashes: Vec<Value>,
-            #[serde(default)]
-            skipped_hashes: Vec<Value>,
-        }
-        let answer: InsertAnswer =
-            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
-        let confirmed = answer.inserted_hashes.len() + answer.skipped_hashes.len();
-        if confirmed != records.len() {
-            return Err(HarperError::Decode(format!(
-                "insert confirmed {confirmed} of {} records",
-                records.len()
-            )));
-        }
-        Ok(())
+        confirm_insert(answer, records.len())
     }
 
     /// Up to `limit` records whose keys an older Chatify wrote for long rooms (see
@@ -356,6 +410,11 @@ impl HarperDb {
 
     /// The newest `query.limit` messages of the room with `after < id < before`, oldest first.
     pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, HarperError> {
+        Ok(self.history_states(query).await?.into_page())
+    }
+
+    /// [`HarperDb::history`] with each message's whole state (who reacted, the last change).
+    pub async fn history_states(&self, query: &HistoryQuery) -> Result<StatePage, HarperError> {
         let room = RoomKey::new(&query.room);
         let (after, before) = query.sequence_bounds();
         let lower = storage_key(&room, after);
@@ -364,36 +423,170 @@ impl HarperDb {
             None => room_keys_end(&room),
         };
         let wanted = query.limit as usize + 1;
-        // `between` is inclusive: ask for the bounds too and drop them below.
-        let answer = self
-            .read(&json!({
-                "operation": "search_by_conditions",
-                "database": self.database,
-                "table": self.table,
-                "operator": "and",
-                "limit": wanted + 2,
-                "sort": {"attribute": "pk", "descending": true},
-                "get_attributes": ATTRIBUTES.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
-                "conditions": [{"search_attribute": "pk", "search_type": "between", "search_value": [lower, upper]}],
-            }))
-            .await?;
         let records: Vec<StoredRecord> =
-            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
-        let mut newest_first: Vec<ChatMessage> = records
+            self.range(&self.table, &lower, &upper, wanted + 2).await?;
+        // `between` is inclusive: the bounds were asked for too, and are dropped here.
+        let mut newest_first: Vec<MessageState> = records
             .into_iter()
             .filter(|r| r.pk != lower && r.pk != upper)
             .take(wanted)
-            .map(StoredRecord::into_message)
+            .map(StoredRecord::into_state)
             .collect();
         let has_more = newest_first.len() > query.limit as usize;
         newest_first.truncate(query.limit as usize);
         newest_first.reverse();
-        Ok(HistoryPage {
-            messages: newest_first,
+        Ok(StatePage {
+            states: newest_first,
             has_more,
-            ..HistoryPage::default()
         })
     }
+
+    /// Up to `limit` records of `table` with keys from `lower` to `upper` (both included),
+    /// newest first: one `between` on the primary key, sorted by it (see the module's notes on
+    /// HarperDB's searches).
+    async fn range<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &str,
+        lower: &str,
+        upper: &str,
+        limit: usize,
+    ) -> Result<Vec<T>, HarperError> {
+        let answer = self
+            .read(&json!({
+                "operation": "search_by_conditions",
+                "database": self.database,
+                "table": table,
+                "operator": "and",
+                "limit": limit,
+                "sort": {"attribute": "pk", "descending": true},
+                "get_attributes": ["*"],
+                "conditions": [{"search_attribute": "pk", "search_type": "between", "search_value": [lower, upper]}],
+            }))
+            .await?;
+        serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))
+    }
+
+    /// The messages stored under `keys` ([`storage_key`]s), in their current state; keys with
+    /// no message are left out. One `search_by_hash`.
+    pub async fn states(&self, keys: &[String]) -> Result<Vec<MessageState>, HarperError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let answer = self
+            .read(&json!({
+                "operation": "search_by_hash",
+                "database": self.database,
+                "table": self.table,
+                "hash_values": keys,
+                "get_attributes": ["*"],
+            }))
+            .await?;
+        let records: Vec<StoredRecord> =
+            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
+        Ok(records.into_iter().map(StoredRecord::into_state).collect())
+    }
+
+    /// Writes messages' states over their rows in one request (an `upsert`, which needs the
+    /// table's insert and update permissions). Every attribute is written, those a state does
+    /// not have as null: an upsert keeps the attributes a record leaves out, and a deleted
+    /// message must lose its text, author and reactions.
+    pub async fn update(&self, states: &[MessageState]) -> Result<(), HarperError> {
+        let records = states
+            .iter()
+            .map(|s| {
+                let mut record = serde_json::to_value(StoredRecord::from_state(s))
+                    .map_err(|e| HarperError::Decode(e.to_string()))?;
+                if let Some(fields) = record.as_object_mut() {
+                    for (name, _) in ATTRIBUTES {
+                        fields.entry(name).or_insert(Value::Null);
+                    }
+                }
+                Ok(record)
+            })
+            .collect::<Result<Vec<Value>, HarperError>>()?;
+        let answer = self
+            .operation(&json!({
+                "operation": "upsert",
+                "database": self.database,
+                "table": self.table,
+                "records": records,
+            }))
+            .await?;
+        #[derive(Deserialize)]
+        struct UpsertAnswer {
+            #[serde(default)]
+            upserted_hashes: Vec<Value>,
+        }
+        let answer: UpsertAnswer =
+            serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
+        if answer.upserted_hashes.len() != records.len() {
+            return Err(HarperError::Decode(format!(
+                "upsert confirmed {} of {} records",
+                answer.upserted_hashes.len(),
+                records.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Inserts change log records in one request; one whose key exists is skipped, so logging
+    /// a change twice leaves one record.
+    pub async fn log_changes(&self, records: &[StoredChangeRecord]) -> Result<(), HarperError> {
+        let answer = self
+            .operation(&json!({
+                "operation": "insert",
+                "database": self.database,
+                "table": self.changes_table,
+                "records": records,
+            }))
+            .await?;
+        confirm_insert(answer, records.len())
+    }
+
+    /// The change log of `room` after stream sequence `after`, oldest first: the newest
+    /// `limit` records, and whether older ones were left out.
+    pub async fn changes_after(
+        &self,
+        room: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<StoredChangeRecord>, bool), HarperError> {
+        let room = RoomKey::new(room);
+        let lower = storage_key(&room, after);
+        let upper = room_keys_end(&room);
+        let records: Vec<StoredChangeRecord> = self
+            .range(&self.changes_table, &lower, &upper, limit + 2)
+            .await?;
+        let mut newest_first: Vec<StoredChangeRecord> = records
+            .into_iter()
+            .filter(|r| r.pk != lower && r.pk != upper)
+            .collect();
+        let more = newest_first.len() > limit;
+        newest_first.truncate(limit);
+        newest_first.reverse();
+        Ok((newest_first, more))
+    }
+}
+
+/// Checks that HarperDB confirmed every record of an insert: inserted, or skipped because its
+/// key exists.
+fn confirm_insert(answer: Value, records: usize) -> Result<(), HarperError> {
+    #[derive(Deserialize)]
+    struct InsertAnswer {
+        #[serde(default)]
+        inserted_hashes: Vec<Value>,
+        #[serde(default)]
+        skipped_hashes: Vec<Value>,
+    }
+    let answer: InsertAnswer =
+        serde_json::from_value(answer).map_err(|e| HarperError::Decode(e.to_string()))?;
+    let confirmed = answer.inserted_hashes.len() + answer.skipped_hashes.len();
+    if confirmed != records {
+        return Err(HarperError::Decode(format!(
+            "insert confirmed {confirmed} of {records} records"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 
+use chatify_shared::changes::MessageState;
+use chatify_shared::storage::StoredChangeRecord;
 use chatify_shared::wire::ChatMessage;
 use tokio::task::{Id, JoinError, JoinSet};
 
@@ -32,6 +34,24 @@ pub trait Store: Clone + Send + Sync + 'static {
         records: &[ChatMessage],
     ) -> impl Future<Output = Result<(), HarperError>> + Send;
 
+    /// The messages stored under `keys`, in their current state; keys with none are left out.
+    fn states(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<MessageState>, HarperError>> + Send;
+
+    /// Writes the messages' states over their rows, in one request.
+    fn update(
+        &self,
+        states: &[MessageState],
+    ) -> impl Future<Output = Result<(), HarperError>> + Send;
+
+    /// Inserts change log records in one request; one whose key exists is skipped.
+    fn log_changes(
+        &self,
+        records: &[StoredChangeRecord],
+    ) -> impl Future<Output = Result<(), HarperError>> + Send;
+
     /// The same store on a connection of its own, a new one each call: used one request at a
     /// time, every request of the returned client goes over that one connection.
     fn dedicated(&self) -> Result<Self, HarperError>;
@@ -43,6 +63,27 @@ impl Store for HarperDb {
         records: &[ChatMessage],
     ) -> impl Future<Output = Result<(), HarperError>> + Send {
         HarperDb::insert(self, records)
+    }
+
+    fn states(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<MessageState>, HarperError>> + Send {
+        HarperDb::states(self, keys)
+    }
+
+    fn update(
+        &self,
+        states: &[MessageState],
+    ) -> impl Future<Output = Result<(), HarperError>> + Send {
+        HarperDb::update(self, states)
+    }
+
+    fn log_changes(
+        &self,
+        records: &[StoredChangeRecord],
+    ) -> impl Future<Output = Result<(), HarperError>> + Send {
+        HarperDb::log_changes(self, records)
     }
 
     fn dedicated(&self) -> Result<Self, HarperError> {

@@ -9,6 +9,10 @@ pub const WRITE_RETRIES: &str = "chatify_persister_write_retries_total";
 pub const REDELIVERIES: &str = "chatify_persister_redeliveries_total";
 pub const POISON_MESSAGES: &str = "chatify_persister_poison_messages_total";
 pub const DEAD_LETTERED: &str = "chatify_persister_dead_lettered_total";
+pub const CHANGES_APPLIED: &str = "chatify_persister_changes_applied_total";
+pub const CHANGES_SKIPPED: &str = "chatify_persister_changes_skipped_total";
+pub const CHANGE_FLOOR_WAIT: &str = "chatify_persister_change_floor_wait_seconds";
+pub const CHANGE_BATCHES_HANDED_BACK: &str = "chatify_persister_change_batches_handed_back_total";
 pub const HARPERDB_RECONNECTS: &str = "chatify_persister_harperdb_reconnects_total";
 pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages";
 pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
@@ -44,6 +48,23 @@ pub fn describe() {
         "Messages HarperDB refused for good, moved to the dead-letter stream"
     );
     describe_counter!(POISON_MESSAGES, "Undecodable messages terminated");
+    describe_counter!(
+        CHANGES_APPLIED,
+        "Changes (edits, deletions, reactions) applied to their message in HarperDB, in stream order (a change seen again is not counted)"
+    );
+    describe_counter!(
+        CHANGES_SKIPPED,
+        "Changes skipped because their target is no stored message of their room"
+    );
+    describe_histogram!(
+        CHANGE_FLOOR_WAIT,
+        metrics::Unit::Seconds,
+        "Time a batch holding changes waited for the consumer's ack floor to pass every earlier event"
+    );
+    describe_counter!(
+        CHANGE_BATCHES_HANDED_BACK,
+        "Batches holding changes handed back to JetStream (NAK) because the ack floor did not pass the events before them in time"
+    );
     describe_counter!(
         HARPERDB_RECONNECTS,
         "Writer connections replaced by fresh ones (one in every 64 batches on a connection), so that the kernel draws their HarperDB worker thread anew"

@@ -50,6 +50,17 @@ pub enum Outcome {
     Stopped,
 }
 
+/// What running an operation under the retry policy came to ([`Retry::attempt`]).
+#[derive(Debug)]
+pub enum Attempted<T> {
+    /// It passed, with this result.
+    Done(T),
+    /// HarperDB refused it for good (after the allowed attempts).
+    Rejected(HarperError),
+    /// Shutdown came while retrying.
+    Stopped,
+}
+
 /// The writer's retry policy.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
@@ -89,6 +100,31 @@ impl Retry {
         attempts: u32,
         shutdown: &CancellationToken,
     ) -> Outcome {
+        match self
+            .attempt(messages, attempts, shutdown, || store.insert(records))
+            .await
+        {
+            Attempted::Done(()) => Outcome::Written,
+            Attempted::Rejected(e) => Outcome::Rejected(e),
+            Attempted::Stopped => Outcome::Stopped,
+        }
+    }
+
+    /// Runs `op`, the writing of what `messages` delivered, as [`Retry::write`] writes: an
+    /// outage is retried until `op` passes or shutdown comes (renewing the messages' ack
+    /// deadlines past `keep_alive_after`), a refusal until it was tried `attempts` times.
+    pub async fn attempt<D, T, F, Fut>(
+        &self,
+        messages: &[D],
+        attempts: u32,
+        shutdown: &CancellationToken,
+        mut op: F,
+    ) -> Attempted<T>
+    where
+        D: Delivery,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, HarperError>>,
+    {
         let started = Instant::now();
         let mut refusals = 0;
         let mut backoff = self.backoff();
@@ -98,22 +134,22 @@ impl Retry {
                     m.in_progress().await;
                 }
             }
-            match store.insert(records).await {
-                Ok(()) => return Outcome::Written,
+            match op().await {
+                Ok(done) => return Attempted::Done(done),
                 Err(e) if e.is_outage() => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.next_ms(), "writing to HarperDB failed; retrying");
                 }
                 Err(e) => {
                     refusals += 1;
                     if refusals >= attempts {
-                        return Outcome::Rejected(e);
+                        return Attempted::Rejected(e);
                     }
                     tracing::warn!(error = %e, attempt = refusals, "HarperDB rejected a write; retrying");
                 }
             }
             metrics::counter!(m::WRITE_RETRIES).increment(1);
             if !backoff.wait(shutdown).await {
-                return Outcome::Stopped;
+                return Attempted::Stopped;
             }
         }
     }

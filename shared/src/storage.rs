@@ -12,6 +12,10 @@
 //! `between` whose lower bound is longer than 256 characters (measured: a row is stored and
 //! found by its exact key, but a range starting at a longer key is empty), so a room whose
 //! token is too long for that is keyed by a digest of its name instead ([`RoomKey`]).
+//!
+//! Beside it, the change log table ([`changes_table`]) keeps what each change did
+//! ([`StoredChangeRecord`]) under the same kind of key, the room's key and the change's stream
+//! sequence, so the changes of a room after a cursor are one `between` as well.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
-use crate::changes::{MessageState, Reactors};
+use crate::changes::{ChangeEntry, MessageState, Reactors};
 use crate::subjects::RoomToken;
 use crate::wire::ChatMessage;
 
@@ -129,6 +133,48 @@ impl StoredRecord {
             },
             reactors: self.reactors.unwrap_or_default(),
             version: self.version.unwrap_or(0),
+        }
+    }
+}
+
+/// The change log table's attributes and their HarperDB types, the primary key first.
+pub const CHANGE_ATTRIBUTES: [(&str, &str); 4] = [
+    ("pk", "String"),
+    ("sequence", "Float"),
+    ("targetSequence", "Float"),
+    ("entry", "Any"),
+];
+
+/// The change log table beside a messages table: `<messages table>_changes`, in the same
+/// database.
+pub fn changes_table(messages_table: &str) -> String {
+    format!("{messages_table}_changes")
+}
+
+/// A change as the change log holds it: what it did to its message. Only changes that did
+/// something are kept (an edit, a deletion, a reaction that changed the counts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredChangeRecord {
+    /// The primary key: [`storage_key`] of the change's room and its own stream sequence.
+    pub pk: String,
+    /// The change's stream sequence (also in the key): its place in the room's order.
+    pub sequence: u64,
+    /// The stream sequence of the message changed: a history query keeps the changes of
+    /// messages at or before its cursor.
+    #[serde(rename = "targetSequence")]
+    pub target_sequence: u64,
+    /// What the change made of its message.
+    pub entry: ChangeEntry,
+}
+
+impl StoredChangeRecord {
+    /// The record of the change to `target_sequence` in `room`, stored at `sequence`.
+    pub fn new(room: &str, sequence: u64, target_sequence: u64, entry: ChangeEntry) -> Self {
+        Self {
+            pk: storage_key(&RoomKey::new(room), sequence),
+            sequence,
+            target_sequence,
+            entry,
         }
     }
 }
@@ -299,5 +345,34 @@ mod tests {
         let legacy = format!("{}|{:016x}", RoomToken::new(&longest), 1);
         assert!(RoomKey::is_legacy_long_key(&legacy));
         assert!(!RoomKey::is_legacy_long_key(&storage_key(&short, 1)));
+    }
+
+    #[test]
+    fn a_change_record_holds_the_change_log_attributes_under_the_changes_key()
+    -> Result<(), serde_json::Error> {
+        let target = crate::id::message_id(1_700_000_000_000, 0x29);
+        let record = StoredChangeRecord::new(
+            "a b",
+            0x2b,
+            0x29,
+            ChangeEntry::Reactions {
+                id: target,
+                reactions: BTreeMap::from([("👍".to_owned(), 2)]),
+            },
+        );
+        assert_eq!(record.pk, storage_key(&RoomKey::new("a b"), 0x2b));
+        assert_eq!(record.pk, "YSBi|000000000000002b");
+        let json = serde_json::to_value(&record)?;
+        let mut fields: Vec<&str> = json
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        fields.sort_unstable();
+        let mut expected: Vec<&str> = CHANGE_ATTRIBUTES.iter().map(|(name, _)| *name).collect();
+        expected.sort_unstable();
+        assert_eq!(fields, expected);
+        assert_eq!(serde_json::from_value::<StoredChangeRecord>(json)?, record);
+        assert_eq!(changes_table("messages"), "messages_changes");
+        Ok(())
     }
 }
