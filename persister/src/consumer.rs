@@ -28,9 +28,6 @@ use crate::retry::Retry;
 
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
-/// How long a batch holding changes waits for the ack floor to pass the events before it
-/// before it is handed back (see [`crate::batch`]): well within the ack wait.
-const FLOOR_WAIT: Duration = Duration::from_secs(ACK_WAIT.as_secs() / 3);
 
 /// How often the consumer's leader sends an idle heartbeat to a waiting pull request. Two missed
 /// ones mean the pull went unheard (see [`repulling`]).
@@ -132,7 +129,7 @@ impl Consumer {
             self.settings.max_attempts,
             dead_letters,
             self.stream.clone(),
-            FLOOR_WAIT,
+            Duration::from_millis(self.settings.change_floor_wait_ms),
         );
         self.ready.store(true, Ordering::Relaxed);
         tokio::spawn(crate::lag::report(self.stream.clone(), shutdown.clone()));
@@ -338,7 +335,7 @@ mod tests {
             3,
             DeadLetters::new(FakePublisher::new(log), retry),
             FakeFloor::new(log, 0),
-            FLOOR_WAIT,
+            Duration::from_secs(10),
         );
         let batching = Batching {
             size: BATCH,

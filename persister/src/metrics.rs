@@ -13,6 +13,8 @@ pub const CHANGES_APPLIED: &str = "chatify_persister_changes_applied_total";
 pub const CHANGES_SKIPPED: &str = "chatify_persister_changes_skipped_total";
 pub const CHANGE_FLOOR_WAIT: &str = "chatify_persister_change_floor_wait_seconds";
 pub const CHANGE_BATCHES_HANDED_BACK: &str = "chatify_persister_change_batches_handed_back_total";
+pub const CHANGES_SCAN_CUT: &str = "chatify_persister_changes_scan_cut_total";
+pub const UNREAD_SCAN_CUT: &str = "chatify_persister_unread_scan_cut_total";
 pub const HARPERDB_RECONNECTS: &str = "chatify_persister_harperdb_reconnects_total";
 pub const CONSUMER_PENDING: &str = "chatify_persister_consumer_pending_messages";
 pub const HISTORY_DURATION: &str = "chatify_persister_history_duration_seconds";
@@ -64,6 +66,14 @@ pub fn describe() {
     describe_counter!(
         CHANGE_BATCHES_HANDED_BACK,
         "Batches holding changes handed back to JetStream (NAK) because the ack floor did not pass the events before them in time"
+    );
+    describe_counter!(
+        CHANGES_SCAN_CUT,
+        "Join answers whose changes since the cursor were cut at persister.changes_scan_max change log records (the latest kept, changesCut told)"
+    );
+    describe_counter!(
+        UNREAD_SCAN_CUT,
+        "Unread counts answered as the cap because more than persister.unread_scan_max messages followed the read marker"
     );
     describe_counter!(
         HARPERDB_RECONNECTS,

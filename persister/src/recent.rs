@@ -10,13 +10,21 @@
 //! first beyond a byte budget, and refilled after [`MAX_AGE`] (a message moved to the
 //! dead-letter stream stays visible in a cached room's history until then, as it stayed in
 //! its live delivery).
+//!
+//! Each message is kept in its current state: the changes read with the stream's new events
+//! are applied to the entry's messages as they come (once each: [`MessageState::apply`]), so
+//! an edit, a deletion or a reaction shows in the next cached answer.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery};
+use chatify_shared::changes::MessageState;
+use chatify_shared::wire::{HistoryPage, HistoryQuery};
 use lru::LruCache;
+
+use crate::event::{StreamEvent, apply_changes};
+use crate::harperdb::StatePage;
 
 /// Messages kept per room: the longest latest page a client asks for (`join_room`'s 100).
 pub const KEEP_PER_ROOM: usize = 100;
@@ -48,11 +56,11 @@ struct Rooms {
 #[derive(Debug, Clone)]
 struct Entry {
     /// Oldest first, contiguous in the room's order, at most [`KEEP_PER_ROOM`].
-    messages: VecDeque<ChatMessage>,
+    messages: VecDeque<MessageState>,
     /// Whether `messages` starts with the room's first message (nothing older exists).
     complete: bool,
-    /// The sequence the stream has been read up to for this room: the newest message's, or
-    /// what the filling answer was current to when the room had none.
+    /// The sequence the stream has been read up to for this room: the newest event's
+    /// (message or change), or what the filling answer was current to.
     newest: u64,
     /// When the entry was filled from HarperDB.
     filled: Instant,
@@ -66,8 +74,15 @@ fn entry_cost(room: &str) -> usize {
     ENTRY_OVERHEAD + room.len()
 }
 
-fn cost(m: &ChatMessage) -> usize {
-    m.message.len() + m.username.len() + m.room.len() + MESSAGE_OVERHEAD
+fn cost(s: &MessageState) -> usize {
+    let m = &s.message;
+    m.message.len()
+        + m.username.len()
+        + m.room.len()
+        + m.user_id.as_ref().map_or(0, String::len)
+        + m.reactions.keys().map(|e| e.len() + 8).sum::<usize>()
+        + s.reactors.weight()
+        + MESSAGE_OVERHEAD
 }
 
 impl Recent {
@@ -103,13 +118,14 @@ impl Recent {
         Some(newest)
     }
 
-    /// Adds what the stream holds after `from` (read after [`Recent::newest`] gave `from`),
-    /// then answers `query` from the entry if it holds everything the answer needs.
+    /// Adds what the stream holds after `from` (read after [`Recent::newest`] gave `from`):
+    /// its messages join the entry, its changes are applied to the entry's messages; then
+    /// answers `query` from the entry if it holds everything the answer needs.
     pub fn extend_and_answer(
         &self,
         query: &HistoryQuery,
         from: u64,
-        later: Vec<ChatMessage>,
+        later: Vec<StreamEvent>,
     ) -> Option<HistoryPage> {
         let mut rooms = self.rooms();
         let mut entry = rooms.take(&query.room)?;
@@ -119,13 +135,30 @@ impl Recent {
         if entry.newest < from {
             return None;
         }
-        for m in later {
-            let sequence = m.sequence();
-            if sequence > entry.newest {
-                entry.newest = sequence;
-                entry.bytes += cost(&m);
-                entry.messages.push_back(m);
+        let newest = entry.newest;
+        let mut changed = false;
+        for event in &later {
+            match event {
+                StreamEvent::Message(m) if m.sequence() > entry.newest => {
+                    let state = MessageState::new(m.clone());
+                    entry.bytes += cost(&state);
+                    entry.messages.push_back(state);
+                }
+                StreamEvent::Change { .. } => changed = true,
+                StreamEvent::Message(_) => {}
             }
+            entry.newest = entry.newest.max(event.sequence());
+        }
+        if changed {
+            // Changes after `newest` only: the entry holds every earlier one already.
+            let changes: Vec<StreamEvent> = later
+                .into_iter()
+                .filter(|e| e.is_change() && e.sequence() > newest)
+                .collect();
+            let before: usize = entry.messages.iter().map(cost).sum();
+            apply_changes(entry.messages.make_contiguous(), &changes);
+            let after: usize = entry.messages.iter().map(cost).sum();
+            entry.bytes = entry.bytes + after - before;
         }
         entry.trim();
         let page = entry.answer(query);
@@ -135,14 +168,14 @@ impl Recent {
 
     /// Keeps the room's newest messages from a complete answer to a latest-page query of
     /// [`KEEP_PER_ROOM`] (oldest first), current to stream sequence `current_to` at least.
-    pub fn fill(&self, room: &str, page: &HistoryPage, current_to: u64) {
+    pub fn fill(&self, room: &str, page: &StatePage, current_to: u64) {
         if self.budget == 0 {
             return;
         }
-        let messages: VecDeque<ChatMessage> = page.messages.iter().cloned().collect();
+        let messages: VecDeque<MessageState> = page.states.iter().cloned().collect();
         let newest = messages
             .back()
-            .map(ChatMessage::sequence)
+            .map(|s| s.message.sequence())
             .unwrap_or(0)
             .max(current_to);
         let mut rooms = self.rooms();
@@ -214,14 +247,14 @@ impl Entry {
     fn answer(&self, query: &HistoryQuery) -> Option<HistoryPage> {
         let (after, before) = query.checked_sequence_bounds()?;
         let limit = query.limit as usize;
-        let matching: Vec<&ChatMessage> = self
+        let matching: Vec<&MessageState> = self
             .messages
             .iter()
-            .filter(|m| after < m.sequence() && m.sequence() < before)
+            .filter(|s| after < s.message.sequence() && s.message.sequence() < before)
             .collect();
         // Whether every message of the room in (after, before) is in the entry: nothing older
         // than the entry's first message matches.
-        let first = self.messages.front().map(ChatMessage::sequence);
+        let first = self.messages.front().map(|s| s.message.sequence());
         let all_here = self.complete || first.is_some_and(|first| after >= first);
         let has_more = if matching.len() > limit {
             true
@@ -237,7 +270,7 @@ impl Entry {
         };
         let skip = matching.len().saturating_sub(limit);
         Some(HistoryPage {
-            messages: matching[skip..].iter().map(|m| (*m).clone()).collect(),
+            messages: matching[skip..].iter().map(|s| s.message.clone()).collect(),
             has_more,
             ..HistoryPage::default()
         })
@@ -248,8 +281,24 @@ impl Entry {
 mod tests {
     use super::*;
     use crate::unwritten::tests::query;
-    use chatify_shared::wire::StoredMessage;
+    use chatify_shared::wire::{ChatMessage, StoredMessage};
     use proptest::prelude::*;
+
+    fn events(messages: &[ChatMessage]) -> Vec<StreamEvent> {
+        messages.iter().cloned().map(StreamEvent::Message).collect()
+    }
+
+    fn states(page: &HistoryPage) -> StatePage {
+        StatePage {
+            states: page
+                .messages
+                .iter()
+                .cloned()
+                .map(MessageState::new)
+                .collect(),
+            has_more: page.has_more,
+        }
+    }
 
     /// A room's messages at sequences `seqs` (increasing).
     fn room(seqs: &[u64]) -> Vec<ChatMessage> {
@@ -285,8 +334,8 @@ mod tests {
     }
 
     /// The latest-page answer the history service fills an entry from.
-    fn latest(all: &[ChatMessage]) -> HistoryPage {
-        truth(all, &query(KEEP_PER_ROOM as u32, None, None))
+    fn latest(all: &[ChatMessage]) -> StatePage {
+        states(&truth(all, &query(KEEP_PER_ROOM as u32, None, None)))
     }
 
     #[test]
@@ -296,7 +345,7 @@ mod tests {
         recent.fill("r", &latest(&all[..120]), 0);
         assert_eq!(recent.newest("r"), Some(120));
         let q = query(50, None, None);
-        let page = recent.extend_and_answer(&q, 120, all[120..].to_vec());
+        let page = recent.extend_and_answer(&q, 120, events(&all[120..]));
         assert_eq!(page, Some(truth(&all, &q)));
         assert_eq!(recent.newest("r"), Some(150));
         // The entry kept only the newest 100.
@@ -310,7 +359,7 @@ mod tests {
         recent.fill("r", &latest(&[]), 7);
         assert_eq!(recent.newest("r"), Some(7));
         let q = query(50, None, None);
-        let page = recent.extend_and_answer(&q, 7, room(&[9]));
+        let page = recent.extend_and_answer(&q, 7, events(&room(&[9])));
         assert_eq!(page, Some(truth(&room(&[9]), &q)));
     }
 
@@ -344,7 +393,7 @@ mod tests {
     #[test]
     fn rooms_beyond_the_byte_budget_go_least_recently_used_first() {
         let one = latest(&room(&[1, 2, 3]));
-        let per_room: usize = entry_cost("a") + one.messages.iter().map(cost).sum::<usize>();
+        let per_room: usize = entry_cost("a") + one.states.iter().map(cost).sum::<usize>();
         let recent = Recent::new(per_room * 2, 1000);
         recent.fill("a", &one, 0);
         recent.fill("b", &one, 0);
@@ -400,8 +449,8 @@ mod tests {
             let from = recent.newest("r");
             prop_assert!(from.is_some(), "just filled");
             let from = from.unwrap_or_default();
-            let later: Vec<ChatMessage> =
-                all.iter().filter(|m| m.sequence() > from).cloned().collect();
+            let later: Vec<StreamEvent> =
+                all.iter().filter(|m| m.sequence() > from).cloned().map(StreamEvent::Message).collect();
             if let Some(page) = recent.extend_and_answer(&q, from, later) {
                 prop_assert_eq!(page, truth(&all, &q));
             }

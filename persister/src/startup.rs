@@ -111,9 +111,14 @@ impl Application {
         tasks.spawn(async move { Ok(consumer.run(consumer_shutdown).await?) });
         let (nats, db, history_shutdown) = (self.nats.clone(), self.db, shutdown.child_token());
         let p = &self.settings.persister;
-        let cache = (p.history_cache_bytes, p.history_cache_rooms);
+        let bounds = history::Bounds {
+            cache_bytes: p.history_cache_bytes,
+            cache_rooms: p.history_cache_rooms,
+            unread_scan: p.unread_scan_max,
+            changes_scan: p.changes_scan_max,
+        };
         tasks.spawn(async move {
-            Ok(history::serve(nats, db, unwritten, cache, history_shutdown).await?)
+            Ok(history::serve(nats, db, unwritten, bounds, history_shutdown).await?)
         });
         let http_limits = chatify_shared::serve::Limits {
             header_read_timeout: Duration::from_millis(

@@ -1,14 +1,19 @@
-//! Messages JetStream has accepted (so their senders got an ack) that may not be in HarperDB
-//! yet. History answers include them, so a client that rejoins with `since` right after its
-//! sends were acked gets every one of them, even before the writer's batch lands.
+//! Messages and changes JetStream has accepted (so their senders got an ack) that may not be in
+//! HarperDB yet. History answers include them, so a client that rejoins with `since` right
+//! after its sends were acked gets every one of them, even before the writer's batch lands,
+//! and sees every message as it is now (the unwritten changes applied to it).
 //!
 //! Every message at or below the consumer's ack floor has been written (acks come only after
 //! the write). The ack floor is read before HarperDB is queried; the room's messages above it
 //! are then read from the stream itself and merged into the answer.
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use chatify_shared::changes::MessageState;
 use chatify_shared::subjects::{PERSISTER_CONSUMER, RoomToken};
-use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage};
+use chatify_shared::wire::HistoryQuery;
+
+use crate::event::{StreamEvent, apply_changes, is_change};
+use crate::harperdb::StatePage;
 
 /// The most unwritten messages of one room read for one answer; beyond that the writer is far
 /// behind (HarperDB was down) and history answers `unavailable` until it catches up.
@@ -42,14 +47,15 @@ impl Unwritten {
         }
     }
 
-    /// The room's messages in the stream after `floor`, oldest first; [`UnwrittenError::TooMany`]
-    /// once more than `max` follow (each is one request to the stream).
+    /// The room's events (messages and changes) in the stream after `floor`, oldest first;
+    /// [`UnwrittenError::TooMany`] once more than `max` follow (each is one request to the
+    /// stream).
     pub async fn room_after(
         &self,
         room: &str,
         floor: u64,
         max: usize,
-    ) -> Result<Vec<ChatMessage>, UnwrittenError> {
+    ) -> Result<Vec<StreamEvent>, UnwrittenError> {
         let subject = RoomToken::new(room).store_subject();
         let mut found = Vec::new();
         let mut next = floor + 1;
@@ -61,8 +67,8 @@ impl Unwritten {
             {
                 Ok(m) => {
                     next = m.sequence + 1;
-                    match serde_json::from_slice::<StoredMessage>(&m.payload) {
-                        Ok(stored) => found.push(stored.into_message(m.sequence)),
+                    match StreamEvent::decode(is_change(Some(&m.headers)), m.sequence, &m.payload) {
+                        Ok(event) => found.push(event),
                         Err(e) => {
                             tracing::warn!(error = %e, seq = m.sequence, "undecodable message skipped")
                         }
@@ -79,39 +85,43 @@ impl Unwritten {
 }
 
 /// Merges the newest stored page (`stored`, oldest first, with its `has_more`) with unwritten
-/// messages: those within the query's bounds count too, duplicates once, newest `limit` kept.
-pub fn merge(
-    query: &HistoryQuery,
-    stored: HistoryPage,
-    unwritten: Vec<ChatMessage>,
-) -> HistoryPage {
+/// events: messages within the query's bounds count too, duplicates once, newest `limit` kept;
+/// then the unwritten changes are applied to the page's messages, in order (a change a stored
+/// state already holds is seen and applied once: [`MessageState::apply`]).
+pub fn merge(query: &HistoryQuery, stored: StatePage, unwritten: &[StreamEvent]) -> StatePage {
     let (after, before) = query.sequence_bounds();
-    let in_bounds = |m: &ChatMessage| after < m.sequence() && m.sequence() < before;
-    let mut all: Vec<ChatMessage> = stored.messages;
+    let mut all: Vec<MessageState> = stored.states;
     let stored_count = all.len();
-    all.extend(unwritten.into_iter().filter(in_bounds));
-    if all.len() == stored_count {
-        return HistoryPage {
-            messages: all,
+    all.extend(unwritten.iter().filter_map(|event| match event {
+        StreamEvent::Message(m) if after < m.sequence() && m.sequence() < before => {
+            Some(MessageState::new(m.clone()))
+        }
+        _ => None,
+    }));
+    let mut page = if all.len() == stored_count {
+        StatePage {
+            states: all,
             has_more: stored.has_more,
-            ..HistoryPage::default()
-        };
-    }
-    all.sort_by_key(ChatMessage::sequence);
-    all.dedup_by(|a, b| a.id == b.id);
-    let limit = query.limit as usize;
-    let has_more = stored.has_more || all.len() > limit;
-    let skip = all.len().saturating_sub(limit);
-    HistoryPage {
-        messages: all.split_off(skip),
-        has_more,
-        ..HistoryPage::default()
-    }
+        }
+    } else {
+        all.sort_by_key(|s| s.message.sequence());
+        all.dedup_by(|a, b| a.message.id == b.message.id);
+        let limit = query.limit as usize;
+        let has_more = stored.has_more || all.len() > limit;
+        let skip = all.len().saturating_sub(limit);
+        StatePage {
+            states: all.split_off(skip),
+            has_more,
+        }
+    };
+    apply_changes(&mut page.states, unwritten);
+    page
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use chatify_shared::wire::{ChatMessage, StoredMessage};
     use uuid::Uuid;
 
     /// Messages in stream order whose creation times run backwards (two gateways' clocks may
@@ -143,46 +153,97 @@ pub(crate) mod tests {
         }
     }
 
+    fn states(messages: &[ChatMessage]) -> Vec<MessageState> {
+        messages.iter().cloned().map(MessageState::new).collect()
+    }
+
+    fn events(messages: &[ChatMessage]) -> Vec<StreamEvent> {
+        messages.iter().cloned().map(StreamEvent::Message).collect()
+    }
+
     #[test]
     fn unwritten_messages_complete_the_newest_page() {
         let all = msgs(10);
-        let stored = HistoryPage {
-            messages: all[2..7].to_vec(),
+        let stored = StatePage {
+            states: states(&all[2..7]),
             has_more: true,
-            ..HistoryPage::default()
         };
         // 6 is both written and still above the floor: it counts once.
-        let page = merge(&query(5, None, None), stored, all[6..].to_vec());
-        assert_eq!(page.messages, all[5..].to_vec());
+        let page = merge(&query(5, None, None), stored, &events(&all[6..]));
+        assert_eq!(page.states, states(&all[5..]));
         assert!(page.has_more);
     }
 
     #[test]
     fn bounds_apply_to_unwritten_messages() {
         let all = msgs(10);
-        let stored = HistoryPage {
-            messages: all[4..6].to_vec(),
+        let stored = StatePage {
+            states: states(&all[4..6]),
             has_more: false,
-            ..HistoryPage::default()
         };
         let page = merge(
             &query(100, Some(all[3].id), Some(all[8].id)),
             stored,
-            all[6..].to_vec(),
+            &events(&all[6..]),
         );
-        assert_eq!(page.messages, all[4..8].to_vec());
+        assert_eq!(page.states, states(&all[4..8]));
         assert!(!page.has_more);
     }
 
     #[test]
     fn nothing_unwritten_leaves_the_page_as_it_was() {
         let all = msgs(3);
-        let stored = HistoryPage {
-            messages: all.clone(),
+        let stored = StatePage {
+            states: states(&all),
             has_more: true,
-            ..HistoryPage::default()
         };
-        let page = merge(&query(3, None, None), stored.clone(), Vec::new());
+        let page = merge(&query(3, None, None), stored.clone(), &[]);
         assert_eq!(page, stored);
+    }
+
+    #[test]
+    fn unwritten_changes_apply_to_stored_and_unwritten_messages_once() {
+        use chatify_shared::changes::{Actor, Change, StoredChange};
+        let all = msgs(4);
+        let edit = |target: &ChatMessage, text: &str| StoredChange {
+            room: "r".into(),
+            target: target.id,
+            change: Change::Edit {
+                message: text.into(),
+            },
+            at: 1,
+            by: Actor {
+                member_id: "m".into(),
+                username: "u".into(),
+                user_id: None,
+            },
+        };
+        // The stored state of 100 already holds the change at 200 (written meanwhile).
+        let mut first = MessageState::new(all[0].clone());
+        first.apply(200, &edit(&all[0], "once"));
+        let stored = StatePage {
+            states: vec![first, MessageState::new(all[1].clone())],
+            has_more: false,
+        };
+        let tail = vec![
+            StreamEvent::Message(all[2].clone()),
+            StreamEvent::Change {
+                sequence: 200,
+                change: edit(&all[0], "once"),
+            },
+            StreamEvent::Change {
+                sequence: 201,
+                change: edit(&all[2], "tail"),
+            },
+        ];
+        let page = merge(&query(10, None, None), stored, &tail);
+        let texts: Vec<&str> = page
+            .states
+            .iter()
+            .map(|s| s.message.message.as_str())
+            .collect();
+        assert_eq!(texts, ["once", "m1", "tail"]);
+        assert_eq!(page.states[0].version, 200);
+        assert_eq!(page.states[2].version, 201);
     }
 }

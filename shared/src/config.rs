@@ -369,6 +369,16 @@ pub struct PersisterSettings {
     pub history_cache_bytes: usize,
     /// Most rooms the history service keeps recent messages of (empty rooms included).
     pub history_cache_rooms: usize,
+    /// Most messages after a user's read marker the history service reads to count the user's
+    /// unread ones; when more follow the marker the count is the cap (1000).
+    pub unread_scan_max: usize,
+    /// Most change log records read to answer a join's changes since its cursor; beyond, the
+    /// latest are kept and the answer says `changesCut`.
+    pub changes_scan_max: usize,
+    /// How long a batch holding changes waits for every earlier event to be written (the
+    /// consumer's ack floor) before it is handed back to JetStream; keep it well under the
+    /// 30 s ack wait.
+    pub change_floor_wait_ms: u64,
     /// How long shutdown may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
     /// How long a client of the HTTP port may take to send a request's headers, and how long
@@ -389,6 +399,9 @@ impl Default for PersisterSettings {
             max_attempts: 3,
             history_cache_bytes: 64 * 1024 * 1024,
             history_cache_rooms: 20_000,
+            unread_scan_max: 2000,
+            changes_scan_max: 5000,
+            change_floor_wait_ms: 10_000,
             shutdown_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
         }
@@ -722,6 +735,16 @@ impl Settings {
         }
         if !(1..=64).contains(&self.persister.write_connections) {
             return invalid("persister.write_connections must be between 1 and 64");
+        }
+        if self.persister.unread_scan_max == 0 || self.persister.changes_scan_max == 0 {
+            return invalid(
+                "persister.unread_scan_max and persister.changes_scan_max must be at least 1",
+            );
+        }
+        if !(1..30_000).contains(&self.persister.change_floor_wait_ms) {
+            return invalid(
+                "persister.change_floor_wait_ms must be between 1 and 29999 (under the 30 s ack wait)",
+            );
         }
         if self.stream.max_age_secs < self.stream.duplicate_window_secs {
             return invalid("stream.max_age_secs must be at least stream.duplicate_window_secs");
