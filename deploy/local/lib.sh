@@ -293,7 +293,7 @@ resolve_run_dir() {
   SECRETS_DIR=$CHATIFY_RUN_DIR/secrets
   # HarperDB's super user (installs it, and `chatify-persister setup` runs with it).
   HDB_PASSWORD_FILE=$SECRETS_DIR/harperdb-password
-  # The persister's HarperDB user, which may only read and insert into its table.
+  # The persister's HarperDB user, which may only read, insert and update its messages table and read and insert into its change log.
   HDB_PERSISTER_PASSWORD_FILE=$SECRETS_DIR/harperdb-persister-password
   # The NATS users of deploy/nats/permissions.conf.
   NATS_GATEWAY_PASSWORD_FILE=$SECRETS_DIR/nats-gateway-password

@@ -23,7 +23,7 @@
 #   CHATIFY_HDB_ADMIN_USERNAME [chatify]  CHATIFY_HDB_ADMIN_PASSWORD [random, kept in secrets/]
 #     HarperDB's super user: it installs HarperDB and runs `chatify-persister setup`, nothing else
 #   CHATIFY_HARPERDB__USERNAME [chatify_persister]  CHATIFY_HARPERDB__PASSWORD [random, in secrets/]
-#     the persister's HarperDB user, which setup creates: it may only read and insert into its table
+#     the persister's HarperDB user, which setup creates: it may only read, insert and update its messages table and read and insert into its change log
 #   CHATIFY_NATS_GATEWAY_PASSWORD, CHATIFY_NATS_PERSISTER_PASSWORD [random, kept in secrets/]
 #     the NATS users chatify-gateway and chatify-persister (deploy/nats/permissions.conf)
 #   CHATIFY_CORS__ALLOWED_ORIGINS [http://localhost:3000 and the chat page's origins]
@@ -201,7 +201,7 @@ start_harperdb() {
 }
 
 # `chatify-persister setup` with HarperDB's super user: the database, the table, the persister's
-# role (read and insert into the table) and user. Idempotent, so it runs before every start of
+# role (read, insert and update the messages table, read and insert into its change log) and user. Idempotent, so it runs before every start of
 # the persister; the admin's credentials reach this run only.
 setup_harperdb() {
   local name=$1

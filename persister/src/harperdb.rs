@@ -260,8 +260,10 @@ impl HarperDb {
         }
     }
 
-    /// Creates the database, the messages table and the change log table if missing. Safe to
-    /// run from several persisters.
+    /// Creates the database, the messages table and the change log table if missing, and
+    /// declares the attributes an existing table (of an older Chatify) lacks. Safe to run from
+    /// several persisters. A user that may not declare attributes (the persister's own, see
+    /// [`crate::setup`]) leaves that to `chatify-persister setup`, with a warning.
     pub async fn ensure_schema(&self) -> Result<(), HarperError> {
         let tables = [
             (self.table.as_str(), &ATTRIBUTES[..]),
@@ -269,7 +271,8 @@ impl HarperDb {
         ];
         let mut database_checked = false;
         for (table, attributes) in tables {
-            if self.describe(table).await? {
+            if let Some(described) = self.describe_attributes(table).await? {
+                self.declare_missing(table, attributes, &described).await?;
                 continue;
             }
             if !database_checked {
@@ -283,16 +286,65 @@ impl HarperDb {
 
     /// Whether `table` exists (HarperDB describes it).
     async fn describe(&self, table: &str) -> Result<bool, HarperError> {
+        Ok(self.describe_attributes(table).await?.is_some())
+    }
+
+    /// The attributes `table` declares, or `None` when it does not exist.
+    async fn describe_attributes(&self, table: &str) -> Result<Option<Vec<String>>, HarperError> {
         let described = self
             .operation(
                 &json!({"operation": "describe_table", "database": self.database, "table": table}),
             )
             .await;
         match described {
-            Ok(_) => Ok(true),
-            Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => Ok(false),
+            Ok(answer) => Ok(Some(
+                answer
+                    .get("attributes")
+                    .and_then(Value::as_array)
+                    .map(|attributes| {
+                        attributes
+                            .iter()
+                            .filter_map(|a| a.get("attribute").and_then(Value::as_str))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )),
+            Err(HarperError::TableMissing { .. } | HarperError::Rejected { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Declares the `attributes` of `table` missing from `described`.
+    async fn declare_missing(
+        &self,
+        table: &str,
+        attributes: &[(&str, &str)],
+        described: &[String],
+    ) -> Result<(), HarperError> {
+        for (name, _) in attributes {
+            if described.iter().any(|d| d == name) {
+                continue;
+            }
+            let created = self
+                .operation(&json!({
+                    "operation": "create_attribute",
+                    "database": self.database,
+                    "table": table,
+                    "attribute": name,
+                }))
+                .await;
+            match created {
+                Ok(_) => tracing::info!(table, attribute = name, "attribute declared"),
+                Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {}
+                Err(HarperError::Forbidden { message }) => {
+                    tracing::warn!(table, attribute = name, %message, "an attribute of this Chatify is not declared and this user may not declare it: run `chatify-persister setup`");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     async fn ensure_database(&self) -> Result<(), HarperError> {

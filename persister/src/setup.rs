@@ -1,14 +1,18 @@
 //! `chatify-persister setup`: prepares HarperDB for a persister that has only the rights it
 //! needs. Run with a super user's credentials (`harperdb.admin_username` and
-//! `harperdb.admin_password`), it creates the database and the table (with the attributes of
-//! [`chatify_shared::storage::ATTRIBUTES`], as [`HarperDb::ensure_schema`] does), a role that may
-//! only read and insert into that table, and the persister's user (`harperdb.username` and
+//! `harperdb.admin_password`), it creates the database, the messages table (with the attributes
+//! of [`chatify_shared::storage::ATTRIBUTES`], as [`HarperDb::ensure_schema`] does, which also
+//! declares attributes a table of an older Chatify lacks) and the change log table beside it
+//! ([`chatify_shared::storage::changes_table`]), a role that may only read, insert and update
+//! the messages table (changes are written as upserts of a message's state) and read and
+//! insert into the change log, and the persister's user (`harperdb.username` and
 //! `harperdb.password`) with that role. Running it again brings the role's permissions and the
 //! user's password and role to what the settings say, so it is safe on every deployment.
 
 use std::time::Duration;
 
 use chatify_shared::config::HarperDbSettings;
+use chatify_shared::storage::changes_table;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
@@ -44,14 +48,22 @@ pub fn role_name(database: &str, table: &str) -> String {
     format!("{database}_{table}_persister")
 }
 
-/// The role's permission: read and insert into the one table, nothing else (no update, no
-/// delete, no other table, no schema or user operation: those are a super user's).
+/// The role's permission: read, insert and update the messages table (a change upserts its
+/// message's state), read and insert into its change log; nothing else (no delete, no other
+/// table, no schema or user operation: those are a super user's).
 pub fn role_permission(database: &str, table: &str) -> Value {
     json!({
         "super_user": false,
         database: {
             "tables": {
                 table: {
+                    "read": true,
+                    "insert": true,
+                    "update": true,
+                    "delete": false,
+                    "attribute_permissions": [],
+                },
+                changes_table(table): {
                     "read": true,
                     "insert": true,
                     "update": false,

@@ -256,7 +256,7 @@ impl Default for StreamSettings {
 pub struct HarperDbSettings {
     /// Operations API base URL.
     pub url: String,
-    /// The persister's user: it may only read and insert into its table (`chatify-persister
+    /// The persister's user: it may only read, insert and update its messages table and read and insert into its change log (`chatify-persister
     /// setup` creates it).
     pub username: String,
     /// That user's password.
