@@ -336,7 +336,8 @@ impl HarperDb {
                 .await;
             match created {
                 Ok(_) => tracing::info!(table, attribute = name, "attribute declared"),
-                Err(HarperError::Rejected { message, .. }) if message.contains("already exists") => {}
+                Err(HarperError::Rejected { message, .. })
+                    if message.contains("already exists") => {}
                 Err(HarperError::Forbidden { message }) => {
                     tracing::warn!(table, attribute = name, %message, "an attribute of this Chatify is not declared and this user may not declare it: run `chatify-persister setup`");
                     return Ok(());

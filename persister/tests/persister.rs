@@ -733,8 +733,8 @@ async fn harperdb_operation(settings: &Settings, body: serde_json::Value) -> Tes
 }
 
 /// The persister with least privilege everywhere: `chatify-persister setup` (run twice, as
-/// every up.sh does) gives it a HarperDB user that may read and insert into its table and
-/// nothing else, and it logs in to NATS as `chatify-persister` (deploy/nats/start.sh's users):
+/// every up.sh does) gives it a HarperDB user that may read, insert and update its table and
+/// read and insert into its change log, and nothing else, and it logs in to NATS as `chatify-persister` (deploy/nats/start.sh's users):
 /// it stores what a gateway's user publishes and answers the gateway's history query.
 #[tokio::test]
 async fn with_its_own_harperdb_and_nats_users_the_persister_stores_and_answers() -> TestResult {
@@ -765,7 +765,28 @@ async fn with_its_own_harperdb_and_nats_users_the_persister_stores_and_answers()
     let js = async_nats::jetstream::new(gateway.clone());
     let sent = publish(&js, &message("least-privilege", "stored")).await?;
     let page = wait_for_count(&gateway, "least-privilege", 1).await?;
-    assert_eq!(page.messages, vec![sent]);
+    assert_eq!(page.messages, vec![sent.clone()]);
+    // A change is written with its rights too: the row upserted, the change logged.
+    publish_change(&js, &change_of(&sent, "ann", edit("stored, edited"))).await?;
+    publish_change(&js, &change_of(&sent, "bob", react("👍", true))).await?;
+    let key = chatify_shared::storage::storage_key(
+        &chatify_shared::storage::RoomKey::new("least-privilege"),
+        sent.sequence(),
+    );
+    let started = Instant::now();
+    let row = loop {
+        let rows = db.states(std::slice::from_ref(&key)).await?;
+        if let Some(row) = rows.into_iter().find(|s| s.message.reactions.len() == 1) {
+            break row;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err("the changes were not written in 15 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(row.message.message, "stored, edited");
+    let (logged, cut) = db.changes_after("least-privilege", 0, 10).await?;
+    assert_eq!((logged.len(), cut), (2, false));
 
     // Its HarperDB user may not delete, change the schema, or read another database.
     let denied = db.delete(&["x".to_owned()]).await;
@@ -791,4 +812,446 @@ async fn with_its_own_harperdb_and_nats_users_the_persister_stores_and_answers()
     persister.stop().await;
     drop_database(&admin).await;
     Ok(())
+}
+
+// --- Messages that change (issue 22) ---
+
+/// Stores a change in the stream the way a gateway does (on the room's store subject, with the
+/// change header): its stream sequence.
+async fn publish_change(
+    js: &async_nats::jetstream::Context,
+    change: &chatify_shared::changes::StoredChange,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        Uuid::new_v4().to_string().as_str(),
+    );
+    headers.insert(chatify_shared::changes::CHANGE_HEADER, "1");
+    let ack = js
+        .publish_with_headers(
+            RoomToken::new(&change.room).store_subject(),
+            headers,
+            serde_json::to_vec(change)?.into(),
+        )
+        .await?
+        .await?;
+    Ok(ack.sequence)
+}
+
+fn actor(user: &str) -> chatify_shared::changes::Actor {
+    chatify_shared::changes::Actor {
+        member_id: format!("member-{user}"),
+        username: user.to_owned(),
+        user_id: Some(user.to_owned()),
+    }
+}
+
+fn change_of(
+    target: &ChatMessage,
+    by: &str,
+    what: chatify_shared::changes::Change,
+) -> chatify_shared::changes::StoredChange {
+    chatify_shared::changes::StoredChange {
+        room: target.room.clone(),
+        target: target.id,
+        change: what,
+        at: chatify_shared::id::now_millis(),
+        by: actor(by),
+    }
+}
+
+fn react(emoji: &str, add: bool) -> chatify_shared::changes::Change {
+    chatify_shared::changes::Change::React {
+        emoji: emoji.to_owned(),
+        add,
+        distinct_max: 20,
+    }
+}
+
+fn edit(text: &str) -> chatify_shared::changes::Change {
+    chatify_shared::changes::Change::Edit {
+        message: text.to_owned(),
+    }
+}
+
+fn authored(room: &str, text: &str, user: &str) -> StoredMessage {
+    StoredMessage {
+        user_id: Some(user.to_owned()),
+        ..message(room, text)
+    }
+}
+
+/// A room's messages and changes applied locally, in stream order: what every answer must
+/// show.
+#[derive(Default)]
+struct Model {
+    states: Vec<chatify_shared::changes::MessageState>,
+    /// (sequence, target sequence, entry) of every change that did something.
+    entries: Vec<(u64, u64, chatify_shared::changes::ChangeEntry)>,
+}
+
+impl Model {
+    fn message(&mut self, m: &ChatMessage) {
+        self.states
+            .push(chatify_shared::changes::MessageState::new(m.clone()));
+    }
+
+    fn change(&mut self, sequence: u64, c: &chatify_shared::changes::StoredChange) {
+        if let Some(state) = self.states.iter_mut().find(|s| s.message.id == c.target) {
+            let outcome = state.apply(sequence, c);
+            if let Some(entry) = chatify_shared::changes::ChangeEntry::of(c, &outcome) {
+                self.entries.push((sequence, c.target_sequence(), entry));
+            }
+        }
+    }
+
+    fn messages(&self) -> Vec<ChatMessage> {
+        self.states.iter().map(|s| s.message.clone()).collect()
+    }
+
+    /// The changes after `after` to messages at or before it, collapsed.
+    fn changes_after(&self, after: u64) -> Vec<chatify_shared::changes::ChangeEntry> {
+        let entries = self
+            .entries
+            .iter()
+            .filter(|(s, t, _)| *s > after && *t <= after)
+            .map(|(_, _, e)| e.clone())
+            .collect();
+        chatify_shared::changes::collapse(entries, HistoryQuery::CHANGES_MAX).0
+    }
+}
+
+/// Publishes a room's messages and changes: three messages by `ann`, `bob` and `ann`, an edit,
+/// reactions given and taken back, a deletion, then two more messages by `bob`.
+async fn publish_changes(
+    js: &async_nats::jetstream::Context,
+    room: &str,
+    model: &mut Model,
+) -> Result<Vec<ChatMessage>, Box<dyn std::error::Error>> {
+    let mut sent = Vec::new();
+    for (text, user) in [("first", "ann"), ("second", "bob"), ("third", "ann")] {
+        let m = publish(js, &authored(room, text, user)).await?;
+        model.message(&m);
+        sent.push(m);
+    }
+    let changes = [
+        change_of(&sent[0], "ann", edit("first, edited")),
+        change_of(&sent[1], "ann", react("👍", true)),
+        change_of(&sent[1], "cat", react("👍", true)),
+        change_of(&sent[1], "cat", react("🎉", true)),
+        change_of(&sent[1], "ann", react("👍", false)),
+        change_of(&sent[2], "ann", chatify_shared::changes::Change::Delete),
+        change_of(&sent[0], "ann", edit("first, edited twice")),
+    ];
+    for c in &changes {
+        let sequence = publish_change(js, c).await?;
+        model.change(sequence, c);
+    }
+    for text in ["fourth", "fifth"] {
+        let m = publish(js, &authored(room, text, "bob")).await?;
+        model.message(&m);
+        sent.push(m);
+    }
+    Ok(sent)
+}
+
+/// Reads the row of a message straight from HarperDB, as the admin.
+async fn stored_row(
+    settings: &Settings,
+    m: &ChatMessage,
+) -> Result<chatify_shared::storage::StoredRecord, Box<dyn std::error::Error>> {
+    use chatify_shared::storage::{RoomKey, storage_key};
+    use secrecy::ExposeSecret;
+    let key = storage_key(&RoomKey::new(&m.room), m.sequence());
+    let rows: Vec<chatify_shared::storage::StoredRecord> = reqwest::Client::new()
+        .post(&settings.harperdb.url)
+        .basic_auth(
+            &settings.harperdb.username,
+            Some(settings.harperdb.password.expose_secret()),
+        )
+        .json(&serde_json::json!({
+            "operation": "search_by_hash",
+            "database": settings.harperdb.database,
+            "table": settings.harperdb.table,
+            "hash_values": [key],
+            "get_attributes": ["*"],
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| format!("no row for {}", m.id).into())
+}
+
+/// Every answer the history service gives about a room shows it as `model` says: its pages,
+/// lookups by ids (with `asOf` at or past `last`), the changes after a cursor, the unread
+/// count of a user.
+async fn assert_answers(
+    client: &async_nats::Client,
+    room: &str,
+    model: &Model,
+    sent: &[ChatMessage],
+    last: u64,
+) -> TestResult {
+    let page = history(client, &query(room, 100)).await?;
+    assert_eq!(page.messages, model.messages(), "the latest page");
+    assert_eq!(page.messages[0].message, "first, edited twice");
+    assert!(page.messages[0].edited_time.is_some());
+    assert!(page.messages[2].deleted && page.messages[2].message.is_empty());
+    assert_eq!(
+        page.messages[1].reactions,
+        std::collections::BTreeMap::from([("👍".to_owned(), 1), ("🎉".to_owned(), 1)])
+    );
+    let older = history(
+        client,
+        &HistoryQuery {
+            before: Some(sent[3].id),
+            ..query(room, 2)
+        },
+    )
+    .await?;
+    assert_eq!(
+        older.messages,
+        model.messages()[1..3].to_vec(),
+        "a page back"
+    );
+
+    let ids = history(
+        client,
+        &HistoryQuery {
+            ids: vec![sent[1].id, sent[2].id, sent[4].id],
+            ..query(room, 1)
+        },
+    )
+    .await?;
+    let expected: Vec<_> = [1, 2, 4].iter().map(|&i| model.states[i].clone()).collect();
+    assert_eq!(ids.states, expected, "states by ids, with who reacted");
+    assert!(ids.as_of >= last, "asOf {} covers {last}", ids.as_of);
+    assert!(ids.messages.is_empty());
+
+    for cursor in [0usize, 1, 2, 3] {
+        let since = history(
+            client,
+            &HistoryQuery {
+                after: Some(sent[cursor].id),
+                changes: true,
+                ..query(room, 100)
+            },
+        )
+        .await?;
+        assert_eq!(
+            since.changes,
+            model.changes_after(sent[cursor].sequence()),
+            "changes since message {cursor}"
+        );
+        assert!(!since.changes_cut);
+        assert_eq!(since.messages, model.messages()[cursor + 1..].to_vec());
+    }
+
+    let unread = |user: &str, after: Option<Uuid>| HistoryQuery {
+        unread: Some(chatify_shared::wire::UnreadQuery {
+            user_id: user.to_owned(),
+            after,
+        }),
+        ..query(room, 1)
+    };
+    // ann: bob's second, fourth and fifth (her own and the deleted one do not count).
+    assert_eq!(history(client, &unread("ann", None)).await?.unread, Some(3));
+    // bob after the second: the third is deleted, the rest his own.
+    assert_eq!(
+        history(client, &unread("bob", Some(sent[1].id)))
+            .await?
+            .unread,
+        Some(0)
+    );
+    assert_eq!(
+        history(client, &unread("cat", Some(sent[0].id)))
+            .await?
+            .unread,
+        Some(3)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn edits_deletions_and_reactions_are_written_and_shown_in_every_answer() -> TestResult {
+    let nats = Nats::start().await?;
+    let settings = settings(&nats)?;
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let room = "changing";
+    let mut model = Model::default();
+    let sent = publish_changes(&js, room, &mut model).await?;
+    let last = sent.last().map(ChatMessage::sequence).unwrap_or_default();
+    wait_until_written(&js).await?;
+
+    // HarperDB holds each message as it is now.
+    for (m, state) in sent.iter().zip(&model.states) {
+        let row = stored_row(&settings, m).await?;
+        assert_eq!(&row.into_state(), state, "row of {}", m.message);
+    }
+    assert_answers(&client, room, &model, &sent, last).await?;
+
+    // A fresh persister (no recent messages in memory) answers the same.
+    persister.stop().await;
+    let persister = spawn_persister(settings.clone()).await?;
+    assert_answers(&client, room, &model, &sent, last).await?;
+
+    // And a change after that reaches the cached latest page at once.
+    let c = change_of(&sent[3], "ann", react("👍", true));
+    let sequence = publish_change(&js, &c).await?;
+    model.change(sequence, &c);
+    let page = history(&client, &query(room, 100)).await?;
+    assert_eq!(page.messages, model.messages());
+
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn changes_not_written_yet_are_in_every_answer() -> TestResult {
+    let nats = Nats::start().await?;
+    let mut settings = settings(&nats)?;
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let room = "changing later";
+    // Some messages written first, then a persister whose batches wait long to fill.
+    let mut model = Model::default();
+    for text in ["zero", "one"] {
+        let m = publish(&js, &authored(room, text, "dan")).await?;
+        model.message(&m);
+    }
+    wait_until_written(&js).await?;
+    persister.stop().await;
+    settings.persister.batch_size = 10_000;
+    settings.persister.batch_wait_ms = 8000;
+    let persister = spawn_persister(settings.clone()).await?;
+    // The messages and changes of publish_changes, in a model of their own (after "zero" and
+    // "one").
+    let mut changed = Model::default();
+    let started = Instant::now();
+    let sent = publish_changes(&js, room, &mut changed).await?;
+    let last = sent.last().map(ChatMessage::sequence).unwrap_or_default();
+    let page = history(&client, &query(room, 100)).await?;
+    let all: Vec<ChatMessage> = model
+        .messages()
+        .into_iter()
+        .chain(changed.messages())
+        .collect();
+    assert_eq!(page.messages, all, "unwritten changes applied");
+    let ids = history(
+        &client,
+        &HistoryQuery {
+            ids: vec![sent[0].id, sent[1].id],
+            ..query(room, 1)
+        },
+    )
+    .await?;
+    assert_eq!(ids.states, changed.states[..2].to_vec());
+    assert!(ids.as_of >= last);
+    let since = history(
+        &client,
+        &HistoryQuery {
+            after: Some(sent[2].id),
+            changes: true,
+            ..query(room, 100)
+        },
+    )
+    .await?;
+    assert_eq!(since.changes, changed.changes_after(sent[2].sequence()));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "answered before the batch was written"
+    );
+    // Once written, the same answers.
+    wait_until_written(&js).await?;
+    let since_written = history(
+        &client,
+        &HistoryQuery {
+            after: Some(sent[2].id),
+            changes: true,
+            ..query(room, 100)
+        },
+    )
+    .await?;
+    assert_eq!(since_written.changes, since.changes);
+    assert_eq!(history(&client, &query(room, 100)).await?.messages, all);
+
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}
+
+/// Every event delivered again (the durable consumer deleted and made anew, so JetStream
+/// delivers the whole stream once more): no change is applied twice, none logged twice.
+#[tokio::test]
+async fn redelivered_changes_are_applied_once() -> TestResult {
+    use chatify_shared::subjects::{MESSAGES_STREAM, PERSISTER_CONSUMER};
+    let nats = Nats::start().await?;
+    let settings = settings(&nats)?;
+    let persister = spawn_persister(settings.clone()).await?;
+    let client = async_nats::connect(&nats.url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let room = "again";
+    let mut model = Model::default();
+    let sent = publish_changes(&js, room, &mut model).await?;
+    let last = sent.last().map(ChatMessage::sequence).unwrap_or_default();
+    wait_until_written(&js).await?;
+    persister.stop().await;
+
+    let stream = js.get_stream(MESSAGES_STREAM).await?;
+    stream.delete_consumer(PERSISTER_CONSUMER).await?;
+    let persister = spawn_persister(settings.clone()).await?;
+    let started = Instant::now();
+    loop {
+        let info = stream.consumer_info(PERSISTER_CONSUMER).await?;
+        if info.ack_floor.stream_sequence >= last {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err(format!("not redelivered after 15 s: {info:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (m, state) in sent.iter().zip(&model.states) {
+        let row = stored_row(&settings, m).await?;
+        assert_eq!(&row.into_state(), state, "row of {}", m.message);
+    }
+    assert_answers(&client, room, &model, &sent, last).await?;
+    // The change log holds each change that did something once.
+    let logged = change_log(&settings).await?;
+    let mut sequences: Vec<u64> = logged.iter().map(|r| r.sequence).collect();
+    sequences.sort_unstable();
+    let expected: Vec<u64> = model.entries.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(sequences, expected);
+
+    persister.stop().await;
+    drop_database(&settings).await;
+    Ok(())
+}
+
+/// The whole change log table, as the admin reads it.
+async fn change_log(
+    settings: &Settings,
+) -> Result<Vec<chatify_shared::storage::StoredChangeRecord>, Box<dyn std::error::Error>> {
+    use secrecy::ExposeSecret;
+    let table = chatify_shared::storage::changes_table(&settings.harperdb.table);
+    let sql = format!("SELECT * FROM `{}`.`{table}`", settings.harperdb.database);
+    Ok(reqwest::Client::new()
+        .post(&settings.harperdb.url)
+        .basic_auth(
+            &settings.harperdb.username,
+            Some(settings.harperdb.password.expose_secret()),
+        )
+        .json(&serde_json::json!({"operation": "sql", "sql": sql}))
+        .send()
+        .await?
+        .json()
+        .await?)
 }
