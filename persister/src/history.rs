@@ -143,14 +143,17 @@ async fn answer(sources: &Sources, payload: &[u8]) -> Result<Bytes, service::err
         code: 400,
     })?;
     let page = if query.ids.is_empty() {
-        let mut page = match cached(sources, &query).await {
+        // Whether the room's recent messages are as current as the page (it came from them,
+        // or filled them).
+        let (mut page, fresh) = match cached(sources, &query).await {
             Some(page) => {
                 metrics::counter!(crate::metrics::HISTORY_CACHE, "outcome" => "hit").increment(1);
-                page
+                (page, true)
             }
             None => {
                 metrics::counter!(crate::metrics::HISTORY_CACHE, "outcome" => "miss").increment(1);
-                uncached(sources, &query).await?
+                let latest = query.after.is_none() && query.before.is_none();
+                (uncached(sources, &query).await?, latest)
             }
         };
         if query.changes
@@ -162,7 +165,24 @@ async fn answer(sources: &Sources, payload: &[u8]) -> Result<Bytes, service::err
             page.changes_cut = cut;
         }
         if let Some(unread_query) = &query.unread {
-            page.unread = Some(unread(sources, &query.room, unread_query).await?);
+            let marker = unread_query
+                .after
+                .and_then(|id| chatify_shared::id::sequence_of(&id))
+                .unwrap_or(0);
+            let from_recent = fresh
+                .then(|| {
+                    sources.recent.unread(
+                        &query.room,
+                        marker,
+                        &unread_query.user_id,
+                        HistoryQuery::UNREAD_MAX,
+                    )
+                })
+                .flatten();
+            page.unread = Some(match from_recent {
+                Some(count) => count,
+                None => unread(sources, &query.room, unread_query).await?,
+            });
         }
         page
     } else {

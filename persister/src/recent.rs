@@ -199,6 +199,29 @@ impl Recent {
         rooms.put(room.to_owned(), entry, self.budget, self.max_rooms);
     }
 
+    /// How many messages of `room` after stream sequence `after` are neither deleted nor by
+    /// `user_id`, at most `cap`, when the entry holds every message after `after` (it is
+    /// complete, or starts at or before `after`); `None` otherwise. As current as the entry:
+    /// ask right after it answered (or was filled for) the same query.
+    pub fn unread(&self, room: &str, after: u64, user_id: &str, cap: u32) -> Option<u32> {
+        let rooms = self.rooms();
+        let entry = rooms.entries.peek(room)?;
+        let first = entry.messages.front().map(|s| s.message.sequence());
+        if !(entry.complete || first.is_some_and(|first| first <= after)) {
+            return None;
+        }
+        let count = entry
+            .messages
+            .iter()
+            .filter(|s| {
+                s.message.sequence() > after
+                    && !s.message.deleted
+                    && s.message.user_id.as_deref() != Some(user_id)
+            })
+            .count();
+        Some(u32::try_from(count).unwrap_or(u32::MAX).min(cap))
+    }
+
     /// Drops `room`'s entry.
     pub fn forget(&self, room: &str) {
         self.rooms().take(room);
@@ -351,6 +374,78 @@ mod tests {
         // The entry kept only the newest 100.
         let older = query(100, None, Some(all[60].id));
         assert_eq!(recent.extend_and_answer(&older, 150, Vec::new()), None);
+    }
+
+    #[test]
+    fn unread_counts_come_from_an_entry_that_holds_every_message_after_the_marker() {
+        let mut all = room(&(1..=150).collect::<Vec<_>>());
+        for m in all.iter_mut().filter(|m| m.sequence() % 2 == 0) {
+            m.user_id = Some("me".into());
+        }
+        let recent = Recent::new(1 << 20, 1000);
+        recent.fill("r", &latest(&all), 0);
+        // The entry holds 51..=150: odd ones are others'.
+        assert_eq!(recent.unread("r", 140, "me", 1000), Some(5));
+        assert_eq!(recent.unread("r", 51, "me", 1000), Some(49));
+        assert_eq!(recent.unread("r", 51, "me", 10), Some(10));
+        assert_eq!(
+            recent.unread("r", 50, "me", 1000),
+            None,
+            "51 may not be the first after 50"
+        );
+        assert_eq!(recent.unread("r", 0, "me", 1000), None);
+        assert_eq!(recent.unread("other", 0, "me", 1000), None);
+        let small = Recent::new(1 << 20, 1000);
+        small.fill("r", &latest(&all[..10]), 0);
+        assert_eq!(small.unread("r", 0, "me", 1000), Some(5), "a complete room");
+    }
+
+    #[test]
+    fn changes_read_from_the_stream_apply_to_the_cached_messages_once() {
+        use chatify_shared::changes::{Actor, Change, StoredChange};
+        let all = room(&[1, 2, 3]);
+        let recent = Recent::new(1 << 20, 1000);
+        recent.fill("r", &latest(&all[..2]), 2);
+        let change = |target: &ChatMessage, what: Change| StoredChange {
+            room: "r".into(),
+            target: target.id,
+            change: what,
+            at: 9,
+            by: Actor {
+                member_id: "m".into(),
+                username: "u".into(),
+                user_id: None,
+            },
+        };
+        let later = vec![
+            StreamEvent::Message(all[2].clone()),
+            StreamEvent::Change {
+                sequence: 4,
+                change: change(&all[0], Change::Delete),
+            },
+            StreamEvent::Change {
+                sequence: 5,
+                change: change(
+                    &all[2],
+                    Change::Edit {
+                        message: "edited".into(),
+                    },
+                ),
+            },
+        ];
+        let q = query(10, None, None);
+        let page = recent.extend_and_answer(&q, 2, later.clone());
+        assert_eq!(recent.newest("r"), Some(5));
+        let page = page.map(|p| p.messages).unwrap_or_default();
+        assert!(page[0].deleted && page[0].message.is_empty());
+        assert_eq!(page[2].message, "edited");
+        // Read again (another query overlapped): nothing changes twice.
+        let again = recent.extend_and_answer(&q, 2, later).map(|p| p.messages);
+        assert_eq!(again, Some(page));
+        let (_, bytes) = recent.size();
+        let cached = recent.extend_and_answer(&q, 5, Vec::new());
+        assert_eq!(recent.size().1, bytes);
+        assert!(cached.is_some());
     }
 
     #[test]
