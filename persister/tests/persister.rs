@@ -780,7 +780,35 @@ async fn with_its_own_harperdb_and_nats_users_the_persister_stores_and_answers()
             break row;
         }
         if started.elapsed() > Duration::from_secs(15) {
-            return Err("the changes were not written in 15 s".into());
+            // What the persister made of them, for the failure's message.
+            let admin_nats =
+                chatify_shared::bus::connect(&users.persister(&nats.url), "diag", Role::Persister)
+                    .await;
+            let mut seen = String::new();
+            if let Ok(c) = admin_nats {
+                let js = async_nats::jetstream::new(c);
+                use chatify_shared::subjects::{
+                    DEAD_LETTER_STREAM, MESSAGES_STREAM, PERSISTER_CONSUMER,
+                };
+                if let Ok(mut dl) = js.get_stream(DEAD_LETTER_STREAM).await {
+                    seen += &format!(
+                        "dead letters: {:?}; ",
+                        dl.info().await.map(|i| i.state.messages)
+                    );
+                }
+                if let Ok(stream) = js.get_stream(MESSAGES_STREAM).await {
+                    seen += &format!(
+                        "consumer: {:?}",
+                        stream.consumer_info(PERSISTER_CONSUMER).await.map(|i| (
+                            i.ack_floor,
+                            i.num_ack_pending,
+                            i.num_pending
+                        ))
+                    );
+                }
+            }
+            let rows = db.states(std::slice::from_ref(&key)).await;
+            return Err(format!("the changes were not written in 15 s: {rows:?}; {seen}").into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
