@@ -173,9 +173,9 @@ struct Joined {
     /// With `since`: what changed after it in messages at or before it, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
     changes: Option<Vec<ChangeEntry>>,
-    /// Whether older entries of `changes` were left out (more than 1,000).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    changes_cut: bool,
+    /// With `since`: whether older entries of `changes` were left out (more than 1,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changes_cut: Option<bool>,
     /// With auth: the user's read marker in the room (null: none) and how many messages of
     /// others came after it (at most 1,000).
     #[serde(flatten)]
@@ -270,7 +270,7 @@ async fn join_room(s: SocketRef, State(app): State<App>, event: Ordered) {
                 count: users.count,
                 history: history.messages,
                 changes: request.since.map(|_| history.changes),
-                changes_cut: history.changes_cut,
+                changes_cut: request.since.map(|_| history.changes_cut),
                 read: last_read.map(|last_read| ReadState {
                     last_read,
                     unread: history.unread.unwrap_or_default(),
