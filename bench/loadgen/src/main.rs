@@ -393,6 +393,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cli_has_no_clashing_options() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
     fn sources() {
         let v = parse_sources("127.0.0.2-127.0.0.9").unwrap_or_default();
         assert_eq!(v.len(), 8);

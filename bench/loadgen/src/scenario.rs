@@ -1311,7 +1311,7 @@ pub struct StormArgs {
     /// Seconds without a new event, every request answered, after which a phase counts as over
     /// even if events are missing.
     #[arg(long, default_value_t = 3.0)]
-    pub quiet: f64,
+    pub quiet_secs: f64,
     /// Longest wait for a phase's events, seconds.
     #[arg(long, default_value_t = 120.0)]
     pub settle_timeout: f64,
@@ -1460,7 +1460,7 @@ impl PhaseCtx<'_> {
         let send_s = started.elapsed().as_secs_f64();
         self.mon.phase(&format!("{name}: settling"));
         let until = Instant::now() + Duration::from_secs_f64(a.settle_timeout);
-        let quiet_ns = (a.quiet * 1e9) as u64;
+        let quiet_ns = (a.quiet_secs * 1e9) as u64;
         let all_arrived = loop {
             let c = counts(stats).minus(base);
             if c.answered() && c.events >= expected {
