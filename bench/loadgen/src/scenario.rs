@@ -1864,6 +1864,45 @@ mod tests {
     }
 
     #[test]
+    fn storm_counts_and_names() {
+        let emoji: Vec<Arc<str>> = vec![Arc::from("a"), Arc::from("b"), Arc::from("c")];
+        let want = expected_counts(7, &emoji);
+        assert_eq!(
+            want.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("a".to_owned(), 3),
+                ("b".to_owned(), 2),
+                ("c".to_owned(), 2)
+            ]
+        );
+        let v = json!({"reactions": {"a": 2, "b": 0}});
+        assert_eq!(
+            reactions_of(&v).into_iter().collect::<Vec<_>>(),
+            vec![("a".to_owned(), 2)],
+            "zero counts are left out"
+        );
+        assert!(reactions_of(&json!({"id": "x"})).is_empty());
+        assert_eq!(component("gateway12"), "gateway");
+        assert_eq!(component("nats"), "nats");
+        assert_eq!(component("42"), "42");
+        let c = PhaseCounts {
+            requests: 3,
+            ok: 2,
+            refused: 1,
+            events: 9,
+        };
+        assert!(c.answered());
+        assert!(
+            !PhaseCounts {
+                requests: 3,
+                ok: 2,
+                ..PhaseCounts::default()
+            }
+            .answered()
+        );
+    }
+
+    #[test]
     fn counts_subtract() {
         let a = Counts {
             sent: 10,
