@@ -12,7 +12,7 @@
 # Only complete runs (no --smoke, no --only) replace bench/RESULTS.md; the others write their
 # table next to their raw summaries.
 #
-# Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,bigroom,persister,history),
+# Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,bigroom,storm,persister,history),
 #          --out DIR (instead of target/bench/<time>).
 #
 # It starts a private Chatify (deploy/local/up.sh: NATS, HarperDB, persister, two gateways) on
@@ -34,7 +34,8 @@ cd "$root"
 
 mode=full
 repeats=3
-only=idle,room,rooms2,interest,bigroom,persister,history
+all_sections=idle,room,rooms2,interest,bigroom,storm,persister,history
+only=$all_sections
 out=
 while (($#)); do
   case $1 in
@@ -70,6 +71,7 @@ case $mode in
     PMAX=(--senders 20 --rate 200 --duration 2) PLAG_DURATION=2 PLAG_MAX=100
     HIST_SEED=500 HIST_REF_SEED=100 HIST=(--rate 20 --duration 2)
     BIG_SMALL=50 BIG_LARGE=600 BIG=(--rate 2 --duration 2 --warmup 0.5)
+    STORM=(--members 40 --history-timeout 10)
     ;;
   quick)
     IDLE=(--conns 10000 --rooms 1000 --hold 5)
@@ -80,6 +82,7 @@ case $mode in
     PMAX=(--senders 1000 --rate 10000 --duration 8) PLAG_DURATION=10 PLAG_MAX=10000
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 15 --conns 50)
     BIG_SMALL=1000 BIG_LARGE=10000 BIG=(--rate 5 --duration 10 --warmup 2)
+    STORM=(--members 1000 --history-timeout 30)
     ;;
   full)
     IDLE=(--conns 10000 --rooms 1000 --hold 10)
@@ -90,6 +93,7 @@ case $mode in
     PMAX=(--senders 1000 --rate 10000 --duration 10) PLAG_DURATION=15 PLAG_MAX=10000
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 20 --conns 50)
     BIG_SMALL=1000 BIG_LARGE=10000 BIG=(--rate 5 --duration 15 --warmup 3)
+    STORM=(--members 1000 --history-timeout 30)
     ;;
 esac
 
@@ -213,6 +217,11 @@ run_one() {
       if (s.stored_per_s !== undefined) parts.push(`stored/s ${f(s.stored_per_s, 0)}`);
       if (s.store_lag && s.store_lag.count) parts.push(`lag p99 ${f(s.store_lag.p99_ms)} ms`);
       if (s.history_ok) parts.push(`history p99 ${f(s.history_latency.p99_ms, 2)} ms`);
+      if (s.scenario === "storm") {
+        const ph = (name, p) => p ? `${name}: settled in ${f(p.settle_s, 2)} s, CPU ${f(p.cpu_s.total, 2)} s (gateways ${f(p.cpu_s.gateway, 2)}, NATS ${f(p.cpu_s.nats, 2)}, persister ${f(p.cpu_s.persister, 2)}), NATS ${f(p.nats ? p.nats.bytes / 1e6 : null, 2)} MB, missing ${p.missing_events}` : `${name}: -`;
+        parts.push(ph("reactions", s.reactions), ph("messages", s.messages),
+          `exact ${s.exact.members_exact}/${s.params.members}`, `history: ${s.history.note || "not checked"}`);
+      }
       console.log(parts.join(", ") || "ok");' "$file.json" >&2 || echo "ok" >&2
   else
     echo "FAILED (exit $status; see $file.log)" >&2
@@ -362,6 +371,23 @@ if wants bigroom; then
   done
 fi
 
+# --- 8. reaction storm -------------------------------------------------------------------------
+# One room whose members alternate between the two gateways; member 0 sends a message, then every
+# member reacts to it within one second (member i with emoji i mod 4). Every member's last
+# `reaction` event must hold the exact counts; then get_history must show them once the persister
+# wrote them (reported, not judged: "not persisted within N s"). Then every member sends one plain
+# message within one second: the same N × N deliveries, for comparison. Chatify only: what is
+# compared is the two phases (CPU of both gateways, NATS and the persister; NATS bytes).
+if wants storm; then
+  say "8. reaction storm: ${STORM[*]} over both gateways, then as many plain messages"
+  for ((rep = 1; rep <= repeats; rep++)); do
+    run_one chatify storm "$rep" lg_pinned storm --url "$G1" --url "$G2" \
+      --pid "$(cpid gateway1)" --pid "$(cpid gateway2)" --pid "$(cpid nats)" --pid "$(cpid persister)" \
+      --pid-names gateway1,gateway2,nats,persister --nats-monitor "$(chatify CHATIFY_NATS_MONITOR_URL)" \
+      --history "${STORM[@]}" || true
+  done
+fi
+
 # --- 4. persister -----------------------------------------------------------------------------------
 if wants persister; then
   server_pids_free
@@ -431,7 +457,7 @@ fi
 # --- report -----------------------------------------------------------------------------------------
 # Only a complete run replaces bench/RESULTS.md.
 results=bench/RESULTS.md
-if [[ $mode == smoke || $only != idle,room,rooms2,interest,bigroom,persister,history ]]; then results=$out/RESULTS.md; fi
+if [[ $mode == smoke || $only != "$all_sections" ]]; then results=$out/RESULTS.md; fi
 flag=
 [[ $mode != full ]] && flag=" --$mode"
 header="Run: $(date -u '+%Y-%m-%d %H:%M UTC'), \`bench/run.sh$flag\` (mode $mode, $repeats repeat(s)), commit $commit.

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -62,6 +63,44 @@ pub enum Cmd {
         expect: usize,
         sched_ns: u64,
     },
+    /// `react { room, id, emoji, add: true }`.
+    React {
+        room: Arc<str>,
+        id: Arc<str>,
+        emoji: Arc<str>,
+        sched_ns: u64,
+    },
+    /// Any event with an ack: the ack's arguments (the JSON array) go to `reply`.
+    Request {
+        event: &'static str,
+        data: String,
+        reply: oneshot::Sender<String>,
+    },
+}
+
+/// What the connections of a reaction storm record: the arguments of the last `reaction` event
+/// each connection received, and when each member's react was due (a `reaction` event names its
+/// reactor, `u<index>` without auth, so its delivery latency counts from then).
+pub struct StormLog {
+    pub last: Vec<Mutex<String>>,
+    pub due_ns: Vec<AtomicU64>,
+}
+
+impl StormLog {
+    pub fn new(members: usize) -> Self {
+        Self {
+            last: (0..members).map(|_| Mutex::new(String::new())).collect(),
+            due_ns: (0..members).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The last `reaction` event's arguments of connection `i` (empty when none came).
+    pub fn last_of(&self, i: usize) -> String {
+        self.last
+            .get(i)
+            .and_then(|m| m.lock().ok().map(|s| s.clone()))
+            .unwrap_or_default()
+    }
 }
 
 /// A `send_message` the server acknowledged.
@@ -83,6 +122,8 @@ pub struct ConnConfig {
     /// The room this connection joins once connected, and the gate bounding how many joins are
     /// in flight at once (a join fans out notices and `chatroom_users` to the whole room).
     pub join: Option<(Arc<str>, Arc<Semaphore>)>,
+    /// Where `reaction` events are recorded (the storm scenario).
+    pub storm: Option<Arc<StormLog>>,
 }
 
 /// How long a join may wait for its ack before it is sent again (joining twice is harmless).
@@ -92,6 +133,8 @@ enum Pending {
     Join,
     Send { room: Arc<str>, sched_ns: u64 },
     History { sched_ns: u64, expect: usize },
+    React { sched_ns: u64 },
+    Request(oneshot::Sender<String>),
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -247,10 +290,31 @@ pub async fn run(
                     }
                     Ok(Packet::Event { name: "receive_message", args, .. }) => {
                         if let Some(sent) = proto::stamp_of(args) {
+                            let now = now_ns();
                             Stats::inc(&stats.delivered);
-                            stats.delivery.record_ns(shard, sent, now_ns());
+                            stats.delivery.record_ns(shard, sent, now);
+                            stats.event_at(now);
                         } else {
                             Stats::inc(&stats.other_events);
+                        }
+                    }
+                    Ok(Packet::Event { name: "reaction", args, .. }) => {
+                        let now = now_ns();
+                        Stats::inc(&stats.reaction_events);
+                        stats.event_at(now);
+                        if let Some(log) = &cfg.storm {
+                            if let Some(last) = log.last.get(cfg.index)
+                                && let Ok(mut l) = last.lock()
+                            {
+                                l.clear();
+                                l.push_str(args);
+                            }
+                            let due = proto::reactor_index(args)
+                                .and_then(|i| log.due_ns.get(i))
+                                .map_or(0, |d| d.load(Ordering::Relaxed));
+                            if due > 0 {
+                                stats.delivery.record_ns(shard, due, now);
+                            }
                         }
                     }
                     Ok(Packet::Event { .. }) => Stats::inc(&stats.other_events),
@@ -314,6 +378,23 @@ pub async fn run(
                         let data = serde_json::json!({ "room": &*room, "limit": limit });
                         proto::event_with_ack(&mut out, id, "get_history", &data.to_string());
                         pending.insert(id, Pending::History { sched_ns, expect });
+                    }
+                    Cmd::React {
+                        room,
+                        id: target,
+                        emoji,
+                        sched_ns,
+                    } => {
+                        let data = serde_json::json!({
+                            "room": &*room, "id": &*target, "emoji": &*emoji, "add": true,
+                        });
+                        proto::event_with_ack(&mut out, id, "react", &data.to_string());
+                        pending.insert(id, Pending::React { sched_ns });
+                        Stats::inc(&stats.reacts);
+                    }
+                    Cmd::Request { event, data, reply } => {
+                        proto::event_with_ack(&mut out, id, event, &data);
+                        pending.insert(id, Pending::Request(reply));
                     }
                 }
                 if ws.send(Message::text(out.as_str())).await.is_err() {
@@ -380,6 +461,18 @@ fn on_ack(cfg: &ConnConfig, stats: &Stats, shard: usize, p: Pending, args: &str)
                 Stats::inc(&stats.ack_errors);
                 stats.error(format!("send_message: {}", proto::ack_error_code(args)));
             }
+        }
+        Pending::React { sched_ns } => {
+            if ok {
+                Stats::inc(&stats.react_acked);
+                stats.ack.record_ns(shard, sched_ns, now_ns());
+            } else {
+                Stats::inc(&stats.react_errors);
+                stats.error(format!("react: {}", proto::ack_error_code(args)));
+            }
+        }
+        Pending::Request(reply) => {
+            let _ = reply.send(args.to_owned());
         }
         Pending::History { sched_ns, expect } => match proto::history_len(args) {
             Some(n) if ok && n >= expect => {

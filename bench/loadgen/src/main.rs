@@ -201,6 +201,14 @@ enum Command {
         #[arg(long)]
         room_holds: Option<usize>,
     },
+    /// A reaction storm: every member of one room reacts to one message within a window; the
+    /// final counts are checked, and the cost compared with as many plain messages.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        storm: scenario::StormArgs,
+    },
     /// Medians and ratios of the summaries in a directory: writes the results table.
     Report {
         /// Directory of `<system>-<scenario>-<n>.json` summaries.
@@ -244,7 +252,8 @@ fn main() -> anyhow::Result<()> {
         | Command::Room { common, .. }
         | Command::Rooms { common, .. }
         | Command::Persister { common, .. }
-        | Command::History { common, .. } => common.threads,
+        | Command::History { common, .. }
+        | Command::Storm { common, .. } => common.threads,
         _ => 1,
     };
     let rt = if threads <= 1 {
@@ -361,6 +370,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            Command::Storm { common, storm } => scenario::storm(common, storm).await,
             Command::Report { dir, out, header } => {
                 report::write(&dir, &out, &header).map(|()| serde_json::Value::Null)
             }
@@ -381,6 +391,12 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_has_no_clashing_options() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn sources() {

@@ -199,6 +199,19 @@ pub fn ack_string_field<'a>(args: &'a str, field: &str) -> Option<&'a str> {
     Some(&args[at..at + end])
 }
 
+/// The member index of a `reaction` event's reactor, when it is a load-generator connection
+/// (`"username":"u<index>"`, as the connections join without auth).
+pub fn reactor_index(args: &str) -> Option<usize> {
+    let key = "\"username\":\"u";
+    let at = args.find(key)? + key.len();
+    let (n, rest) = leading_number(&args[at..]);
+    if rest.starts_with('"') {
+        n.and_then(|n| usize::try_from(n).ok())
+    } else {
+        None
+    }
+}
+
 /// How many messages a `get_history` ack holds (`[{"ok":true,"messages":[...],...}]`).
 pub fn history_len(args: &str) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_str(args).ok()?;
@@ -341,5 +354,17 @@ mod tests {
             Some(2)
         );
         assert_eq!(history_len(r#"[{"ok":false}]"#), None);
+    }
+
+    #[test]
+    fn reactors() {
+        assert_eq!(
+            reactor_index(
+                r#"["reaction",{"room":"r","id":"x","emoji":"a","add":true,"reactions":{"a":1},"username":"u17"}]"#
+            ),
+            Some(17)
+        );
+        assert_eq!(reactor_index(r#"["reaction",{"username":"u17x"}]"#), None);
+        assert_eq!(reactor_index(r#"["reaction",{"userId":"s"}]"#), None);
     }
 }

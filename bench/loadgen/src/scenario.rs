@@ -1,6 +1,6 @@
 //! The scenarios: connect a fleet, drive it, read the servers' /proc figures, summarise.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,6 +88,23 @@ impl Fleet {
         msg_size: usize,
         acked_sink: Option<mpsc::UnboundedSender<AckedSend>>,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with(
+            common, stats, n, url_of, room_of, msg_size, acked_sink, None,
+        )
+    }
+
+    /// [`Fleet::spawn`], recording `reaction` events in `storm`.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_with(
+        common: &Common,
+        stats: &Arc<Stats>,
+        n: usize,
+        url_of: impl Fn(usize) -> usize,
+        room_of: impl Fn(usize) -> Arc<str>,
+        msg_size: usize,
+        acked_sink: Option<mpsc::UnboundedSender<AckedSend>>,
+        storm: Option<Arc<client::StormLog>>,
+    ) -> anyhow::Result<Self> {
         let targets: Vec<Arc<Target>> = common
             .urls
             .iter()
@@ -108,6 +125,7 @@ impl Fleet {
                 msg_size,
                 acked_sink: acked_sink.clone(),
                 join: Some((room_of(i), join_gate.clone())),
+                storm: storm.clone(),
             };
             tokio::spawn(client::run(cfg, stats.clone(), rx, gate.clone()));
             txs.push(tx);
@@ -248,7 +266,7 @@ impl Monitor {
                     let phase = me.phase.lock().map(|p| p.clone()).unwrap_or_default();
                     let s = &me.stats;
                     eprintln!(
-                        "[{name} {:>4.0}s {phase}] conns {} (failed {}) joined {} | sends/s {:.0} acks/s {:.0} deliveries/s {:.0} history/s {:.0} | p99 delivery {:.1} ms ack {:.1} ms history {:.1} ms | errors: ack {} protocol {} disconnects {}",
+                        "[{name} {:>4.0}s {phase}] conns {} (failed {}) joined {} | sends/s {:.0} acks/s {:.0} deliveries/s {:.0} history/s {:.0} | p99 delivery {:.1} ms ack {:.1} ms history {:.1} ms | errors: ack {} protocol {} disconnects {}{}",
                         started.elapsed().as_secs_f64(),
                         Stats::get(&s.connected),
                         Stats::get(&s.connect_errors),
@@ -263,6 +281,17 @@ impl Monitor {
                         now.ack_errors,
                         now.protocol_errors,
                         now.disconnects,
+                        if Stats::get(&s.reacts) > 0 {
+                            format!(
+                                " | reacts {} acked {} refused {} reaction events {}",
+                                Stats::get(&s.reacts),
+                                Stats::get(&s.react_acked),
+                                Stats::get(&s.react_errors),
+                                Stats::get(&s.reaction_events)
+                            )
+                        } else {
+                            String::new()
+                        },
                     );
                 }
                 last = now;
@@ -1259,6 +1288,553 @@ pub async fn history(
     Ok(v)
 }
 
+// ------------------------------------------------------------------------------------------
+// storm
+// ------------------------------------------------------------------------------------------
+
+/// Options of the reaction storm.
+#[derive(Args, Clone, Debug)]
+pub struct StormArgs {
+    /// Members of the one room; member i connects to `--url` number i mod (number of URLs).
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Seconds over which every member reacts once (and, in the comparison, sends one message),
+    /// spread evenly.
+    #[arg(long, default_value_t = 1.0)]
+    pub window: f64,
+    /// Emoji, comma separated: member i reacts with number i mod (number of emoji).
+    #[arg(long, default_value = "👍,🎉,😂,🔥")]
+    pub emoji: String,
+    /// Message text bytes of the target message and of the plain messages.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Seconds without a new event, every request answered, after which a phase counts as over
+    /// even if events are missing.
+    #[arg(long, default_value_t = 3.0)]
+    pub quiet_secs: f64,
+    /// Longest wait for a phase's events, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub settle_timeout: f64,
+    /// Seconds the CPU and NATS window stays open after the last event (the persister writes
+    /// after the deliveries).
+    #[arg(long, default_value_t = 2.0)]
+    pub tail: f64,
+    /// Then ask `get_history` until it shows the exact counts (once the persister wrote them).
+    #[arg(long)]
+    pub history: bool,
+    /// Seconds the history check waits before it reports "not persisted".
+    #[arg(long, default_value_t = 30.0)]
+    pub history_timeout: f64,
+    /// Leave out the comparison with as many plain messages.
+    #[arg(long)]
+    pub no_messages: bool,
+    /// Names of the `--pid` processes, comma separated, in the same order (e.g.
+    /// `gateway1,gateway2,nats,persister`); trailing digits group them (`gateway`).
+    #[arg(long, default_value = "")]
+    pub pid_names: String,
+    /// NATS's monitoring URL (http://HOST:PORT): the bytes and messages NATS received and sent
+    /// in each phase, from /varz.
+    #[arg(long)]
+    pub nats_monitor: Option<String>,
+}
+
+/// A phase's progress: requests sent, answered ok, refused, and events received.
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseCounts {
+    requests: u64,
+    ok: u64,
+    refused: u64,
+    events: u64,
+}
+
+impl PhaseCounts {
+    fn reactions(s: &Stats) -> Self {
+        Self {
+            requests: Stats::get(&s.reacts),
+            ok: Stats::get(&s.react_acked),
+            refused: Stats::get(&s.react_errors),
+            events: Stats::get(&s.reaction_events),
+        }
+    }
+
+    fn messages(s: &Stats) -> Self {
+        Self {
+            requests: Stats::get(&s.sent),
+            ok: Stats::get(&s.acked),
+            refused: Stats::get(&s.ack_errors),
+            events: Stats::get(&s.delivered),
+        }
+    }
+
+    fn minus(self, o: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_sub(o.requests),
+            ok: self.ok.saturating_sub(o.ok),
+            refused: self.refused.saturating_sub(o.refused),
+            events: self.events.saturating_sub(o.events),
+        }
+    }
+
+    fn answered(self) -> bool {
+        self.ok + self.refused >= self.requests
+    }
+}
+
+/// The component of a process name: `gateway2` → `gateway`.
+fn component(name: &str) -> &str {
+    let c = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    if c.is_empty() { name } else { c }
+}
+
+/// CPU seconds per process and per component, over one phase.
+fn cpu_by_name(pids: &[u32], names: &[&str], procs: &[ProcDelta]) -> Value {
+    let mut by_process = serde_json::Map::new();
+    let mut by_component: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut total = 0.0;
+    for (k, p) in procs.iter().enumerate() {
+        let pid = pids.get(k).copied().unwrap_or(p.pid);
+        let name = names
+            .get(k)
+            .filter(|n| !n.is_empty())
+            .map_or_else(|| pid.to_string(), |n| (*n).to_owned());
+        let s = p.cpu_us as f64 / 1e6;
+        total += s;
+        *by_component.entry(component(&name).to_owned()).or_default() += s;
+        by_process.insert(name, json!(s));
+    }
+    let mut v = json!(by_component);
+    v["total"] = json!(total);
+    v["processes"] = Value::Object(by_process);
+    v
+}
+
+fn nats_delta(after: NatsTraffic, before: NatsTraffic, requests: u64) -> Value {
+    let d = |a: u64, b: u64| a.saturating_sub(b);
+    let (ib, ob) = (
+        d(after.in_bytes, before.in_bytes),
+        d(after.out_bytes, before.out_bytes),
+    );
+    json!({
+        "in_bytes": ib, "out_bytes": ob, "bytes": ib + ob,
+        "in_msgs": d(after.in_msgs, before.in_msgs), "out_msgs": d(after.out_msgs, before.out_msgs),
+        "bytes_per_request": (ib + ob) as f64 / requests.max(1) as f64,
+    })
+}
+
+/// Everything a phase measures besides the dispatching.
+struct PhaseCtx<'a> {
+    common: &'a Common,
+    a: &'a StormArgs,
+    stats: &'a Arc<Stats>,
+    mon: &'a Monitor,
+    http: &'a reqwest::Client,
+    ticks: u64,
+    names: Vec<&'a str>,
+}
+
+impl PhaseCtx<'_> {
+    /// Opens the CPU and NATS window, dispatches `members` requests evenly over the storm's
+    /// window, waits until the `expected` events arrived (or none came for `--quiet` seconds,
+    /// or `--settle-timeout`), keeps the window open `--tail` seconds more, and summarises.
+    async fn run(
+        &self,
+        name: &str,
+        expected: u64,
+        counts: fn(&Stats) -> PhaseCounts,
+        dispatch: impl FnMut(u64, u64),
+    ) -> anyhow::Result<Value> {
+        let (a, stats) = (self.a, self.stats);
+        self.mon.reset();
+        self.mon.phase(name);
+        let nats_before = match &a.nats_monitor {
+            Some(m) => Some(NatsTraffic::read(self.http, m).await?),
+            None => None,
+        };
+        let before = stats::sample_all(&self.common.pids, self.ticks);
+        let base = counts(stats);
+        stats.last_event_ns.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let first_due = now_ns();
+        let rate = a.members as f64 / a.window.max(1e-3);
+        paced(rate, a.window.max(1e-3), dispatch).await;
+        let send_s = started.elapsed().as_secs_f64();
+        self.mon.phase(&format!("{name}: settling"));
+        let until = Instant::now() + Duration::from_secs_f64(a.settle_timeout);
+        let quiet_ns = (a.quiet_secs * 1e9) as u64;
+        let all_arrived = loop {
+            let c = counts(stats).minus(base);
+            if c.answered() && c.events >= expected {
+                break true;
+            }
+            let last = stats
+                .last_event_ns
+                .load(Ordering::Relaxed)
+                .max(first_due + (send_s * 1e9) as u64);
+            if (c.answered() && now_ns().saturating_sub(last) > quiet_ns) || Instant::now() >= until
+            {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let last_event = stats.last_event_ns.load(Ordering::Relaxed);
+        let c = counts(stats).minus(base);
+        let (delivery, ack, _) = self.mon.percentiles();
+        self.mon.phase(&format!("{name}: tail"));
+        tokio::time::sleep(Duration::from_secs_f64(a.tail.max(0.0))).await;
+        let window_s = started.elapsed().as_secs_f64();
+        let after = stats::sample_all(&self.common.pids, self.ticks);
+        let procs = stats::deltas(&self.common.pids, &before, &after);
+        let cpu = cpu_by_name(&self.common.pids, &self.names, &procs);
+        let cpu_us: u64 = procs.iter().map(|p| p.cpu_us).sum();
+        let mut v = json!({
+            "requests": c.requests,
+            "ok": c.ok,
+            "refused": c.refused,
+            "events": c.events,
+            "expected_events": expected,
+            "missing_events": expected.saturating_sub(c.events),
+            "all_arrived": all_arrived,
+            "send_s": send_s,
+            "settle_s": if last_event > first_due { (last_event - first_due) as f64 / 1e9 } else { f64::NAN },
+            "window_s": window_s,
+            "ack_latency": ack,
+            "delivery_latency": delivery,
+            "cpu_s": cpu,
+            "cpu_us_per_event": if c.events > 0 { cpu_us as f64 / c.events as f64 } else { f64::NAN },
+            "processes": procs,
+        });
+        if let (Some(m), Some(b)) = (&a.nats_monitor, nats_before) {
+            v["nats"] = nats_delta(NatsTraffic::read(self.http, m).await?, b, c.requests);
+        }
+        Ok(v)
+    }
+}
+
+/// Sends `event` with `data` from connection `i` of `fleet` and waits (at most `secs`) for its
+/// ack's arguments.
+async fn request(
+    fleet: &Fleet,
+    i: usize,
+    event: &'static str,
+    data: Value,
+    secs: f64,
+) -> anyhow::Result<String> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    fleet.cmd(
+        i,
+        Cmd::Request {
+            event,
+            data: data.to_string(),
+            reply,
+        },
+    );
+    match tokio::time::timeout(Duration::from_secs_f64(secs), rx).await {
+        Ok(Ok(args)) => Ok(args),
+        Ok(Err(_)) => bail!("{event}: the connection closed"),
+        Err(_) => bail!("{event}: no ack in {secs} s"),
+    }
+}
+
+/// The `reactions` of a `reaction` event's or a message's JSON, zero counts left out.
+fn reactions_of(v: &Value) -> BTreeMap<String, u64> {
+    v.get("reactions")
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The counts a storm of `members` over `emoji` ends with.
+fn expected_counts(members: usize, emoji: &[Arc<str>]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    if emoji.is_empty() {
+        return m;
+    }
+    for i in 0..members {
+        *m.entry(emoji[i % emoji.len()].to_string()).or_default() += 1;
+    }
+    m
+}
+
+pub async fn storm(common: Common, a: StormArgs) -> anyhow::Result<Value> {
+    let ticks = stats::clock_ticks();
+    let stats = Arc::new(Stats::default());
+    let mon = Monitor::start(&stats, common.quiet, "storm");
+    let run = run_id(&common);
+    let n = a.members.max(1);
+    let room: Arc<str> = Arc::from(format!("{run}-storm"));
+    let emoji: Vec<Arc<str>> = a
+        .emoji
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(Arc::from)
+        .collect();
+    if emoji.is_empty() {
+        bail!("--emoji needs at least one emoji");
+    }
+    let http = reqwest::Client::new();
+    let log = Arc::new(client::StormLog::new(n));
+    let fill_started = Instant::now();
+    let fleet = Fleet::spawn_with(
+        &common,
+        &stats,
+        n,
+        |i| i,
+        |_| room.clone(),
+        a.size,
+        None,
+        Some(log.clone()),
+    )?;
+    fleet
+        .wait_joined(n as u64, Duration::from_secs(120 + n as u64 / 20))
+        .await?;
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    // Join notices and presence counts settle.
+    mon.phase("settling joins");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The message everyone reacts to, sent by member 0 and delivered to all.
+    mon.phase("target message");
+    let mut text = String::new();
+    crate::proto::stamped_text(&mut text, now_ns(), a.size);
+    let delivered_before = Stats::get(&stats.delivered);
+    let args = request(
+        &fleet,
+        0,
+        "send_message",
+        json!({ "room": &*room, "message": text }),
+        30.0,
+    )
+    .await?;
+    if !crate::proto::ack_ok(&args) {
+        bail!(
+            "send_message of the target: {}",
+            crate::proto::ack_error_code(&args)
+        );
+    }
+    let target: Arc<str> = Arc::from(
+        crate::proto::ack_string_field(&args, "id").context("send_message ack without id")?,
+    );
+    let everyone = wait_for(Duration::from_secs(30), || {
+        Stats::get(&stats.delivered) - delivered_before >= n as u64
+    })
+    .await;
+    if !everyone {
+        bail!(
+            "the target message reached {} of {n} members in 30 s",
+            Stats::get(&stats.delivered) - delivered_before
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let names: Vec<&str> = a.pid_names.split(',').map(str::trim).collect();
+    let ctx = PhaseCtx {
+        common: &common,
+        a: &a,
+        stats: &stats,
+        mon: &mon,
+        http: &http,
+        ticks,
+        names,
+    };
+    let nn = (n as u64) * (n as u64);
+
+    // The storm: member k reacts with emoji k mod E, all within the window.
+    let reactions = ctx
+        .run("reactions", nn, PhaseCounts::reactions, |k, due| {
+            let i = k as usize;
+            if let Some(d) = log.due_ns.get(i) {
+                d.store(due, Ordering::Relaxed);
+            }
+            fleet.cmd(
+                i,
+                Cmd::React {
+                    room: room.clone(),
+                    id: target.clone(),
+                    emoji: emoji[i % emoji.len()].clone(),
+                    sched_ns: due,
+                },
+            );
+        })
+        .await?;
+
+    // Exact counts: the last `reaction` event every member received.
+    let want = expected_counts(n, &emoji);
+    let (mut exact, mut wrong, mut silent) = (0u64, 0u64, 0u64);
+    let mut wrong_sample: Option<Value> = None;
+    for i in 0..n {
+        let last = log.last_of(i);
+        if last.is_empty() {
+            silent += 1;
+            continue;
+        }
+        let got = serde_json::from_str::<Value>(&last)
+            .ok()
+            .and_then(|v| v.get(1).map(reactions_of))
+            .unwrap_or_default();
+        if got == want {
+            exact += 1;
+        } else {
+            wrong += 1;
+            if wrong_sample.is_none() {
+                wrong_sample = Some(json!({ "member": i, "reactions": got }));
+            }
+        }
+    }
+    let exact_v = json!({
+        "expected": want,
+        "members_exact": exact,
+        "members_wrong": wrong,
+        "members_without_event": silent,
+        "members_not_exact": wrong + silent,
+        "first_wrong": wrong_sample,
+    });
+
+    // History: the persister writes changes after they were delivered; ask until it shows them.
+    let history = if a.history {
+        mon.phase("history");
+        let started = Instant::now();
+        let mut last_seen: Option<BTreeMap<String, u64>> = None;
+        let mut last_error: Option<String> = None;
+        let mut persisted_s = None;
+        while started.elapsed().as_secs_f64() < a.history_timeout {
+            match request(
+                &fleet,
+                0,
+                "get_history",
+                json!({ "room": &*room, "limit": 50 }),
+                10.0,
+            )
+            .await
+            {
+                Ok(args) if crate::proto::ack_ok(&args) => {
+                    let msg = serde_json::from_str::<Value>(&args).ok().and_then(|v| {
+                        v.get(0)?
+                            .get("messages")?
+                            .as_array()?
+                            .iter()
+                            .find(|m| m.get("id").and_then(Value::as_str) == Some(&*target))
+                            .cloned()
+                    });
+                    match msg {
+                        Some(m) => {
+                            let got = reactions_of(&m);
+                            let done = got == want;
+                            last_seen = Some(got);
+                            if done {
+                                persisted_s = Some(started.elapsed().as_secs_f64());
+                                break;
+                            }
+                        }
+                        None => last_error = Some("the target message is not in the page".into()),
+                    }
+                }
+                Ok(args) => last_error = Some(crate::proto::ack_error_code(&args)),
+                Err(e) => last_error = Some(format!("{e:#}")),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let note = match persisted_s {
+            Some(s) => format!("exact counts in get_history after {s:.1} s"),
+            None => format!("not persisted within {:.0} s", a.history_timeout),
+        };
+        if !common.quiet {
+            eprintln!("[storm] history: {note}");
+        }
+        json!({
+            "checked": true,
+            "exact": persisted_s.is_some(),
+            "seconds": persisted_s,
+            "note": note,
+            "last_seen": last_seen,
+            "last_error": last_error,
+        })
+    } else {
+        json!({ "checked": false })
+    };
+
+    // The same number of plain messages: each member sends one, all within the window.
+    let messages = if a.no_messages {
+        Value::Null
+    } else {
+        ctx.run("messages", nn, PhaseCounts::messages, |k, due| {
+            fleet.cmd(
+                k as usize,
+                Cmd::Send {
+                    room: room.clone(),
+                    sched_ns: due,
+                },
+            );
+        })
+        .await?
+    };
+
+    let ratio = |path: &[&str]| -> Value {
+        let get = |v: &Value| {
+            let mut cur = v;
+            for p in path {
+                cur = cur.get(*p)?;
+            }
+            cur.as_f64()
+        };
+        match (get(&reactions), get(&messages)) {
+            (Some(r), Some(m)) if m != 0.0 => json!(r / m),
+            _ => Value::Null,
+        }
+    };
+    let ratios = json!({
+        "settle_s": ratio(&["settle_s"]),
+        "cpu_total_s": ratio(&["cpu_s", "total"]),
+        "cpu_gateway_s": ratio(&["cpu_s", "gateway"]),
+        "cpu_nats_s": ratio(&["cpu_s", "nats"]),
+        "cpu_persister_s": ratio(&["cpu_s", "persister"]),
+        "nats_bytes": ratio(&["nats", "bytes"]),
+    });
+    let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let lost = field(&reactions, "missing_events") + field(&messages, "missing_events");
+    let refused = field(&reactions, "refused") + field(&messages, "refused");
+    let s = &stats;
+    let ok = wrong + silent == 0
+        && lost == 0
+        && refused == 0
+        && field(&reactions, "ok") == n as u64
+        && (a.no_messages || field(&messages, "ok") == n as u64)
+        && Stats::get(&s.connect_errors) == 0
+        && Stats::get(&s.disconnects) == 0
+        && Stats::get(&s.protocol_errors) == 0;
+    Ok(json!({
+        "scenario": "storm",
+        "label": common.label,
+        "params": {
+            "members": n, "window_s": a.window, "emoji": emoji.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "size": a.size, "urls": common.urls.len(), "history": a.history, "run_id": run,
+        },
+        "urls": common.urls,
+        "pids": common.pids,
+        "connections": Stats::get(&s.connected),
+        "fill_s": fill_s,
+        "target": &*target,
+        "reactions": reactions,
+        "exact": exact_v,
+        "history": history,
+        "messages": messages,
+        "ratios": ratios,
+        "lost_deliveries": lost,
+        "refused": refused,
+        "protocol_errors": Stats::get(&s.protocol_errors),
+        "disconnects": Stats::get(&s.disconnects),
+        "connect_errors": Stats::get(&s.connect_errors),
+        "errors": s.errors(),
+        "loadgen": { "rss_kib": self_sample(ticks).rss_kib },
+        "ok": ok,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1285,6 +1861,45 @@ mod tests {
         }
         assert!(due[0].1 >= t0);
         assert_eq!(paced(0.0, 1.0, |_, _| {}).await, 0);
+    }
+
+    #[test]
+    fn storm_counts_and_names() {
+        let emoji: Vec<Arc<str>> = vec![Arc::from("a"), Arc::from("b"), Arc::from("c")];
+        let want = expected_counts(7, &emoji);
+        assert_eq!(
+            want.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("a".to_owned(), 3),
+                ("b".to_owned(), 2),
+                ("c".to_owned(), 2)
+            ]
+        );
+        let v = json!({"reactions": {"a": 2, "b": 0}});
+        assert_eq!(
+            reactions_of(&v).into_iter().collect::<Vec<_>>(),
+            vec![("a".to_owned(), 2)],
+            "zero counts are left out"
+        );
+        assert!(reactions_of(&json!({"id": "x"})).is_empty());
+        assert_eq!(component("gateway12"), "gateway");
+        assert_eq!(component("nats"), "nats");
+        assert_eq!(component("42"), "42");
+        let c = PhaseCounts {
+            requests: 3,
+            ok: 2,
+            refused: 1,
+            events: 9,
+        };
+        assert!(c.answered());
+        assert!(
+            !PhaseCounts {
+                requests: 3,
+                ok: 2,
+                ..PhaseCounts::default()
+            }
+            .answered()
+        );
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub struct Stats {
     pub history_ok: AtomicU64,
     pub history_errors: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// `react` requests sent, acknowledged ok, refused; `reaction` events received.
+    pub reacts: AtomicU64,
+    pub react_acked: AtomicU64,
+    pub react_errors: AtomicU64,
+    pub reaction_events: AtomicU64,
+    /// When the latest stamped `receive_message` or `reaction` event arrived (unix ns).
+    pub last_event_ns: AtomicU64,
     pub delivery: LatencyRecorder,
     pub ack: LatencyRecorder,
     pub history: LatencyRecorder,
@@ -96,6 +103,11 @@ impl Stats {
 
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes that an event arrived at `ns`.
+    pub fn event_at(&self, ns: u64) {
+        self.last_event_ns.fetch_max(ns, Ordering::Relaxed);
     }
 }
 
