@@ -193,13 +193,19 @@ export class Changer {
     if (op.status === "unknown") st.frozen = true;
   }
 
-  /** Makes changes at `ratePerSec`, one at a time, until stop() is true. */
+  /**
+   * Makes changes, one at a time, until stop() is true: at most `ratePerSec` (each starts at
+   * least 1/ratePerSec after the one before, so a slow answer never leads to a burst).
+   */
   async run(stop) {
-    const started = Date.now();
-    for (let i = 0; !stop(); i++) {
-      const due = started + (i * 1000) / this.ratePerSec;
-      while (!stop() && Date.now() < due) await sleep(Math.min(100, due - Date.now()));
+    let due = Date.now();
+    while (!stop()) {
+      const now = Date.now();
+      if (now < due) await sleep(Math.min(100, due - now));
+      else await sleep(0);
       if (stop()) break;
+      if (Date.now() < due) continue;
+      due = Date.now() + 1000 / this.ratePerSec;
       if (!this.client.connected) continue;
       const r = Math.random();
       if (r < this.mix.edit + this.mix.delete) {
