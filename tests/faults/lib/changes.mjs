@@ -58,7 +58,7 @@ const RESEND = new Set(["unavailable", "timeout"]);
  * to (itself included), `tag` the scenario's message key prefix (keys are `tag.name.seq`).
  */
 export class Changer {
-  constructor({ client, ledger, changes, tag, peers, ratePerSec = 4, mix = { edit: 0.4, delete: 0.1, react: 0.5 }, recent = 150, maxTries = 8, retryPauseMs = 300, ackTimeoutMs = 10_000 }) {
+  constructor({ client, ledger, changes, tag, peers, ratePerSec = 4, mix = { edit: 0.4, delete: 0.1, react: 0.5 }, recent = 40, maxTries = 8, retryPauseMs = 300, ackTimeoutMs = 10_000 }) {
     Object.assign(this, { client, ledger, changes, tag, peers, ratePerSec, mix, recent, maxTries, retryPauseMs, ackTimeoutMs });
     this.seq = 0;
     /** id -> { edits, deleted, frozen } of its own messages */

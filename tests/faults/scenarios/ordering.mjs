@@ -18,6 +18,7 @@ import { originOf, runSender, unseen, until } from "../lib/load.mjs";
 const SENDERS = 6;
 const WINDOW = 100;
 const BURST = 40;
+const CHANGES_AFTER_MS = 15_000;
 
 export default {
   name: "ordering",
@@ -60,6 +61,10 @@ export default {
     const started = Date.now();
     await load;
     await chaos.catch((e) => checks.check("the persister was restarted mid-load", false, e.message));
+    // each change waits behind up to WINDOW pipelined sends of its socket: the load is short, so
+    // changes go on (at most CHANGES_AFTER_MS) until every kind was acknowledged at least once
+    const loadEnded = Date.now();
+    await until(() => ["edit", "delete", "react"].every((k) => changes.count("ok", k) > 0) || Date.now() - loadEnded > CHANGES_AFTER_MS, CHANGES_AFTER_MS + 60_000, "changes").catch(() => {});
     changesDone = true;
     const { errors: changerErrors } = await changing;
     checks.check("every changer ran to the end", changerErrors.length === 0, changerErrors.map((e) => e.message).join("; "));
