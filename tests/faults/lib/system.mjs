@@ -361,8 +361,9 @@ const CHANGE_ATTRIBUTES = ["createdTime", "editedTime", "deleted", "reactions", 
 
 /**
  * Every row HarperDB holds for `room`, in primary key order (= stream order, history order): { pk, id, room,
- * username, message } (with `changes`, also createdTime, editedTime, deleted, reactions, reactors, version). One `between` on the primary key, paged by the last key (the schema's
- * one index; conditions on other attributes are avoided, see persister/src/harperdb.rs).
+ * username, message }, with `changes` also what changes made of it (createdTime, editedTime,
+ * deleted, reactions, reactors, version). One `between` on the primary key, paged by the last key
+ * (the schema's one index; conditions on other attributes are avoided, see persister/src/harperdb.rs).
  */
 export async function storedRows(room, { changes = false } = {}) {
   const database = ENV.vars.CHATIFY_HARPERDB__DATABASE || "chatify";
