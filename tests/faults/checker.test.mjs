@@ -2,7 +2,7 @@
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { ackOrderInversions, checkDeliveries, checkHistory, countInversions, historyOk, historyOrderInversions, sequenceOfId } from "./checker.mjs";
+import { CHANGE_FAILURE_COUNTS, ackOrderInversions, checkChanges, checkDeliveries, checkHistory, countInversions, historyOk, historyOrderInversions, historyStateDiffs, possibleReaction, possibleTextStates, sequenceOfId } from "./checker.mjs";
 
 // Chatify message ids: a UUIDv7 whose low 62 bits are the stream sequence `n`; the storage key
 // ends in the sequence as 16 hex digits
@@ -171,5 +171,155 @@ describe("order helpers", () => {
     assert.equal(ackOrderInversions(good), 0);
     const bad = [ok("a", 0, { ids: [id(2)] }), ok("b", 1, { ids: [id(1)] }), ok("c", 2, { sender: "s2", ids: [id(0)] })];
     assert.equal(ackOrderInversions(bad), 1);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Messages that change
+// ---------------------------------------------------------------------------------------------
+
+const M = id(1);
+const originals = new Map([[M, "m1"], [id(2), "m2"]]);
+let opN = 0;
+const edit = (seq, text, status = "ok", extra = {}) => ({ n: opN++, id: M, room: "r", actor: "s1", seq, kind: "edit", text, status, emissions: 1, editedTime: status === "ok" ? 1000 + seq : undefined, ...extra });
+const del = (seq, status = "ok", extra = {}) => ({ n: opN++, id: M, room: "r", actor: "s1", seq, kind: "delete", status, emissions: 1, ...extra });
+const react = (actor, seq, emoji, add, status = "ok", extra = {}) => ({ n: opN++, id: M, room: "r", actor, seq, kind: "react", emoji, add, status, emissions: 1, ...extra });
+const stored = (extra = {}) => ({ id: M, room: "r", username: "ann", message: "m1", ...extra });
+const failures = (r) => Object.fromEntries(CHANGE_FAILURE_COUNTS.map((k) => [k, r[k]]));
+const none = { changesLost: 0, changesDuplicated: 0, changesReordered: 0, changesUnexpected: 0 };
+
+describe("checkChanges", () => {
+  test("the last acknowledged edit stands, with its edit time, and reactions are exact: all counts zero", () => {
+    const ops = [edit(0, "m1 e0"), edit(1, "m1 e1"), react("s2", 0, "+1", true), react("s3", 0, "+1", true), react("s3", 1, "+1", false), react("s3", 2, "+1", true), react("s2", 1, "ok", true)];
+    const rows = [stored({ message: "m1 e1", editedTime: 1001, reactions: { "+1": 2, ok: 1 }, reactors: { "+1": ["a", "b"], ok: ["a"] } }), { id: id(2), room: "r", username: "ann", message: "m2" }];
+    const r = checkChanges({ ops, rows, originals });
+    assert.deepEqual(failures(r), none);
+    assert.equal(r.changesAcknowledged, 7);
+    assert.equal(r.changedMessages, 1);
+    assert.deepEqual(r.byKind.edit, { attempted: 2, ok: 2, unknown: 0, rejected: 0 });
+  });
+
+  test("a lost edit: the row keeps the text before the last acknowledged edit (must fail)", () => {
+    const r = checkChanges({ ops: [edit(0, "m1 e0"), edit(1, "m1 e1")], rows: [stored({ message: "m1 e0", editedTime: 1000 })], originals });
+    assert.equal(r.changesLost, 1);
+    assert.match(r.details.changesLost[0].why, /older than the last acknowledged edit/);
+  });
+
+  test("a lost edit of a message edited once: the original text stands (must fail)", () => {
+    const r = checkChanges({ ops: [edit(0, "m1 e0")], rows: [stored()], originals });
+    assert.equal(r.changesLost, 1);
+  });
+
+  test("a doubled reaction: one member's add counted twice (must fail)", () => {
+    const r = checkChanges({ ops: [react("s2", 0, "+1", true), react("s2", 1, "+1", true)], rows: [stored({ reactions: { "+1": 2 } })], originals });
+    assert.equal(r.changesDuplicated, 1);
+    assert.equal(r.details.changesDuplicated[0].emoji, "+1");
+  });
+
+  test("a reaction taken back and counted still, or a redelivered add counted again (must fail)", () => {
+    const ops = [react("s2", 0, "+1", true), react("s2", 1, "+1", false)];
+    assert.equal(checkChanges({ ops, rows: [stored({ reactions: { "+1": 1 } })], originals }).changesDuplicated, 1);
+    assert.deepEqual(failures(checkChanges({ ops, rows: [stored()], originals })), none);
+  });
+
+  test("counts that are not the number of reactors are duplicated (must fail)", () => {
+    const r = checkChanges({ ops: [react("s2", 0, "+1", true)], rows: [stored({ reactions: { "+1": 1 }, reactors: { "+1": ["a", "a2"] } })], originals });
+    assert.equal(r.changesDuplicated, 1);
+  });
+
+  test("a lost reaction: fewer than acknowledged (must fail)", () => {
+    const r = checkChanges({ ops: [react("s2", 0, "+1", true), react("s3", 0, "+1", true)], rows: [stored({ reactions: { "+1": 1 } })], originals });
+    assert.equal(r.changesLost, 1);
+  });
+
+  test("an out-of-order edit: an older edit applied after the newer one leaves the older text (must fail)", () => {
+    // the store holds e0 with e0's time: e1 was applied before it, or not at all
+    const r = checkChanges({ ops: [edit(0, "m1 e0"), edit(1, "m1 e1"), edit(2, "m1 e2")], rows: [stored({ message: "m1 e1", editedTime: 1001 })], originals });
+    assert.equal(r.changesLost, 1);
+    assert.deepEqual(r.details.changesLost[0].expected, ["m1 e2"]);
+  });
+
+  test("an out-of-order edit: the last text with another edit's time (must fail)", () => {
+    const r = checkChanges({ ops: [edit(0, "m1 e0"), edit(1, "m1 e1")], rows: [stored({ message: "m1 e1", editedTime: 1000 })], originals });
+    assert.equal(r.changesReordered, 1);
+  });
+
+  test("an edit acknowledged before a deletion must not resurrect the text (must fail)", () => {
+    const ops = [edit(0, "m1 e0"), del(1)];
+    const ok = checkChanges({ ops, rows: [stored({ message: "", username: "", deleted: true })], originals });
+    assert.deepEqual(failures(ok), none);
+    const resurrected = checkChanges({ ops, rows: [stored({ message: "m1 e0", username: "", deleted: true, editedTime: 1000 })], originals });
+    assert.equal(resurrected.changesReordered, 1);
+    const undeleted = checkChanges({ ops, rows: [stored({ message: "m1 e0", editedTime: 1000 })], originals });
+    assert.equal(undeleted.changesLost, 1, "the acknowledged deletion is lost");
+  });
+
+  test("reactions on a deleted message are gone; a reaction kept past the deletion is out of order (must fail)", () => {
+    const ops = [react("s2", 0, "+1", true), del(0)];
+    assert.deepEqual(failures(checkChanges({ ops, rows: [stored({ message: "", username: "", deleted: true })], originals })), none);
+    const r = checkChanges({ ops, rows: [stored({ message: "", username: "", deleted: true, reactions: { "+1": 1 } })], originals });
+    assert.equal(r.changesReordered, 1);
+  });
+
+  test("changes of unknown outcome allow both states", () => {
+    const ops = [edit(0, "m1 e0"), edit(1, "m1 e1", "unknown")];
+    for (const row of [stored({ message: "m1 e0", editedTime: 1000 }), stored({ message: "m1 e1", editedTime: 4242 })]) {
+      assert.deepEqual(failures(checkChanges({ ops, rows: [row], originals })), none);
+    }
+    const delUnknown = [edit(0, "m1 e0"), del(1, "unknown")];
+    for (const row of [stored({ message: "m1 e0", editedTime: 1000 }), stored({ message: "", username: "", deleted: true })]) {
+      assert.deepEqual(failures(checkChanges({ ops: delUnknown, rows: [row], originals })), none);
+    }
+    const reactUnknown = [react("s2", 0, "+1", true), react("s3", 0, "+1", true, "unknown")];
+    for (const n of [1, 2]) assert.deepEqual(failures(checkChanges({ ops: reactUnknown, rows: [stored({ reactions: { "+1": n } })], originals })), none);
+    assert.equal(checkChanges({ ops: reactUnknown, rows: [stored({ reactions: { "+1": 3 } })], originals }).changesDuplicated, 1);
+    assert.equal(checkChanges({ ops: reactUnknown, rows: [stored()], originals }).changesLost, 1);
+  });
+
+  test("refused changes have no effect: a refused edit's text or a deletion nobody acknowledged is unexpected (must fail)", () => {
+    const ops = [edit(0, "m1 e0", "rejected", { code: "rate_limited" })];
+    assert.deepEqual(failures(checkChanges({ ops, rows: [stored()], originals })), none);
+    assert.equal(checkChanges({ ops, rows: [stored({ message: "m1 e0", editedTime: 5 })], originals }).changesUnexpected, 1);
+    assert.equal(checkChanges({ ops: [], rows: [stored({ message: "", username: "", deleted: true })], originals }).changesUnexpected, 1);
+    assert.equal(checkChanges({ ops: [], rows: [stored({ reactions: { "+1": 1 } })], originals }).changesUnexpected, 1);
+  });
+
+  test("an edit acknowledged after a deletion of unknown outcome proves the deletion was not applied", () => {
+    const ops = [del(0, "unknown"), edit(1, "m1 e1")];
+    assert.deepEqual(failures(checkChanges({ ops, rows: [stored({ message: "m1 e1", editedTime: 1001 })], originals })), none);
+    assert.equal(checkChanges({ ops, rows: [stored({ message: "", username: "", deleted: true })], originals }).changesUnexpected, 1);
+  });
+
+  test("possibleTextStates and possibleReaction", () => {
+    assert.deepEqual(possibleTextStates("t", [edit(0, "a"), edit(1, "b", "unknown")]).map((s) => s.text), ["a", "b"]);
+    assert.deepEqual(possibleReaction([react("x", 0, "e", true), react("x", 1, "e", false, "unknown")]), { min: 0, max: 1 });
+    assert.deepEqual(possibleReaction([react("x", 0, "e", true, "rejected")].filter((o) => o.status !== "rejected")), { min: 0, max: 0 });
+  });
+});
+
+describe("checkHistory with messages that change", () => {
+  test("a deleted row (no text, no username) is known by its acknowledged id; an edited row by the key its text starts with", () => {
+    const attempts = [ok("m0", 0), ok("m1", 1)];
+    const rows = [row("m0", 0, { message: "", username: "", deleted: true }), row("m1", 1)];
+    const r = checkHistory({ attempts, rows });
+    assert.deepEqual([r.lost, r.duplicated, r.unexpected, r.reordered], [0, 0, 0, 0]);
+  });
+
+  test("a deleted row of an id nobody was acknowledged is unexpected", () => {
+    const r = checkHistory({ attempts: [ok("m0", 0)], rows: [row("m0", 0), row("x", 3, { message: "", username: "", deleted: true })] });
+    assert.equal(r.unexpected, 1);
+  });
+});
+
+describe("historyStateDiffs", () => {
+  test("a history answer must show each message as stored", () => {
+    const rowsById = new Map([
+      [id(1), { id: id(1), message: "a e1", editedTime: 7, reactions: { x: 1 } }],
+      [id(2), { id: id(2), message: "", deleted: true }],
+    ]);
+    const good = [{ id: id(1), message: "a e1", editedTime: 7, reactions: { x: 1 } }, { id: id(2), room: "r", createdTime: 1, deleted: true }];
+    assert.deepEqual(historyStateDiffs(good, rowsById), []);
+    const stale = [{ id: id(1), message: "a", reactions: { x: 2 } }, { id: id(2), message: "b" }];
+    assert.deepEqual(historyStateDiffs(stale, rowsById).map((d) => d.field), ["message", "editedTime", "reactions", "deleted", "message"]);
   });
 });

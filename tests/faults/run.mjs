@@ -12,13 +12,15 @@
 //
 // Prints one line per scenario:
 //   NAME: attempted=… acknowledged=… stored=… lost=0 duplicated=0 unexpected=0 reordered=0 (… s)
-// followed by the scenario's own checks, writes a JSON summary and exits 1 when any count is not
-// zero or any check failed.
+// (with messages that change in its load, also changes=… acked=… unknown=… changesLost=0
+// changesDuplicated=0 changesReordered=0 changesUnexpected=0) followed by the scenario's own
+// checks, writes a JSON summary and exits 1 when any count is not zero or any check failed.
 
 import fs from "node:fs";
 import path from "node:path";
-import { REPO_DIR, closeAll, sleep, uid } from "../e2e/helpers.mjs";
-import { FAILURE_COUNTS, checkHistory } from "./checker.mjs";
+import { REPO_DIR, closeAll, connect, sleep, uid } from "../e2e/helpers.mjs";
+import { CHANGE_FAILURE_COUNTS, FAILURE_COUNTS, checkChanges, checkHistory, historyStateDiffs } from "./checker.mjs";
+import { ChangeLedger, originalTexts, runChangers } from "./lib/changes.mjs";
 import { loadSizes } from "./lib/config.mjs";
 import { ChatClient, Ledger, rowKey } from "./lib/load.mjs";
 import * as sys from "./lib/system.mjs";
@@ -100,10 +102,47 @@ class Checks {
   }
 }
 
+/**
+ * Every history path must show each message as HarperDB finally holds it: get_history (through
+ * the load balancer) and the HTTP route of each gateway, the latest page of each room.
+ */
+async function checkHistoryPaths(rooms, rows, checks) {
+  const rowsById = new Map(rows.map((r) => [r.id, r]));
+  const socket = await connect(sys.urls.lb(), { transports: ["websocket"] });
+  try {
+    for (const room of rooms) {
+      let res;
+      try {
+        res = await socket.timeout(15_000).emitWithAck("get_history", { room, limit: 100 });
+      } catch (e) {
+        res = { ok: false, error: { code: "timeout", message: e.message } };
+      }
+      const diffs = res?.ok ? historyStateDiffs(res.messages, rowsById) : undefined;
+      checks.check(`get_history shows ${room}'s latest messages as stored`, diffs?.length === 0, diffs ? `${res.messages.length} messages, ${diffs.length} differ${diffs.length ? `: ${JSON.stringify(diffs.slice(0, 3))}` : ""}` : JSON.stringify(res?.error));
+      for (const gw of ["gateway1", "gateway2"]) {
+        const http = await sys.get(`${sys.urlOf(gw)}/api/rooms/${encodeURIComponent(room)}/messages?limit=100`, 15_000);
+        let page;
+        try {
+          page = http.status === 200 ? JSON.parse(http.text) : undefined;
+        } catch {
+          page = undefined;
+        }
+        const d = Array.isArray(page?.messages) ? historyStateDiffs(page.messages, rowsById) : undefined;
+        checks.check(`GET /api/rooms/…/messages on ${gw} shows ${room}'s latest messages as stored`, d?.length === 0, d ? `${page.messages.length} messages, ${d.length} differ${d.length ? `: ${JSON.stringify(d.slice(0, 3))}` : ""}` : `HTTP ${http.status} ${(http.text ?? http.error ?? "").slice(0, 200)}`);
+      }
+    }
+  } finally {
+    socket.disconnect();
+  }
+}
+
 async function runScenario(scenario, sizes, runTag) {
   const started = Date.now();
   const checks = new Checks();
   const ledger = new Ledger();
+  const changes = new ChangeLedger();
+  // messages that change: on in the scenarios that mix them into their load, unless FAULTS_CHANGE_RATE=0
+  const changesOn = !!scenario.changes && sizes.FAULTS_CHANGE_RATE > 0;
   const clients = [];
   const rooms = [];
   const tag = `${runTag}-${scenario.short}`;
@@ -128,6 +167,17 @@ async function runScenario(scenario, sizes, runTag) {
       return c;
     },
     clients,
+    /** The edits, deletions and reactions of the load (checked afterwards when any was made). */
+    changes,
+    changesOn,
+    /**
+     * Makes `clients` edit and delete their own acknowledged messages and toggle reactions to
+     * the messages of all of them, FAULTS_CHANGE_RATE changes a second each, until stop().
+     */
+    runChangers(changers, stop) {
+      if (!changesOn) return Promise.resolve({ changers: [], errors: [] });
+      return runChangers(changers, { ledger, changes, tag, stop, ratePerSec: sizes.FAULTS_CHANGE_RATE });
+    },
   };
   console.log(`\n--- ${scenario.name}: ${scenario.title}`);
   let error;
@@ -143,12 +193,21 @@ async function runScenario(scenario, sizes, runTag) {
 
   // Final state: everything back up, the persister caught up with the stream, then HarperDB read.
   let result;
+  let changeResult;
+  const checkingChanges = changesOn || changes.ops.length > 0;
   try {
     await restoreSystem();
     const drainMs = await sys.waitConsumerDrained(sizes.FAULTS_SETTLE_MS);
     log(`persister caught up ${drainMs} ms after the scenario`);
-    const rows = await sys.storedRowsOf(rooms);
+    const rows = await sys.storedRowsOf(rooms, { changes: checkingChanges });
     result = checkHistory({ attempts: ledger.list(), rows: rows.map(rowKey) });
+    if (checkingChanges) {
+      changeResult = checkChanges({ ops: changes.list(), rows, originals: originalTexts(ledger.list()) });
+      log(`changes: ${JSON.stringify(changeResult.byKind)}; answers ${JSON.stringify(changes.codes)}; ${changeResult.changedMessages} messages changed`);
+      for (const k of CHANGE_FAILURE_COUNTS) if (changeResult[k]) log(`${k}: ${JSON.stringify(changeResult.details[k].slice(0, 5))}`);
+      checks.check("messages were changed under the faults (edits, deletions and reactions acknowledged)", ["edit", "delete", "react"].every((k) => changeResult.byKind[k]?.ok > 0), JSON.stringify(changeResult.byKind));
+      await checkHistoryPaths(rooms, rows, checks);
+    }
     const retried = ledger.list().filter((a) => a.emissions > 1).length;
     log(`outcomes of ${Object.values(ledger.codes).reduce((x, y) => x + y, 0)} emissions: ${JSON.stringify(ledger.codes)}; messages sent more than once: ${retried}`);
     for (const k of FAILURE_COUNTS) if (result[k]) log(`${k}: ${JSON.stringify(result.details[k].slice(0, 5))}`);
@@ -159,18 +218,28 @@ async function runScenario(scenario, sizes, runTag) {
   const counts = result
     ? Object.fromEntries(["attempted", "acknowledged", "unavailable", "indeterminate", "rejected", "stored", ...FAILURE_COUNTS].map((k) => [k, result[k]]))
     : undefined;
-  const passed = !!result && FAILURE_COUNTS.every((k) => result[k] === 0) && checks.failed.length === 0 && !error;
+  const changeCounts = changeResult
+    ? Object.fromEntries(["changes", "changesAcknowledged", "changesUnknown", "changesRejected", "changedMessages", ...CHANGE_FAILURE_COUNTS].map((k) => [k, changeResult[k]]))
+    : undefined;
+  const changesPassed = !checkingChanges || (!!changeResult && CHANGE_FAILURE_COUNTS.every((k) => changeResult[k] === 0));
+  const passed = !!result && FAILURE_COUNTS.every((k) => result[k] === 0) && changesPassed && checks.failed.length === 0 && !error;
+  const changeLine = changeCounts
+    ? ` changes=${changeCounts.changes} acked=${changeCounts.changesAcknowledged} unknown=${changeCounts.changesUnknown} ${CHANGE_FAILURE_COUNTS.map((k) => `${k}=${changeCounts[k]}`).join(" ")}`
+    : checkingChanges
+      ? " changes not checked"
+      : "";
   const line = `${scenario.name}: ${
     counts
       ? `attempted=${counts.attempted} acknowledged=${counts.acknowledged} stored=${counts.stored} lost=${counts.lost} duplicated=${counts.duplicated} unexpected=${counts.unexpected} reordered=${counts.reordered}`
       : "history not checked"
-  } (${seconds.toFixed(1)} s) ${passed ? "PASS" : `FAIL${checks.failed.length ? ` (${checks.failed.length} check(s) failed)` : ""}`}`;
+  }${changeLine} (${seconds.toFixed(1)} s) ${passed ? "PASS" : `FAIL${checks.failed.length ? ` (${checks.failed.length} check(s) failed)` : ""}`}`;
   console.log(line);
   return {
     name: scenario.name,
     passed,
     seconds,
     counts,
+    changes: changeCounts && { ...changeCounts, byKind: changeResult.byKind, answers: changes.codes, examples: changeResult.details },
     perRoom: result?.perRoom,
     examples: result ? Object.fromEntries(FAILURE_COUNTS.map((k) => [k, result.details[k]])) : undefined,
     checks: checks.list,

@@ -39,6 +39,8 @@ export const SIZES = {
   FAULTS_PAIR_KILL_MIN_MS: { reduced: 1000, full: 4000, doc: "shortest pause between a restart and the next SIGKILL" },
   FAULTS_PAIR_KILL_MAX_MS: { reduced: 2000, full: 10_000, doc: "longest pause between a restart and the next SIGKILL" },
   FAULTS_PAIR_MIN_KILLS: { reduced: 3, full: 5, doc: "SIGKILLs that must have hit the load" },
+  // messages that change (persister-crash, ordering)
+  FAULTS_CHANGE_RATE: { reduced: 4, full: 4, doc: "edits, deletions and reactions a second per sending socket in persister-crash and ordering (0: none; the limit is 10 a second)" },
   // every scenario
   FAULTS_SETTLE_MS: { reduced: 90_000, full: 300_000, doc: "how long the persister may take to write everything after a scenario" },
 };

@@ -287,6 +287,7 @@ export async function runSender(client, room, { count, tag, window = 20, retry =
     }
     const a = client.newAttempt(typeof room === "function" ? room(i) : room, tag);
     const text = filler ? `${a.key} ${filler}` : a.key;
+    if (filler) a.text = text;
     if (!retry) {
       const p = client.emitSend(a, text).then(() => inflight.delete(p));
       inflight.add(p);
@@ -338,5 +339,8 @@ export function originOf(ledger) {
   };
 }
 
-/** Gives the Ledger's attempts the row keys the checker expects (rows' text is `key[ filler]`). */
-export const rowKey = (r) => ({ ...r, message: String(r.message ?? "").split(" ")[0] });
+/**
+ * Gives the Ledger's attempts the row keys the checker expects (rows' text is `key[ filler]`, or
+ * after an edit `key edit.N`); `text` keeps the whole text.
+ */
+export const rowKey = (r) => ({ ...r, text: r.message, message: String(r.message ?? "").split(" ")[0] });

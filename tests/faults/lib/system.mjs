@@ -355,13 +355,17 @@ async function hdbOperation(body, timeoutMs = 30_000) {
 }
 
 const PAGE = 5000;
+const ROW_ATTRIBUTES = ["pk", "id", "room", "username", "message"];
+/** What changes make of a row (messages that change): read only where a scenario changes messages. */
+const CHANGE_ATTRIBUTES = ["createdTime", "editedTime", "deleted", "reactions", "reactors", "version"];
 
 /**
  * Every row HarperDB holds for `room`, in primary key order (= stream order, history order): { pk, id, room,
- * username, message }. One `between` on the primary key, paged by the last key (the schema's
- * one index; conditions on other attributes are avoided, see persister/src/harperdb.rs).
+ * username, message }, with `changes` also what changes made of it (createdTime, editedTime,
+ * deleted, reactions, reactors, version). One `between` on the primary key, paged by the last key
+ * (the schema's one index; conditions on other attributes are avoided, see persister/src/harperdb.rs).
  */
-export async function storedRows(room) {
+export async function storedRows(room, { changes = false } = {}) {
   const database = ENV.vars.CHATIFY_HARPERDB__DATABASE || "chatify";
   const table = ENV.vars.CHATIFY_HARPERDB__TABLE || "messages";
   const token = roomToken(room);
@@ -373,7 +377,7 @@ export async function storedRows(room) {
       database,
       table,
       operator: "and",
-      get_attributes: ["pk", "id", "room", "username", "message"],
+      get_attributes: changes ? [...ROW_ATTRIBUTES, ...CHANGE_ATTRIBUTES] : ROW_ATTRIBUTES,
       sort: { attribute: "pk" },
       limit: PAGE,
       conditions: [{ search_attribute: "pk", search_type: "between", search_value: [from, `${token}|~`] }],
@@ -386,9 +390,9 @@ export async function storedRows(room) {
   }
 }
 
-/** Rows of several rooms. */
-export async function storedRowsOf(rooms) {
+/** Rows of several rooms (with `changes`, also what changes made of them). */
+export async function storedRowsOf(rooms, opts) {
   const all = [];
-  for (const r of rooms) all.push(...(await storedRows(r)));
+  for (const r of rooms) all.push(...(await storedRows(r, opts)));
   return all;
 }

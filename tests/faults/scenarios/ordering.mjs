@@ -8,6 +8,9 @@
 //     (checker: reordered = 0), also for those the restarted persister wrote.
 // And per room, one order for all: every receiver, on either gateway, gets the room's messages
 // (from all six senders, interleaved) in the order the room's history has them.
+// Messages that change are mixed in (FAULTS_CHANGE_RATE a second per sender, between its
+// pipelined sends): each acknowledged edit, deletion and reaction must be in HarperDB's final
+// state once, in its order, also across the restart (checkChanges).
 
 import { ackOrderInversions, checkDeliveries, countInversions, historyOrderInversions, sequenceOfId } from "../checker.mjs";
 import { originOf, runSender, unseen, until } from "../lib/load.mjs";
@@ -15,12 +18,14 @@ import { originOf, runSender, unseen, until } from "../lib/load.mjs";
 const SENDERS = 6;
 const WINDOW = 100;
 const BURST = 40;
+const CHANGES_AFTER_MS = 15_000;
 
 export default {
   name: "ordering",
   short: "or",
-  title: "pipelined sends keep each socket's order through NATS, delivery and storage, across a persister restart",
-  async run({ sizes, tag, checks, log, sys, room, client, ledger }) {
+  title: "pipelined sends (with edits, deletions and reactions) keep each socket's order through NATS, delivery and storage, across a persister restart",
+  changes: true,
+  async run({ sizes, tag, checks, log, sys, room, client, ledger, changes, runChangers }) {
     const rooms = [room(0), room(1)];
     const senders = [];
     for (let i = 0; i < SENDERS; i++) senders.push(client({ name: `s${i}`, url: i % 2 ? sys.urls.gateway1() : sys.urls.gateway2(), rooms }));
@@ -42,6 +47,9 @@ export default {
     // each sender alternates between the rooms and emits bursts of BURST messages back to back
     // (up to WINDOW in flight, none waiting for its ack)
     const load = Promise.all(senders.map((c) => runSender(c, (i) => rooms[i % 2], { count: perSender, tag, window: WINDOW, burst: BURST, ratePerSec: rate / SENDERS, reconnect: false })));
+    // changes go on until the load ended and the persister was restarted
+    let changesDone = false;
+    const changing = runChangers(senders, () => changesDone);
     const chaos = (async () => {
       // restart the persister once a third of the messages was acknowledged
       await until(() => ledger.count("ok") >= total / 3, 120_000, "a third of the load acknowledged");
@@ -53,6 +61,14 @@ export default {
     const started = Date.now();
     await load;
     await chaos.catch((e) => checks.check("the persister was restarted mid-load", false, e.message));
+    // each change waits behind up to WINDOW pipelined sends of its socket: the load is short, so
+    // changes go on (at most CHANGES_AFTER_MS) until every kind was acknowledged at least once
+    const loadEnded = Date.now();
+    await until(() => ["edit", "delete", "react"].every((k) => changes.count("ok", k) > 0) || Date.now() - loadEnded > CHANGES_AFTER_MS, CHANGES_AFTER_MS + 60_000, "changes").catch(() => {});
+    changesDone = true;
+    const { errors: changerErrors } = await changing;
+    checks.check("every changer ran to the end", changerErrors.length === 0, changerErrors.map((e) => e.message).join("; "));
+    if (changes.ops.length) log(`changes during the load: ${JSON.stringify(changes.summary())}`);
     log(`${total} pipelined sends took ${Date.now() - started} ms`);
     checks.check("the persister was restarted mid-load", restarted, "");
     checks.check("every send was acknowledged", ledger.count("ok") === ledger.attempts.size, JSON.stringify(ledger.codes));

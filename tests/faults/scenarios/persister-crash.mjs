@@ -3,6 +3,9 @@
 // fetched from JetStream and not acked, must end up in HarperDB exactly once: the durable
 // consumer redelivers what was never acked, and the insert of a redelivered message does not
 // create a second record.
+// Messages that change are mixed in (FAULTS_CHANGE_RATE a second per socket): every socket edits
+// and deletes some of its own acknowledged messages and toggles reactions to its room's messages;
+// each acknowledged change must be in HarperDB's final state once, in its order (checkChanges).
 
 import { sleep } from "../../e2e/helpers.mjs";
 import { runSender } from "../lib/load.mjs";
@@ -13,8 +16,9 @@ const ROOMS = 4;
 export default {
   name: "persister-crash",
   short: "pc",
-  title: "the persister is SIGKILLed and restarted again and again under load",
-  async run({ sizes, tag, checks, log, sys, room, client }) {
+  title: "the persister is SIGKILLed and restarted again and again under load (with edits, deletions and reactions)",
+  changes: true,
+  async run({ sizes, tag, checks, log, sys, room, client, changes, runChangers }) {
     const messages = sizes.FAULTS_PERSISTER_MESSAGES;
     const rate = sizes.FAULTS_PERSISTER_RATE;
     const senders = [];
@@ -31,6 +35,7 @@ export default {
     ).finally(() => {
       loadDone = true;
     });
+    const changing = runChangers(senders, () => loadDone);
 
     const kills = [];
     const chaos = (async () => {
@@ -51,8 +56,11 @@ export default {
     const started = Date.now();
     const results = await load;
     await chaos;
+    const { errors: changerErrors } = await changing;
     const failedSenders = results.filter((r) => r instanceof Error);
     checks.check("every sender ran to the end", failedSenders.length === 0, failedSenders.map((e) => e.message).join("; "));
+    if (changes.ops.length) log(`changes during the load: ${JSON.stringify(changes.summary())}`);
+    checks.check("every changer ran to the end", changerErrors.length === 0, changerErrors.map((e) => e.message).join("; "));
     log(`load of ${messages} messages took ${Date.now() - started} ms`);
     checks.check(
       `the persister was SIGKILLed at least ${sizes.FAULTS_PERSISTER_MIN_KILLS} times during the load`,
