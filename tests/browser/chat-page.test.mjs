@@ -160,15 +160,22 @@ const hasState = (page, state, timeout) =>
 
 const typingIs = (page, text) => waitUntil(page, `typing line "${text}"`, (t) => document.querySelector("#typing")?.textContent === t, text);
 
-/** The id of the (stored) message with this author and text, as the page shows it. */
+/** The id of the (stored) message with this author and text, once the page shows it (it may
+ * arrive on this page after another page, or before its own send's ack). */
 const idOf = async (page, author, text) => {
-  const id = await page.$$eval(
-    "#messages > li.message:not(.pending)",
-    (items, [a, t]) => items.find((li) => li.dataset.author === a && li.querySelector(":scope > .bubble > .text")?.textContent === t)?.dataset.id,
-    [author, text],
-  );
-  assert.ok(id, `${page.name} shows "${text}" from ${author}`);
-  return id;
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    const id = await page.$$eval(
+      "#messages > li.message:not(.pending)",
+      (items, [a, t]) => items.find((li) => li.dataset.author === a && li.querySelector(":scope > .bubble > .text")?.textContent === t)?.dataset.id,
+      [author, text],
+    );
+    if (id || Date.now() > deadline) {
+      assert.ok(id, `${page.name} shows "${text}" from ${author}`);
+      return id;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
 };
 
 const itemOf = (page, id) => page.locator(`#messages > li[data-id="${id}"]`);
