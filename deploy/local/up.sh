@@ -246,7 +246,7 @@ start_gateway() {
   mapfile -d '' -t env < <(binary_env gateway)
   start_background "$name" "$CHATIFY_RUN_DIR" \
     env "${env[@]}" CHATIFY_GATEWAY__HOST=127.0.0.1 CHATIFY_GATEWAY__PORT="$port" CHATIFY_GATEWAY__NAME="$name" \
-    CHATIFY_CORS__ALLOWED_ORIGINS="$(allowed_origins)" "$CHATIFY_BIN_DIR/chatify-gateway"
+    CHATIFY_GATEWAY__ADVERTISE_ADDRESS="127.0.0.1:$port" CHATIFY_CORS__ALLOWED_ORIGINS="$(allowed_origins)" "$CHATIFY_BIN_DIR/chatify-gateway"
 }
 
 lb_env() {

@@ -5,8 +5,14 @@
 //! engineioxide's `sid_prefix`), so the receiving gateway knows the holder from the request
 //! alone. It sends the request over NATS to the holder's subject; the holder runs it through its
 //! own Engine.IO service and answers with the response. Sticky sessions (HAProxy's cookie) then
-//! only save that hop. A WebSocket upgrade of a session held elsewhere is not forwarded: it is
-//! refused as an unknown session, and the client goes on polling.
+//! only save that hop.
+//!
+//! A WebSocket upgrade of a session held elsewhere cannot travel as one request and answer: it
+//! is handed over. The receiving gateway opens a TCP connection to the holder (at the address
+//! the holder's heartbeats give, `gateway.advertise_address`), sends it the upgrade request as
+//! it came, and once the holder switches protocols joins the two connections byte for byte
+//! until either ends. The second connection takes a place under `limits.max_connections` like
+//! the first, so a port full of handed-over WebSockets still keeps its file descriptors.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -26,6 +32,12 @@ use tower::ServiceExt;
 
 use crate::liveness::Liveness;
 use crate::metrics as m;
+
+/// How long the holder may take to accept the connection and switch protocols.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes buffered each way by a handed-over WebSocket's relay: chat frames are small, and an
+/// idle connection should cost little more than a direct one.
+const RELAY_BUFFER_BYTES: usize = 4096;
 
 /// NATS headers of a forwarded request and of its answer.
 const METHOD: &str = "Chatify-Method";
@@ -69,22 +81,166 @@ fn polling_sid(uri: &Uri) -> Option<&str> {
     query.split('&').find_map(|p| p.strip_prefix("sid="))
 }
 
-/// Middleware: a polling request for a session of another live gateway goes there.
+/// The session id of an Engine.IO WebSocket upgrade of an existing session, if it is one.
+fn upgrade_sid(request: &Request) -> Option<&str> {
+    let uri = request.uri();
+    if !uri.path().starts_with("/socket.io") {
+        return None;
+    }
+    let query = uri.query()?;
+    if !query.split('&').any(|p| p == "transport=websocket") {
+        return None;
+    }
+    let upgrade = request.headers().get(axum::http::header::UPGRADE)?;
+    if !upgrade.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        return None;
+    }
+    query.split('&').find_map(|p| p.strip_prefix("sid="))
+}
+
+/// Middleware: a polling request for a session of another live gateway goes there, and a
+/// WebSocket upgrade of one is handed over to it.
 pub async fn forward_foreign_sessions(
     State(forwarding): State<Forwarding>,
     request: Request,
     next: Next,
 ) -> Response {
-    let owner = polling_sid(request.uri())
-        .filter(|sid| !sid.starts_with(forwarding.me.sid_prefix()))
-        .and_then(|sid| forwarding.liveness.owner_of(sid));
-    match owner {
+    let foreign = |sid: &str| {
+        (!sid.starts_with(forwarding.me.sid_prefix()))
+            .then(|| forwarding.liveness.owner_of(sid))
+            .flatten()
+    };
+    if let Some(owner) = upgrade_sid(&request).and_then(foreign) {
+        return match forwarding.liveness.address_of(&owner) {
+            Some(address) => forwarding.hand_over(&address, request).await,
+            // A gateway that does not say where it is (an older one): refused as unknown, the
+            // client goes on polling.
+            None => next.run(request).await,
+        };
+    }
+    match polling_sid(request.uri()).and_then(foreign) {
         Some(owner) => forwarding.forward(&owner, request).await,
         None => next.run(request).await,
     }
 }
 
+/// Why an upgrade could not be handed over.
+#[derive(Debug, thiserror::Error)]
+enum HandOverError {
+    #[error("no place under limits.max_connections for the connection to the holder")]
+    Full,
+    #[error("could not reach the holder at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+}
+
 impl Forwarding {
+    /// Hands a WebSocket upgrade to the gateway at `address`, which holds its session: answers
+    /// what the holder answered, and on a switch relays the two connections until either ends.
+    async fn hand_over(&self, address: &str, mut request: Request) -> Response {
+        match self.try_hand_over(address, &mut request).await {
+            Ok(response) => response,
+            Err(e) => {
+                let outcome = match e {
+                    HandOverError::Full => "full",
+                    HandOverError::Unreachable { .. } => "unreachable",
+                };
+                metrics::counter!(m::HANDED_OVER, "outcome" => outcome).increment(1);
+                tracing::debug!(error = %e, "a WebSocket upgrade was not handed over");
+                // As Engine.IO answers an upgrade it cannot take: the client goes on polling.
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({"code": 3, "message": "Bad request"})),
+                )
+                    .into_response()
+            }
+        }
+    }
+
+    async fn try_hand_over(
+        &self,
+        address: &str,
+        request: &mut Request,
+    ) -> Result<Response, HandOverError> {
+        // The connection to the holder is a second file descriptor for this client.
+        let place = match request.extensions().get::<chatify_shared::serve::Places>() {
+            Some(places) => Some(places.take().ok_or(HandOverError::Full)?),
+            None => None,
+        };
+        let unreachable = |reason: String| HandOverError::Unreachable {
+            address: address.to_owned(),
+            reason,
+        };
+        let client_side = hyper::upgrade::on(&mut *request);
+        let mut upstream = axum::http::Request::builder()
+            .method(request.method().clone())
+            .uri(request.uri().path_and_query().map_or("/", |p| p.as_str()))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        *upstream.headers_mut() = request.headers().clone();
+        let switched = tokio::time::timeout(HAND_OVER_TIMEOUT, async {
+            let stream = tokio::net::TcpStream::connect(address)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.with_upgrades().await {
+                    tracing::trace!(error = %e, "a handed-over connection ended with an error");
+                }
+            });
+            sender
+                .send_request(upstream)
+                .await
+                .map_err(|e| unreachable(e.to_string()))
+        })
+        .await;
+        let mut response = match switched {
+            Ok(response) => response?,
+            Err(_) => return Err(unreachable("no answer in time".into())),
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            metrics::counter!(m::HANDED_OVER, "outcome" => "refused").increment(1);
+            let (parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, self.max_body)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Ok(Response::from_parts(parts, Body::from(body)));
+        }
+        metrics::counter!(m::HANDED_OVER, "outcome" => "tunneled").increment(1);
+        let holder_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            // Held for as long as the relay runs.
+            let _place = place;
+            let (client, holder) = match tokio::try_join!(client_side, holder_side) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a handed-over WebSocket did not open");
+                    return;
+                }
+            };
+            let (mut client, mut holder) = (
+                hyper_util::rt::TokioIo::new(client),
+                hyper_util::rt::TokioIo::new(holder),
+            );
+            if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut holder,
+                RELAY_BUFFER_BYTES,
+                RELAY_BUFFER_BYTES,
+            )
+            .await
+            {
+                tracing::trace!(error = %e, "a handed-over WebSocket ended with an error");
+            }
+        });
+        let (parts, _) = response.into_parts();
+        Ok(Response::from_parts(parts, Body::empty()))
+    }
+
     async fn forward(&self, owner: &GatewayId, request: Request) -> Response {
         let (parts, body) = request.into_parts();
         let body = match http_body_util::Limited::new(body, self.max_body)

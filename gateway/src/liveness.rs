@@ -6,12 +6,17 @@
 //! nobody is declared dead, and after it every other gateway gets a fresh timeout and this one
 //! re-announces its members (records may have been lost with NATS). A gateway that learns it
 //! was declared dead (it was cut off, not crashed) re-announces its members too.
+//!
+//! A heartbeat also says where the gateway takes connections from the others
+//! (`gateway.advertise_address`): a WebSocket upgrade of its session that reached another
+//! gateway is handed to it there ([`crate::forward`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
+use bytes::Bytes;
 use chatify_shared::subjects::{GATEWAY_DEAD_SUBJECT, GATEWAY_HEARTBEAT_SUBJECT, GatewayId};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +29,8 @@ pub struct Liveness {
     me: GatewayId,
     /// The others, by when they were last heard of (a heartbeat, or a presence announcement).
     last_seen: Mutex<HashMap<GatewayId, Instant>>,
+    /// Where each of the others takes connections, as its last heartbeat said.
+    addresses: Mutex<HashMap<GatewayId, String>>,
 }
 
 impl Liveness {
@@ -31,7 +38,14 @@ impl Liveness {
         Self {
             me,
             last_seen: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn addresses(&self) -> MutexGuard<'_, HashMap<GatewayId, String>> {
+        self.addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn last_seen(&self) -> MutexGuard<'_, HashMap<GatewayId, Instant>> {
@@ -47,6 +61,24 @@ impl Liveness {
         }
     }
 
+    /// Records a heartbeat of `gateway`, which takes connections at `address`.
+    pub fn heard(&self, gateway: &GatewayId, address: Option<&str>) {
+        self.saw(gateway);
+        if let Some(address) = address
+            && *gateway != self.me
+        {
+            self.addresses().insert(gateway.clone(), address.to_owned());
+        }
+    }
+
+    /// Where a live `gateway` takes connections, if its heartbeats said.
+    pub fn address_of(&self, gateway: &GatewayId) -> Option<String> {
+        if !self.last_seen().contains_key(gateway) {
+            return None;
+        }
+        self.addresses().get(gateway).cloned()
+    }
+
     /// Gateways not heard of for longer than `timeout`; they are forgotten here.
     pub fn expired(&self, timeout: Duration) -> Vec<GatewayId> {
         let mut last_seen = self.last_seen();
@@ -57,6 +89,11 @@ impl Liveness {
             .collect();
         for g in &expired {
             last_seen.remove(g);
+        }
+        drop(last_seen);
+        let mut addresses = self.addresses();
+        for g in &expired {
+            addresses.remove(g);
         }
         expired
     }
@@ -84,6 +121,7 @@ impl Liveness {
 pub async fn run(
     nats: async_nats::Client,
     rooms: Arc<Rooms>,
+    advertise: String,
     interval: Duration,
     timeout: Duration,
     shutdown: CancellationToken,
@@ -101,6 +139,7 @@ pub async fn run(
         }
     };
     let me = rooms.gateway().clone();
+    let heartbeat = Bytes::from(heartbeat(&me, &advertise));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_connected = true;
@@ -119,7 +158,7 @@ pub async fn run(
                     rooms.liveness.reset();
                     rooms.refresh_all().await;
                 }
-                if let Err(e) = nats.publish(GATEWAY_HEARTBEAT_SUBJECT, me.to_string().into()).await {
+                if let Err(e) = nats.publish(GATEWAY_HEARTBEAT_SUBJECT, heartbeat.clone()).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                 }
                 for gateway in rooms.liveness.expired(timeout) {
@@ -127,8 +166,8 @@ pub async fn run(
                 }
             }
             Some(beat) = heartbeats.next() => {
-                if let Some(gateway) = parse(&beat.payload) {
-                    rooms.liveness.saw(&gateway);
+                if let Some((gateway, address)) = parse_heartbeat(&beat.payload) {
+                    rooms.liveness.heard(&gateway, address);
                 }
             }
             Some(death) = deaths.next() => {
@@ -143,6 +182,21 @@ pub async fn run(
 
 fn parse(payload: &[u8]) -> Option<GatewayId> {
     std::str::from_utf8(payload).ok().and_then(GatewayId::parse)
+}
+
+/// A heartbeat: the gateway's id, a space, and where it takes connections.
+fn heartbeat(me: &GatewayId, advertise: &str) -> String {
+    format!("{me} {advertise}")
+}
+
+/// A heartbeat's gateway and address (none from a gateway that sends only its id).
+fn parse_heartbeat(payload: &[u8]) -> Option<(GatewayId, Option<&str>)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (id, address) = match text.split_once(' ') {
+        Some((id, address)) => (id, Some(address).filter(|a| !a.is_empty())),
+        None => (text, None),
+    };
+    Some((GatewayId::parse(id)?, address))
 }
 
 #[cfg(test)]
@@ -173,5 +227,43 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         liveness.reset();
         assert!(liveness.expired(timeout).is_empty(), "b was forgiven");
+    }
+
+    #[test]
+    fn a_heartbeat_names_its_gateway_and_address() {
+        let (me, other) = (GatewayId::random(), GatewayId::random());
+        let beat = heartbeat(&other, "10.0.0.7:3000");
+        let Some((gateway, address)) = parse_heartbeat(beat.as_bytes()) else {
+            panic!("a heartbeat must parse: {beat}")
+        };
+        assert_eq!(
+            (gateway.clone(), address),
+            (other.clone(), Some("10.0.0.7:3000"))
+        );
+        assert_eq!(
+            parse_heartbeat(other.to_string().as_bytes()),
+            Some((other.clone(), None)),
+            "an id alone"
+        );
+        assert_eq!(parse_heartbeat(b"not-an-id 1.2.3.4:5"), None);
+
+        let liveness = Liveness::new(me.clone());
+        liveness.heard(&gateway, address);
+        liveness.heard(&me, Some("127.0.0.1:1"));
+        assert_eq!(
+            liveness.address_of(&other).as_deref(),
+            Some("10.0.0.7:3000")
+        );
+        assert_eq!(liveness.address_of(&me), None, "itself is never listed");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            liveness.expired(Duration::from_millis(10)),
+            vec![other.clone()]
+        );
+        assert_eq!(
+            liveness.address_of(&other),
+            None,
+            "forgotten with the gateway"
+        );
     }
 }

@@ -26,6 +26,7 @@ pub const TOKEN_EXPIRIES: &str = "chatify_gateway_token_expiries_total";
 pub const SLOW_CLIENT_DISCONNECTS: &str = "chatify_gateway_slow_client_disconnects_total";
 pub const HTTP_TIMEOUTS: &str = "chatify_gateway_http_timeouts_total";
 pub const FORWARDED: &str = "chatify_gateway_forwarded_requests_total";
+pub const HANDED_OVER: &str = "chatify_gateway_handed_over_upgrades_total";
 pub const ACCESS_REFUSALS: &str = "chatify_gateway_access_refusals_total";
 pub const ACCESS_WEBHOOK_CALLS: &str = "chatify_gateway_access_webhook_total";
 pub const CHANGES_APPLIED: &str = "chatify_gateway_changes_applied_total";
@@ -121,6 +122,10 @@ pub fn describe() {
     describe_counter!(
         FORWARDED,
         "Long-polling requests for sessions another gateway holds, by side: sent (forwarded there), failed (no answer: the client starts over), served (forwarded here)"
+    );
+    describe_counter!(
+        HANDED_OVER,
+        "WebSocket upgrades of sessions another gateway holds, by outcome: tunneled (the two connections joined), refused (the holder did not switch protocols), unreachable (no connection to the holder), full (no place under limits.max_connections for the second connection)"
     );
     describe_counter!(
         ACCESS_REFUSALS,

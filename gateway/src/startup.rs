@@ -64,6 +64,26 @@ const SOCKET_CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// How much longer than a long poll a forwarded request may take (the hop and its queueing).
 const FORWARD_SLACK: Duration = Duration::from_secs(5);
 
+/// Where the other gateways reach this one: `configured`, or the listener's address (loopback
+/// when it listens on every interface).
+fn advertise_address(configured: &str, listener: &TcpListener) -> Result<String, StartError> {
+    if !configured.is_empty() {
+        return Ok(configured.to_owned());
+    }
+    let mut local = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: "the listener's own address".into(),
+        source,
+    })?;
+    if local.ip().is_unspecified() {
+        local.set_ip(if local.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(local.to_string())
+}
+
 pub struct Application {
     listener: TcpListener,
     /// Where the requests other gateways forward for this gateway's sessions arrive.
@@ -77,6 +97,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     heartbeat_interval: Duration,
     gateway_timeout: Duration,
+    /// Where the other gateways reach this one to hand it an upgrade of its session.
+    advertise_address: String,
     /// Connections whose writes stall this long are aborted (see `tcp`).
     write_stall_limit: Duration,
     /// How the HTTP port bounds its clients.
@@ -151,6 +173,7 @@ impl Application {
             .build_layer();
         io.ns("/", handlers::on_connect.with(handlers::accept));
         rooms.delivery.set_io(io.clone());
+        let advertise_address = advertise_address(&gw.advertise_address, &listener)?;
         let forwarding = Forwarding {
             nats: nats.clone(),
             me: gateway_id.clone(),
@@ -187,6 +210,7 @@ impl Application {
             shutdown_timeout: Duration::from_millis(gw.shutdown_timeout_ms),
             heartbeat_interval: Duration::from_millis(gw.heartbeat_interval_ms),
             gateway_timeout: Duration::from_millis(gw.gateway_timeout_ms),
+            advertise_address,
             http_limits: chatify_shared::serve::Limits {
                 header_read_timeout: Duration::from_millis(gw.header_read_timeout_ms),
                 timeouts_metric: crate::metrics::HTTP_TIMEOUTS,
@@ -239,6 +263,7 @@ impl Application {
         let liveness = tokio::spawn(crate::liveness::run(
             self.nats.clone(),
             self.app.rooms.clone(),
+            self.advertise_address.clone(),
             self.heartbeat_interval,
             self.gateway_timeout,
             stop_accepting.child_token(),

@@ -321,6 +321,10 @@ pub struct GatewaySettings {
     /// Bytes of message states (reactions and who made them) a room's listener keeps to
     /// apply changes in order; the least recently changed messages are dropped beyond.
     pub message_states_bytes_per_room: usize,
+    /// `host:port` at which the other gateways reach this one, to hand it a WebSocket upgrade
+    /// of one of its sessions that reached them; empty: the listener's own address (loopback
+    /// when it listens on every interface).
+    pub advertise_address: String,
 }
 
 impl Default for GatewaySettings {
@@ -340,6 +344,7 @@ impl Default for GatewaySettings {
             gateway_timeout_ms: 7000,
             shutdown_timeout_ms: 10_000,
             message_states_bytes_per_room: 64 * 1024,
+            advertise_address: String::new(),
         }
     }
 }

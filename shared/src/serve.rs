@@ -49,8 +49,11 @@ pub async fn serve(
     // Every connection's task holds a receiver: all of them are done once `closed` returns.
     let (done_tx, done_rx) = tokio::sync::watch::channel(());
     let mut shutdown = pin!(shutdown);
-    let places = (limits.max_connections > 0)
-        .then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections)));
+    let places = (limits.max_connections > 0).then(|| {
+        Places(std::sync::Arc::new(tokio::sync::Semaphore::new(
+            limits.max_connections,
+        )))
+    });
     let mut refused_lately = false;
     loop {
         let (mut stream, peer) = tokio::select! {
@@ -68,9 +71,9 @@ pub async fn serve(
         // Held by the connection's task: its place is free again when the connection ends.
         let place = match &places {
             None => None,
-            Some(places) => match places.clone().try_acquire_owned() {
-                Ok(place) => Some(place),
-                Err(_) => {
+            Some(places) => match places.take() {
+                Some(place) => Some(place),
+                None => {
                     metrics::counter!(limits.refusals_metric).increment(1);
                     if !std::mem::replace(&mut refused_lately, true) {
                         tracing::warn!(
@@ -91,11 +94,15 @@ pub async fn serve(
             stream,
             _place: place,
         };
+        let connection_places = places.clone();
         let service =
             router
                 .clone()
                 .map_request(move |mut request: axum::http::Request<Incoming>| {
                     request.extensions_mut().insert(ConnectInfo(peer));
+                    if let Some(places) = &connection_places {
+                        request.extensions_mut().insert(places.clone());
+                    }
                     request.map(axum::body::Body::new)
                 });
         let service = TowerToHyperService::new(service);
@@ -128,6 +135,19 @@ pub async fn serve(
     drop(done_rx);
     done_tx.closed().await;
     Ok(())
+}
+
+/// The places under a port's connection cap. Each request of a capped port carries it in its
+/// extensions, so that a handler opening a connection of its own for the client (a WebSocket
+/// handed to another gateway) takes a place for it too.
+#[derive(Clone)]
+pub struct Places(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl Places {
+    /// A place, held until the permit is dropped; `None` when the port is full.
+    pub fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_owned().ok()
+    }
 }
 
 /// A connection holding its place under the port's cap for as long as it exists.

@@ -156,6 +156,8 @@ describe("docker-compose.yml", () => {
       const env = environment(services[name]);
       assert.equal(env.get("CHATIFY_GATEWAY__NAME"), name, "each gateway is named after its component, as in up.sh");
       assert.equal(env.get("CHATIFY_GATEWAY__HOST"), "0.0.0.0");
+      // The other gateway reaches it by its service name, on its own port.
+      assert.equal(env.get("CHATIFY_GATEWAY__ADVERTISE_ADDRESS"), `${name}:${env.get("CHATIFY_GATEWAY__PORT")}`);
       assert.equal(Number(env.get("CHATIFY_GATEWAY__PORT")), defaultPort(`CHATIFY_${name.toUpperCase()}_PORT`));
     }
     // Each persister in its own container, all on up.sh's first persister port.

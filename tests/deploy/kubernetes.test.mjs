@@ -214,6 +214,15 @@ describe("gateway", () => {
     assert.equal(name?.valueFrom?.fieldRef?.fieldPath, "metadata.name");
   });
 
+  test("advertises its pod IP and port to the other gateways (upgrades handed over)", () => {
+    const env = environment(gatewayContainer);
+    assert.equal(env.get("POD_IP")?.valueFrom?.fieldRef?.fieldPath, "status.podIP");
+    const names = gatewayContainer.env.map((e) => e.name);
+    assert.ok(names.indexOf("POD_IP") < names.indexOf("CHATIFY_GATEWAY__ADVERTISE_ADDRESS"), "$(POD_IP) expands only after POD_IP");
+    const port = setting(gatewayContainer, "CHATIFY_GATEWAY__PORT");
+    assert.equal(setting(gatewayContainer, "CHATIFY_GATEWAY__ADVERTISE_ADDRESS"), `$(POD_IP):${port}`);
+  });
+
   test("terminationGracePeriodSeconds exceeds the preStop sleep plus the shutdown timeout", () => {
     const command = gatewayContainer.lifecycle?.preStop?.exec?.command;
     assert.ok(Array.isArray(command) && command[0] === "sleep", "the gateway needs a preStop sleep");
@@ -340,9 +349,15 @@ describe("configuration", () => {
 
   test("every env name the binaries get is a key of docs/configuration.md's table", () => {
     for (const container of [gatewayContainer, persisterContainer]) {
-      const names = [...environment(container).keys()];
+      const env = environment(container);
+      const names = [...env.keys()].filter((name) => name.startsWith("CHATIFY_"));
       assert.ok(names.length >= 5);
       assert.deepEqual(unknownConfigNames(names), [], `${container.name}: names not in docs/configuration.md`);
+      // Any other name is only an ingredient of a setting's value (POD_IP in $(POD_IP):4001).
+      for (const helper of [...env.keys()].filter((name) => !name.startsWith("CHATIFY_"))) {
+        const used = names.some((name) => String(env.get(name).value ?? "").includes(`$(${helper})`));
+        assert.ok(used, `${container.name}: ${helper} is neither a setting nor used by one`);
+      }
       for (const [name, entry] of environment(container)) {
         if ("value" in entry) assert.equal(typeof entry.value, "string", `${name} must be a string`);
       }

@@ -1,8 +1,9 @@
 // Any load balancer, any client: a default socket.io-client (no withCredentials, so no sticky
 // cookie) through a plain round-robin HAProxy without cookies, polling only and polling with
 // upgrade, chats across both gateways (a polling request reaching the gateway that does not hold
-// its session is forwarded to the one that does); and python-socketio's default WebSocket
-// client, which sends its target's own origin as Origin, is served.
+// its session is forwarded to the one that does, and an upgrade reaching it is handed over, so
+// every client ends on WebSocket); and python-socketio's default WebSocket client, which sends
+// its target's own origin as Origin, is served.
 //
 // This file starts its own HAProxy (round robin, no cookie, no stickiness) in front of the
 // shared system's two gateways.
@@ -14,10 +15,11 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {
-  REPO_DIR, closeAll, connect, freePort, gw1Url, gw2Url, isMsgId, join, send, show, startProcess, userName, waitFor,
-  waitHttp200, roomName, waitForWebSocket,
+  REPO_DIR, closeAll, connect, freePort, gw1Url, gw2Url, isMsgId, join, send, show, sleep, startGateway, startProcess,
+  userName, waitFor, waitHttp200, roomName, waitForWebSocket,
 } from "./helpers.mjs";
-import { metric } from "./raw.mjs";
+import { RawPoll, RawWs, metric, rssKb } from "./raw.mjs";
+import fs2 from "node:fs";
 
 let lb; // { url, proc }
 
@@ -76,10 +78,8 @@ describe("a round-robin balancer without cookies", () => {
         for (const other of [...clients, ...direct]) await waitFor(other, "receive_message", isMsgId(sent.id));
       }
       if (!opts.transports) {
-        // The upgrade goes through when it reaches the session's gateway, and the client stays
-        // on polling otherwise: either way it keeps working.
-        await Promise.allSettled(clients.map((s) => waitForWebSocket(s, 3000)));
-        t.diagnostic(`transports after the upgrade attempts: ${clients.map((s) => s.io.engine.transport.name).join(", ")}`);
+        // Each upgrade goes through: on the session's gateway, or handed over to it.
+        await Promise.all(clients.map((s) => waitForWebSocket(s, 5000)));
         const sent = await send(clients[0], room, "after the upgrades");
         for (const other of clients) await waitFor(other, "receive_message", isMsgId(sent.id));
       }
@@ -89,6 +89,100 @@ describe("a round-robin balancer without cookies", () => {
       assert.ok(clients.every((s) => s.connected), "every client stayed connected");
     });
   }
+});
+
+const handedOver = async (url) => metric(url, "chatify_gateway_handed_over_upgrades_total", 'outcome="tunneled"');
+
+describe("a WebSocket upgrade that reaches the other gateway", () => {
+  test("is handed to the session's gateway: the probe, the upgrade, then the session chats over it", { timeout: 30_000 }, async (t) => {
+    const before = await handedOver(gw2Url());
+    const room = roomName("handover");
+    // The session lives on gateway 1; its upgrade goes to gateway 2.
+    const { poll, ws } = await handedOverSession(gw1Url(), gw2Url());
+    const joined = await ws.ack("join_room", JSON.stringify({ room, username: userName("handover") }));
+    assert.equal(joined?.ok, true, show(joined));
+    assert.equal((await handedOver(gw2Url())) - before, 1, "gateway 2 handed the upgrade over");
+
+    const other = await connect(gw2Url(), { transports: ["websocket"] }, t);
+    await join(other, room, userName("other"));
+    const sent = await send(other, room, "to the handed-over websocket");
+    await ws.waitMsg((m) => m.startsWith('42["receive_message"') && m.includes(sent.id), { what: "the message over the upgraded transport" });
+    const mine = await ws.ack("send_message", JSON.stringify({ room, message: "from the handed-over websocket" }));
+    assert.equal(mine?.ok, true, show(mine));
+    await waitFor(other, "receive_message", isMsgId(mine.id));
+    const polled = await poll.get();
+    assert.notEqual(polled.status, 200, `the session left polling: ${show(polled)}`);
+    ws.terminate();
+  });
+
+  test("of an unknown session is refused, not handed anywhere", { timeout: 10_000 }, async () => {
+    const before = await handedOver(gw2Url());
+    await assert.rejects(RawWs.open(gw2Url(), { sid: "nosuchsessionid00000" }), /HTTP 400/);
+    assert.equal(await handedOver(gw2Url()), before);
+  });
+});
+
+/** A polling session on `holder`, upgraded through `relay`: resolves the WebSocket. */
+async function handedOverSession(holder, relay) {
+  const poll = await RawPoll.open(holder);
+  await poll.connectNs();
+  const ws = await RawWs.open(relay, { sid: poll.sid });
+  ws.send("2probe");
+  await ws.waitMsg((m) => m === "3probe", { what: "the answer to the probe" });
+  ws.send("5");
+  return { poll, ws };
+}
+
+describe("handed-over upgrades, as an attacker would use them", () => {
+  // The relay's cap: N handed-over WebSockets take 2N places (the client's connection and the
+  // one to the holder); the next client's connection takes the last place and its hand-over
+  // finds none.
+  const N = 100;
+  const CAP = 2 * N + 1;
+  let holder;
+  let relay;
+  before(async () => {
+    [holder, relay] = await Promise.all([
+      startGateway("e2e-handover-holder"),
+      // Kept-alive HTTP connections (the readiness check's) close after a second.
+      startGateway("e2e-handover-relay", { CHATIFY_LIMITS__MAX_CONNECTIONS: String(CAP), CHATIFY_GATEWAY__HEADER_READ_TIMEOUT_MS: "1000" }),
+    ]);
+    // Each has heard the other's heartbeat (every 2 s), and the readiness checks' kept-alive
+    // connections are closed.
+    await sleep(3000);
+  });
+  after(async () => {
+    await Promise.all([holder?.proc.stop("SIGTERM"), relay?.proc.stop("SIGTERM")]);
+  });
+
+  test(`each costs the relay two places under its connection cap and about 10 KiB; past the cap the upgrade is refused and the session goes on polling`, { timeout: 60_000 }, async (t) => {
+    const [holderPid, relayPid] = [holder.proc.child.pid, relay.proc.child.pid];
+    const fds = (pid) => fs2.readdirSync(`/proc/${pid}/fd`).length;
+    const before = { relayRss: rssKb(relayPid), relayFds: fds(relayPid), holderRss: rssKb(holderPid), holderFds: fds(holderPid) };
+    const sessions = [];
+    for (let i = 0; i < N; i++) sessions.push(await handedOverSession(holder.url, relay.url));
+    await sleep(500);
+    const relayKiB = (rssKb(relayPid) - before.relayRss) / N;
+    const holderKiB = (rssKb(holderPid) - before.holderRss) / N;
+    const relayFds = fds(relayPid) - before.relayFds;
+    const holderFds = fds(holderPid) - before.holderFds;
+    t.diagnostic(`${N} handed-over WebSockets: relay +${relayKiB.toFixed(1)} KiB and ${relayFds / N} files each, holder +${holderKiB.toFixed(1)} KiB and ${holderFds / N} files each`);
+    assert.equal(relayFds, 2 * N, "the relay holds two connections per handed-over WebSocket");
+    assert.ok(relayKiB < 32, `relay RSS per handed-over WebSocket: ${relayKiB} KiB`);
+
+    // One more: its connection takes the last place, and its hand-over finds none.
+    const poll = await RawPoll.open(holder.url);
+    await poll.connectNs();
+    await assert.rejects(RawWs.open(relay.url, { sid: poll.sid }), /HTTP 503/);
+    const joined = await poll.ack("join_room", JSON.stringify({ room: roomName("still-polling"), username: userName("p") }));
+    assert.equal(joined?.ok, true, `the session goes on polling: ${show(joined)}`);
+    assert.ok(sessions.every(({ ws }) => ws.isOpen), "the handed-over WebSockets are untouched");
+
+    for (const { ws } of sessions) ws.terminate();
+    await sleep(1500);
+    assert.equal(await metric(relay.url, "chatify_gateway_handed_over_upgrades_total", 'outcome="full"'), 1);
+    assert.equal(await metric(relay.url, "chatify_gateway_handed_over_upgrades_total", 'outcome="tunneled"'), N);
+  });
 });
 
 describe("python-socketio", () => {

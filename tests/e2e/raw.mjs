@@ -21,9 +21,11 @@ export const wsBase = (url) => url.replace(/^http/, "ws");
 export class RawWs {
   static all = new Set();
 
-  static open(url, { headers = {}, localAddress } = {}) {
+  /** A new session, or with `sid` the upgrade of an existing (polling) one. */
+  static open(url, { headers = {}, localAddress, sid } = {}) {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(`${wsBase(url)}/socket.io/?EIO=4&transport=websocket`, { headers, localAddress, perMessageDeflate: false });
+      const session = sid === undefined ? "" : `&sid=${encodeURIComponent(sid)}`;
+      const ws = new WebSocket(`${wsBase(url)}/socket.io/?EIO=4&transport=websocket${session}`, { headers, localAddress, perMessageDeflate: false });
       const raw = new RawWs(ws);
       const timer = setTimeout(() => {
         ws.terminate();
@@ -190,6 +192,7 @@ export class RawPoll {
   }
 
   constructor(url, sid) {
+    this.sid = sid;
     this.url = `${url}/socket.io/?EIO=4&transport=polling&sid=${encodeURIComponent(sid)}`;
     this.packets = [];
     this.ackId = 0;
