@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use chatify_shared::changes::{CHANGE_HEADER, StoredChange};
@@ -12,6 +14,15 @@ use chatify_shared::wire::{ChatMessage, HistoryPage, HistoryQuery, StoredMessage
 use sha2::{Digest, Sha256};
 
 use crate::error::ChatError;
+
+/// Why an event was not stored in JetStream.
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error("could not encode it: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
 
 /// What storing a message came to: the message as stored, with its id.
 #[derive(Debug)]
@@ -70,17 +81,12 @@ impl Bus {
             tracing::warn!(error = %e, "could not store a message");
             ChatError::unavailable("the message could not be stored; try again")
         };
-        let token = RoomToken::new(&message.room);
-        let payload = Bytes::from(serde_json::to_vec(&message).map_err(|e| unavailable(&e))?);
         let mut headers = HeaderMap::new();
         if let Some(key) = &dedup {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
         }
         let ack = self
-            .js
-            .publish_with_headers(token.store_subject(), headers, payload)
-            .await
-            .map_err(|e| unavailable(&e))?
+            .store(&message.room, headers, &message)
             .await
             .map_err(|e| unavailable(&e))?;
         if ack.duplicate {
@@ -100,22 +106,33 @@ impl Bus {
     /// place in the room's order), marked with [`CHANGE_HEADER`]. Returns its stream sequence
     /// once JetStream confirmed; the stream republishes it to the room.
     pub async fn publish_change(&self, change: &StoredChange) -> Result<u64, ChatError> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            tracing::warn!(error = %e, "could not store a change");
-            ChatError::unavailable("the change could not be stored; try again")
-        };
-        let token = RoomToken::new(&change.room);
-        let payload = Bytes::from(serde_json::to_vec(change).map_err(|e| unavailable(&e))?);
         let mut headers = HeaderMap::new();
         headers.insert(CHANGE_HEADER, "1");
         let ack = self
-            .js
-            .publish_with_headers(token.store_subject(), headers, payload)
+            .store(&change.room, headers, change)
             .await
-            .map_err(|e| unavailable(&e))?
-            .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| {
+                tracing::warn!(error = %e, "could not store a change");
+                ChatError::unavailable("the change could not be stored; try again")
+            })?;
         Ok(ack.sequence)
+    }
+
+    /// Publishes `event` as JSON with `headers` on `room`'s store subject and waits until
+    /// JetStream confirmed it (what a message and a change have in common).
+    async fn store(
+        &self,
+        room: &str,
+        headers: HeaderMap,
+        event: &impl serde::Serialize,
+    ) -> Result<PublishAck, StoreError> {
+        let payload = Bytes::from(serde_json::to_vec(event)?);
+        let ack = self
+            .js
+            .publish_with_headers(RoomToken::new(room).store_subject(), headers, payload)
+            .await?
+            .await?;
+        Ok(ack)
     }
 
     /// How long a request to NATS may take.
