@@ -14,7 +14,7 @@
 #   5. runs the end-to-end suite (tests/e2e, the real socket.io-client) and the browser test
 #      (tests/browser: two headless Chromium pages on the chat page) against it, and the
 #      reduced fault scenarios (scripts/faults.sh, all of them) on a second private system, and
-#      the NATS restart scenario once more with CHATIFY_NATS_SYNC=always,
+#      the NATS restart and cluster scenarios once more with CHATIFY_NATS_SYNC=always,
 #   6. runs the profile tools' tests (bench/profile), the reference peer's, and the benchmark
 #      tool's smoke mode (bench/run.sh --smoke, tiny sizes, no figures),
 #   7. stops everything it started (deploy/local/down.sh) and removes the run directory.
@@ -89,8 +89,8 @@ node --test --test-reporter=spec tests/browser/
 step "fault scenarios, reduced (a second private system; see tests/faults/README.md)"
 node --test --test-reporter=spec tests/faults/
 scripts/faults.sh
-step "fault scenario in the strict fsync mode (CHATIFY_NATS_SYNC=always: nats-server 2.15, fsync per ack)"
-CHATIFY_NATS_SYNC=always scripts/faults.sh nats-restart
+step "fault scenarios in the strict fsync mode (CHATIFY_NATS_SYNC=always: nats-server 2.15, fsync per ack)"
+CHATIFY_NATS_SYNC=always scripts/faults.sh nats-restart nats-node-loss nats-rolling-restart persister-pair
 
 step "profile tools (bench/profile: Go profiles to flame-graph stacks)"
 node --test --test-reporter=spec bench/profile/
