@@ -13,7 +13,9 @@
 # table next to their raw summaries.
 #
 # Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,bigroom,storm,persister,history),
-#          --out DIR (instead of target/bench/<time>).
+#          --out DIR (instead of target/bench/<time>), --idle-conns N (section 1 with N connections in
+#          N/10 rooms: how many one gateway holds; up to its open-file limit less 256, the connection
+#          cap; the load generator's own limit is the same, so N up to about 19,700 here).
 #
 # It starts a private Chatify (deploy/local/up.sh: NATS, HarperDB, persister, two gateways) on
 # free ports in a temporary run dir, and the reference (bench/reference/start.sh: one process,
@@ -37,6 +39,7 @@ repeats=3
 all_sections=idle,room,rooms2,interest,bigroom,storm,persister,history
 only=$all_sections
 out=
+idle_conns=
 while (($#)); do
   case $1 in
     --quick) mode=quick repeats=1 ;;
@@ -44,6 +47,7 @@ while (($#)); do
     --repeats) repeats=$2; shift ;;
     --only) only=$2; shift ;;
     --out) out=$2; shift ;;
+    --idle-conns) idle_conns=$2; shift ;;
     -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -51,6 +55,7 @@ while (($#)); do
 done
 [[ $repeats =~ ^[1-9][0-9]*$ ]] || { echo "--repeats must be a positive number" >&2; exit 2; }
 wants() { [[ ,$only, == *,$1,* ]]; }
+[[ -z $idle_conns || $idle_conns =~ ^[1-9][0-9]*$ ]] || { echo "--idle-conns must be a positive number" >&2; exit 2; }
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=${out:-target/bench/$stamp}
@@ -96,6 +101,9 @@ case $mode in
     STORM=(--members 1000 --history-timeout 30)
     ;;
 esac
+if [[ -n $idle_conns ]]; then
+  IDLE=(--conns "$idle_conns" --rooms "$(((idle_conns + 9) / 10))" "${IDLE[@]:4}")
+fi
 
 # --- CPU pinning ------------------------------------------------------------------------------
 ncpu=$(nproc)
@@ -378,14 +386,21 @@ fi
 # wrote them (reported, not judged: "not persisted within N s"). Then every member sends one plain
 # message within one second: the same N × N deliveries, for comparison. Chatify only: what is
 # compared is the two phases (CPU of both gateways, NATS and the persister; NATS bytes).
+# The gateways run with a per-connection queue of 2,048 packets (4 MiB) here: the load generator
+# reads its N sockets on one core, more slowly than two gateways write a second's N × N events,
+# and with the default queue (128) the slow-reader policy drops events to it (bench/README.md).
+# They are restarted with the defaults afterwards.
 if wants storm; then
-  say "8. reaction storm: ${STORM[*]} over both gateways, then as many plain messages"
+  say "8. reaction storm: ${STORM[*]} over both gateways (queue of 2,048 packets), then as many plain messages"
+  chatify_down gateway1 gateway2 &&
+    CHATIFY_GATEWAY__MAX_BUFFER_SIZE=2048 CHATIFY_GATEWAY__MAX_BUFFER_BYTES=4194304 chatify_up gateway1 gateway2
   for ((rep = 1; rep <= repeats; rep++)); do
     run_one chatify storm "$rep" lg_pinned storm --url "$G1" --url "$G2" \
       --pid "$(cpid gateway1)" --pid "$(cpid gateway2)" --pid "$(cpid nats)" --pid "$(cpid persister)" \
       --pid-names gateway1,gateway2,nats,persister --nats-monitor "$(chatify CHATIFY_NATS_MONITOR_URL)" \
       --history "${STORM[@]}" || true
   done
+  chatify_down gateway1 gateway2 && chatify_up gateway1 gateway2
 fi
 
 # --- 4. persister -----------------------------------------------------------------------------------
