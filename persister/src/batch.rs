@@ -14,7 +14,12 @@
 //! across all of them without a lock. A wait is bounded ([`BatchWriter::new`]'s `floor_wait`):
 //! an earlier event may be waiting for a redelivery behind this very batch, so a batch whose
 //! floor does not come is handed back to JetStream (a NAK with [`HANDED_BACK_DELAY`]) rather
-//! than held. Once the floor is there, the batch's messages are inserted, then its changes
+//! than held. The consumer waits outside its lanes, so that a lane's connection never idles
+//! while messages wait: it cuts a batch into parts ([`BatchWriter::prepare`]: messages, and
+//! runs of consecutive sequences holding changes), writes the messages at once, holds each
+//! change run aside ([`crate::waiting`]) until its floor is there and only then writes it on
+//! a lane ([`BatchWriter::write_part`]); [`BatchWriter::write`] does it all in place, waiting
+//! in the caller. Once the floor is there, the run's messages are inserted, then its changes
 //! applied in order: the messages they target are read, each change applied to its message's
 //! state ([`MessageState::apply`], whose version makes a change seen twice count once), what
 //! the changes did inserted into the change log, the states written back, and only then is the
@@ -48,7 +53,60 @@ const FLOOR_POLL_FIRST: Duration = Duration::from_millis(2);
 const FLOOR_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// A delivery and what it holds.
-type Decoded<D> = (D, StreamEvent);
+pub type Decoded<D> = (D, StreamEvent);
+
+/// A piece of a batch that is written in one go ([`BatchWriter::prepare`]).
+pub enum Part<D> {
+    /// Messages only: written at once, on any lane, in any order with anything else.
+    Messages(Vec<Decoded<D>>),
+    /// A run of consecutive sequences holding changes: written only once the ack floor has
+    /// reached its start.
+    Changes(ChangeRun<D>),
+}
+
+impl<D> Part<D> {
+    /// The part's deliveries, to hand them back.
+    pub fn into_deliveries(self) -> impl Iterator<Item = D> {
+        let events = match self {
+            Part::Messages(events) => events,
+            Part::Changes(run) => run.events,
+        };
+        events.into_iter().map(|(delivery, _)| delivery)
+    }
+}
+
+/// Events of consecutive stream sequences, in stream order, at least one of them a change.
+pub struct ChangeRun<D> {
+    /// The events; never empty.
+    events: Vec<Decoded<D>>,
+}
+
+impl<D> ChangeRun<D> {
+    /// The sequence of its first event.
+    pub fn first(&self) -> u64 {
+        self.events.first().map_or(0, |(_, event)| event.sequence())
+    }
+
+    /// The ack floor it needs before it is written: every event before it written and acked.
+    pub fn needs(&self) -> u64 {
+        self.first().saturating_sub(1)
+    }
+
+    /// How many events it holds.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether it holds none (never, as [`BatchWriter::prepare`] makes them).
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Its deliveries, to hand them back.
+    pub fn into_deliveries(self) -> impl Iterator<Item = D> {
+        self.events.into_iter().map(|(delivery, _)| delivery)
+    }
+}
 
 /// Writes batches and acks what they stored.
 #[derive(Clone)]
@@ -121,17 +179,47 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
         self.acks.reopen();
     }
 
-    /// Decodes, writes and acks one batch on `store`. Returns when every event is written and
-    /// its ack sent or under way (see [`BatchWriter::acks_sent`]), terminated as undecodable,
-    /// moved to the dead-letter stream, handed back (a batch of changes whose floor did not
-    /// come), or left unacked because shutdown came during a retry (then JetStream redelivers
-    /// it to a persister after the ack wait).
+    /// Decodes, writes and acks one batch on `store`, waiting for the ack floor in place: the
+    /// batch's parts ([`BatchWriter::prepare`]) in stream order, each change run after the
+    /// floor reached its start. Returns when every event is written and its ack sent or under
+    /// way (see [`BatchWriter::acks_sent`]), terminated as undecodable, moved to the
+    /// dead-letter stream, handed back (a change run whose floor did not come, with every part
+    /// after it), or left unacked because shutdown came during a retry (then JetStream
+    /// redelivers it to a persister after the ack wait). The consumer does not wait in a lane:
+    /// it writes the parts itself, holding change runs aside until their floor is there
+    /// ([`crate::waiting`]).
     pub async fn write<S: Store, D: Delivery>(
         &self,
         store: &S,
         batch: Vec<D>,
         shutdown: &CancellationToken,
     ) {
+        let mut parts = self.prepare(batch).await.into_iter();
+        while let Some(part) = parts.next() {
+            if let Part::Changes(run) = &part {
+                let waited = self.wait_for_floor(run.needs(), shutdown).await;
+                if waited != FloorWait::Reached {
+                    let handed_back = parts.flat_map(Part::into_deliveries);
+                    let handed_back: Vec<D> = part.into_deliveries().chain(handed_back).collect();
+                    let timed_out = waited == FloorWait::TimedOut;
+                    self.hand_back(handed_back, timed_out).await;
+                    return;
+                }
+            }
+            if !self.write_part(store, part, shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Decodes a batch and cuts it into the parts that are written one by one: a batch of
+    /// messages only is one part; a batch holding changes is sorted by sequence and cut into
+    /// runs of consecutive sequences (a batch may skip sequences another lane or persister
+    /// holds, or hold a redelivered older one), in stream order. A run of messages only needs
+    /// no wait; a run holding changes may be written only once the ack floor reached its start
+    /// ([`ChangeRun::needs`]). What cannot be written is settled here: an undecodable event is
+    /// terminated, a change stored under another room's subject acked (it targets nothing).
+    pub async fn prepare<D: Delivery>(&self, batch: Vec<D>) -> Vec<Part<D>> {
         let redelivered = batch.iter().filter(|m| m.redelivered()).count();
         if redelivered > 0 {
             metrics::counter!(m::REDELIVERIES).increment(redelivered as u64);
@@ -170,23 +258,75 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
             }
         }
         if decoded.is_empty() {
-            return;
+            return Vec::new();
         }
-        if decoded.iter().any(|(_, event)| event.is_change()) {
-            self.write_in_order(store, decoded, shutdown).await;
-        } else {
-            self.write_messages(store, decoded, shutdown).await;
+        if !decoded.iter().any(|(_, event)| event.is_change()) {
+            return vec![Part::Messages(decoded)];
         }
+        decoded.sort_by_key(|(_, event)| event.sequence());
+        runs(decoded)
+            .into_iter()
+            .map(|run| {
+                if run.iter().any(|(_, event)| event.is_change()) {
+                    Part::Changes(ChangeRun { events: run })
+                } else {
+                    Part::Messages(run)
+                }
+            })
+            .collect()
+    }
+
+    /// Writes one part on `store` and acks it: messages at once, a change run as if the ack
+    /// floor had reached its start (the caller saw to that). False if shutdown came first (the
+    /// rest stays unacked).
+    pub async fn write_part<S: Store, D: Delivery>(
+        &self,
+        store: &S,
+        part: Part<D>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        match part {
+            Part::Messages(messages) => self.write_messages(store, messages, shutdown).await,
+            Part::Changes(run) => self.apply_run(store, run.events, shutdown).await,
+        }
+    }
+
+    /// Hands events back to JetStream unwritten (a NAK with [`HANDED_BACK_DELAY`]): a change
+    /// run whose floor did not come in time (`timed_out`: logged and counted), or that shutdown
+    /// found waiting.
+    pub async fn hand_back<D: Delivery>(&self, handed_back: Vec<D>, timed_out: bool) {
+        if timed_out {
+            tracing::warn!(
+                first = handed_back
+                    .iter()
+                    .filter_map(|d| d.stream_sequence().ok())
+                    .min(),
+                events = handed_back.len(),
+                wait_ms = self.floor_wait.as_millis() as u64,
+                "earlier events were not written in time; changes handed back to JetStream"
+            );
+            metrics::counter!(m::CHANGE_BATCHES_HANDED_BACK).increment(1);
+        }
+        for delivery in &handed_back {
+            delivery.nak(HANDED_BACK_DELAY).await;
+        }
+    }
+
+    /// The longest wait for the ack floor before a change run is handed back
+    /// (`persister.change_floor_wait_ms`).
+    pub fn floor_wait(&self) -> Duration {
+        self.floor_wait
     }
 
     /// Inserts messages (changes among `batch` are left out) in one request and acks them
     /// beside the lane; a refused batch is written one message at a time.
+    /// False if shutdown came first (the rest stays unacked).
     async fn write_messages<S: Store, D: Delivery>(
         &self,
         store: &S,
         batch: Vec<Decoded<D>>,
         shutdown: &CancellationToken,
-    ) {
+    ) -> bool {
         let (ackable, decoded): (Vec<D>, Vec<ChatMessage>) = batch
             .into_iter()
             .filter_map(|(delivery, event)| match event {
@@ -195,7 +335,7 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
             })
             .unzip();
         if decoded.is_empty() {
-            return;
+            return true;
         }
         let started = Instant::now();
         match self
@@ -213,8 +353,9 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
                         m.ack().await;
                     }
                 });
+                true
             }
-            Outcome::Stopped => {}
+            Outcome::Stopped => false,
             Outcome::Rejected(e) => {
                 // Some record is refused for good; write them one by one so the others go
                 // through, and move the refused ones aside.
@@ -231,59 +372,15 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
                             metrics::counter!(m::MESSAGES_STORED).increment(1);
                             message.ack().await;
                         }
-                        Outcome::Stopped => return,
+                        Outcome::Stopped => return false,
                         Outcome::Rejected(e) => {
                             if !self.dead_letters.move_aside(message, &e, shutdown).await {
-                                return;
+                                return false;
                             }
                         }
                     }
                 }
-            }
-        }
-    }
-
-    /// Writes a batch holding changes in stream order: cut into runs of consecutive sequences
-    /// (a batch may skip sequences another lane or persister holds, or hold a redelivered
-    /// older one), each run written after the floor reached its start. A run of messages only
-    /// needs no wait; a run whose floor does not come is handed back with every run after it.
-    async fn write_in_order<S: Store, D: Delivery>(
-        &self,
-        store: &S,
-        mut batch: Vec<Decoded<D>>,
-        shutdown: &CancellationToken,
-    ) {
-        batch.sort_by_key(|(_, event)| event.sequence());
-        let mut runs = runs(batch).into_iter();
-        while let Some(run) = runs.next() {
-            if !run.iter().any(|(_, event)| event.is_change()) {
-                self.write_messages(store, run, shutdown).await;
-                continue;
-            }
-            let first = run.first().map_or(0, |(_, event)| event.sequence());
-            let waited = self.wait_for_floor(first.saturating_sub(1), shutdown).await;
-            if waited != FloorWait::Reached {
-                let handed_back: Vec<D> = run
-                    .into_iter()
-                    .chain(runs.flatten())
-                    .map(|(delivery, _)| delivery)
-                    .collect();
-                if waited == FloorWait::TimedOut {
-                    tracing::warn!(
-                        first,
-                        events = handed_back.len(),
-                        wait_ms = self.floor_wait.as_millis() as u64,
-                        "earlier events were not written in time; changes handed back to JetStream"
-                    );
-                    metrics::counter!(m::CHANGE_BATCHES_HANDED_BACK).increment(1);
-                }
-                for delivery in &handed_back {
-                    delivery.nak(HANDED_BACK_DELAY).await;
-                }
-                return;
-            }
-            if !self.apply_run(store, run, shutdown).await {
-                return;
+                true
             }
         }
     }

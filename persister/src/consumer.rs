@@ -2,7 +2,9 @@
 //!
 //! It collects up to `persister.batch_size` messages (waiting at most `batch_wait_ms` once the
 //! first arrived) and hands each batch to a free lane ([`crate::lanes`]), which writes it in one
-//! insert ([`crate::batch`]); messages are acked only after HarperDB confirmed their write. A
+//! insert ([`crate::batch`]); messages are acked only after HarperDB confirmed their write.
+//! A run of events holding changes waits for the ack floor beside the lanes
+//! ([`crate::waiting`]), and takes a lane only once its floor is there. A
 //! failed write is retried while the messages' ack deadline is kept extended, so nothing is
 //! redelivered behind the writer's back. Several persisters may share the consumer; inserts are
 //! idempotent, so a redelivery never creates a second record.
@@ -18,16 +20,26 @@ use chatify_shared::subjects::{MESSAGES_STREAM, PERSISTER_CONSUMER};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::BatchWriter;
+use crate::batch::{BatchWriter, ChangeRun, Part};
 use crate::dead_letter::{DeadLetters, Publisher};
 use crate::delivery::Delivery;
 use crate::floor::AckFloor;
 use crate::harperdb::{HarperDb, HarperError};
 use crate::lanes::{Lanes, Store};
 use crate::retry::Retry;
+use crate::waiting::{Bound, Waiting, Woken};
 
 /// How long JetStream waits for an ack before redelivering; kept extended while retrying.
 const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The most events delivered and not yet acked; JetStream delivers no more until some are.
+const MAX_ACK_PENDING: i64 = 20_000;
+
+/// The most change runs waiting for the ack floor at once. Each is a write of its own once the
+/// floor comes, one after the other (tens of milliseconds each), so this bounds the time they
+/// take then to seconds; past it the last ones are handed back and come again a second later
+/// (they wait behind the held ones anyway).
+const MAX_WAITING_RUNS: usize = 256;
 
 /// How often the consumer's leader sends an idle heartbeat to a waiting pull request. Two missed
 /// ones mean the pull went unheard (see [`repulling`]).
@@ -53,7 +65,7 @@ pub fn consumer_config() -> pull::Config {
         description: Some("Chatify persisters: messages into HarperDB".to_owned()),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
-        max_ack_pending: 20_000,
+        max_ack_pending: MAX_ACK_PENDING,
         ..Default::default()
     }
 }
@@ -124,13 +136,15 @@ impl Consumer {
         let messages = Box::pin(repulling(Some(first), open, pull_stalled));
         let mut lanes = Lanes::new(&self.db, self.settings.write_connections)?;
         let dead_letters = DeadLetters::new(self.js.clone(), retry);
+        let floor_wait = Duration::from_millis(self.settings.change_floor_wait_ms);
         let writer = BatchWriter::new(
             retry,
             self.settings.max_attempts,
             dead_letters,
             self.stream.clone(),
-            Duration::from_millis(self.settings.change_floor_wait_ms),
+            floor_wait,
         );
+        let mut waiting = Waiting::new(self.stream.clone(), floor_wait, waiting_bound());
         self.ready.store(true, Ordering::Relaxed);
         tokio::spawn(crate::lag::report(self.stream.clone(), shutdown.clone()));
         tracing::info!(
@@ -142,7 +156,12 @@ impl Consumer {
             size: self.settings.batch_size,
             wait: Duration::from_millis(self.settings.batch_wait_ms),
         };
-        drain(messages, &mut lanes, &writer, batching, &shutdown).await;
+        let mut writing = Writing {
+            lanes: &mut lanes,
+            waiting: &mut waiting,
+            writer: &writer,
+        };
+        drain(messages, &mut writing, batching, &shutdown).await;
         self.ready.store(false, Ordering::Relaxed);
         Ok(())
     }
@@ -226,12 +245,100 @@ struct Batching {
     wait: Duration,
 }
 
-/// Cuts `messages` into batches and writes each on a free lane, until shutdown or the end of
-/// `messages`; then waits for the writes in hand and their acks.
+/// How much may wait for the ack floor at once ([`Waiting`]): a quarter of the consumer's
+/// ack-pending limit in events (5,000), so that JetStream goes on delivering the messages
+/// written meanwhile, in at most [`MAX_WAITING_RUNS`] runs.
+fn waiting_bound() -> Bound {
+    Bound {
+        runs: MAX_WAITING_RUNS,
+        events: usize::try_from(MAX_ACK_PENDING / 4).unwrap_or(usize::MAX),
+    }
+}
+
+/// Where the batches go: the lanes that write them, the change runs held until the ack floor
+/// reaches them, and the writer.
+struct Writing<'a, S, F, D, P> {
+    /// The HarperDB connections, one write at a time on each.
+    lanes: &'a mut Lanes<S>,
+    /// Change runs whose floor is not there yet: they hold no lane meanwhile.
+    waiting: &'a mut Waiting<F, ChangeRun<D>>,
+    /// Decodes, writes and acks.
+    writer: &'a BatchWriter<P, F>,
+}
+
+impl<S, F, D, P> Writing<'_, S, F, D, P>
+where
+    S: Store,
+    F: AckFloor,
+    D: Delivery,
+    P: Publisher,
+{
+    /// Writes a batch's parts: messages on a lane at once, change runs once their floor is
+    /// there (held until then, or handed back at once past the bound).
+    async fn batch(&mut self, batch: Vec<D>, shutdown: &CancellationToken) {
+        for part in self.writer.prepare(batch).await {
+            match part {
+                Part::Changes(run) => {
+                    let (needs, events) = (run.needs(), run.len());
+                    for refused in self.waiting.hold(needs, events, run) {
+                        let handed_back = refused.into_deliveries().collect();
+                        self.writer.hand_back(handed_back, false).await;
+                    }
+                }
+                messages => self.start(messages, shutdown).await,
+            }
+        }
+    }
+
+    /// Starts the runs the floor reached on lanes, hands back the ones it did not in time.
+    async fn woken(&mut self, woken: Vec<Woken<ChangeRun<D>>>, shutdown: &CancellationToken) {
+        for woken in woken {
+            match woken {
+                Woken::Ready(run) => self.start(Part::Changes(run), shutdown).await,
+                Woken::Expired(run) => {
+                    let handed_back = run.into_deliveries().collect();
+                    self.writer.hand_back(handed_back, true).await;
+                }
+            }
+        }
+    }
+
+    /// Writes `part` on a free lane (waiting for one if all are busy).
+    async fn start(&mut self, part: Part<D>, shutdown: &CancellationToken) {
+        let (writer, shutdown) = (self.writer.clone(), shutdown.clone());
+        self.lanes
+            .start(move |store| async move {
+                writer.write_part(&store, part, &shutdown).await;
+            })
+            .await;
+    }
+
+    /// Once the messages end or shutdown comes: writes the change runs held, as their floor
+    /// comes (handing back those it does not come for in time) until shutdown, when the ones
+    /// still held are handed back; then waits for the writes in hand and their acks.
+    async fn finish(&mut self, shutdown: &CancellationToken) {
+        while !self.waiting.is_empty() {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                woken = self.waiting.next() => self.woken(woken, shutdown).await,
+            }
+        }
+        // Shutdown found these waiting: nothing of them is written, so nothing is acked.
+        for run in self.waiting.release() {
+            self.writer
+                .hand_back(run.into_deliveries().collect(), false)
+                .await;
+        }
+        self.lanes.finish_all().await;
+        self.writer.acks_sent().await;
+    }
+}
+
+/// Cuts `messages` into batches and writes each (see [`Writing::batch`]), until shutdown or
+/// the end of `messages`; then finishes what it holds ([`Writing::finish`]).
 async fn drain<D, E, S, P, F>(
     mut messages: impl Stream<Item = Result<D, E>> + Unpin,
-    lanes: &mut Lanes<S>,
-    writer: &BatchWriter<P, F>,
+    writing: &mut Writing<'_, S, F, D, P>,
     batching: Batching,
     shutdown: &CancellationToken,
 ) where
@@ -244,6 +351,10 @@ async fn drain<D, E, S, P, F>(
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
+            woken = writing.waiting.next() => {
+                writing.woken(woken, shutdown).await;
+                continue;
+            }
             next = messages.next() => next,
         };
         let mut batch = match first {
@@ -267,10 +378,12 @@ async fn drain<D, E, S, P, F>(
         }
         // Short of a backlog one insert at a time is enough, and one insert never shares a
         // HarperDB thread: a batch that is not full waits until no lane is busy, taking the
-        // messages that arrive meanwhile (filled up, it goes out like any full batch).
-        while batch.len() < batching.size && lanes.busy() {
+        // messages that arrive meanwhile (filled up, it goes out like any full batch). Change
+        // runs whose floor came meanwhile go first.
+        while batch.len() < batching.size && writing.lanes.busy() {
             tokio::select! {
-                () = lanes.finish_one() => {}
+                () = writing.lanes.finish_one() => {}
+                woken = writing.waiting.next() => writing.woken(woken, shutdown).await,
                 next = messages.next() => match next {
                     Some(Ok(m)) => batch.push(m),
                     Some(Err(e)) => {
@@ -280,13 +393,9 @@ async fn drain<D, E, S, P, F>(
                 },
             }
         }
-        let (writer, shutdown) = (writer.clone(), shutdown.clone());
-        lanes
-            .start(move |store| async move { writer.write(&store, batch, &shutdown).await })
-            .await;
+        writing.batch(batch, shutdown).await;
     }
-    lanes.finish_all().await;
-    writer.acks_sent().await;
+    writing.finish(shutdown).await;
 }
 
 #[cfg(test)]
@@ -301,25 +410,27 @@ mod tests {
 
     const BATCH: usize = 10;
 
+    /// The longest a change run waits for the ack floor.
+    const FLOOR_WAIT: Duration = Duration::from_secs(10);
+
     /// A consumer's parts on fakes: lanes whose inserts take 20 ms, batches of [`BATCH`]
     /// waiting 5 ms, and the messages, which come from the sender [`parts`] returns with them.
     struct Parts {
         rx: mpsc::UnboundedReceiver<Delivered>,
         lanes: Lanes<FakeStore>,
+        waiting: Waiting<FakeFloor, ChangeRun<FakeDelivery>>,
         writer: BatchWriter<FakePublisher, FakeFloor>,
         batching: Batching,
     }
 
     impl Parts {
         async fn drain(mut self, shutdown: &CancellationToken) {
-            drain(
-                self.rx,
-                &mut self.lanes,
-                &self.writer,
-                self.batching,
-                shutdown,
-            )
-            .await;
+            let mut writing = Writing {
+                lanes: &mut self.lanes,
+                waiting: &mut self.waiting,
+                writer: &self.writer,
+            };
+            drain(self.rx, &mut writing, self.batching, shutdown).await;
         }
     }
 
@@ -335,8 +446,9 @@ mod tests {
             3,
             DeadLetters::new(FakePublisher::new(log), retry),
             FakeFloor::new(log, 0),
-            Duration::from_secs(10),
+            FLOOR_WAIT,
         );
+        let waiting = Waiting::new(FakeFloor::new(log, 0), FLOOR_WAIT, waiting_bound());
         let batching = Batching {
             size: BATCH,
             wait: Duration::from_millis(5),
@@ -347,6 +459,7 @@ mod tests {
             Parts {
                 rx,
                 lanes,
+                waiting,
                 writer,
                 batching,
             },
@@ -552,6 +665,128 @@ mod tests {
                 "message {sequence}"
             );
         }
+        Ok(())
+    }
+
+    /// Sends `events`, each group a batch of its own (10 ms apart), then ends the messages.
+    fn send_apart(tx: mpsc::UnboundedSender<Delivered>, events: Vec<Vec<FakeDelivery>>) {
+        tokio::spawn(async move {
+            for group in events {
+                for event in group {
+                    let _ = tx.unbounded_send(Ok(event));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+
+    /// What `log` says `after` from now: the sequences acked and the most inserts at once.
+    fn look_after(log: &Log, after: Duration) -> tokio::task::JoinHandle<(Vec<u64>, usize)> {
+        let log = log.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            (log.acked(), log.most_at_once())
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_run_whose_floor_is_not_there_does_not_stop_messages_on_any_lane()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use crate::fakes::{change, thumbs};
+
+        let log = Log::default();
+        let (tx, parts) = parts(&log, 2)?;
+        // 1..=3 are held by a persister that was killed: the floor stays at 0 throughout. Two
+        // changes to message 1 come alone, then a backlog of 200 messages.
+        send_apart(
+            tx,
+            vec![
+                vec![FakeDelivery::change(&log, 4, &change(1, "a", thumbs(true)))],
+                vec![FakeDelivery::change(&log, 5, &change(1, "b", thumbs(true)))],
+                FakeDelivery::batch(&log, 5, 20 * BATCH as u64, None),
+            ],
+        );
+        let early = look_after(&log, Duration::from_secs(1));
+        let started = tokio::time::Instant::now();
+        parts.drain(&CancellationToken::new()).await;
+        let (acked, at_once) = early.await?;
+        let mut acked_early = acked;
+        acked_early.sort_unstable();
+        assert_eq!(
+            acked_early,
+            (6..=5 + 20 * BATCH as u64).collect::<Vec<_>>(),
+            "every message written within a second, while the changes wait"
+        );
+        assert_eq!(at_once, 2, "on both lanes");
+        assert_eq!(log.most_at_once_on_a_connection(), 1);
+        // The changes' floor never came: handed back after the wait, never written.
+        assert_eq!(log.nakked(), vec![4, 5]);
+        let waited = started.elapsed();
+        assert!(
+            waited >= FLOOR_WAIT && waited < FLOOR_WAIT + Duration::from_millis(100),
+            "{waited:?}"
+        );
+        assert!(log.change_log().is_empty());
+        assert!(!log.acked().contains(&4) && !log.acked().contains(&5));
+        assert!(acked_after_written(&log.events()));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn change_runs_held_aside_are_applied_in_stream_order_once_their_floor_comes()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use crate::fakes::{change, messages, thumbs};
+
+        let log = Log::default();
+        let (tx, parts) = parts(&log, 2)?;
+        // Message 1 is held by another persister, which stores and acks it after a second.
+        let other = log.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = FakeStore::new(&other).insert(&messages(0, 1)).await;
+            other.settle(1);
+        });
+        let react = |sequence, by: &str, add| {
+            FakeDelivery::change(&log, sequence, &change(1, by, thumbs(add)))
+        };
+        send_apart(
+            tx,
+            vec![
+                vec![react(2, "a", true)],
+                FakeDelivery::batch(&log, 2, 10, None),
+                vec![react(13, "a", false), react(14, "b", true)],
+                FakeDelivery::batch(&log, 14, 10, None),
+                vec![react(25, "c", true)],
+            ],
+        );
+        let early = look_after(&log, Duration::from_millis(900));
+        parts.drain(&CancellationToken::new()).await;
+        let (mut acked_early, _) = early.await?;
+        acked_early.sort_unstable();
+        let messages: Vec<u64> = (3..=12).chain(15..=24).collect();
+        assert_eq!(
+            acked_early, messages,
+            "the messages did not wait for the changes"
+        );
+        assert!(log.nakked().is_empty(), "{:?}", log.nakked());
+        let acked = log.acked();
+        let changes: Vec<u64> = acked
+            .iter()
+            .copied()
+            .filter(|s| [2, 13, 14, 25].contains(s))
+            .collect();
+        assert_eq!(changes, vec![2, 13, 14, 25], "acked in stream order");
+        // a's reaction taken back, b's and c's counted: applied in stream order, each once.
+        let row = log.row(1).ok_or("no row 1")?;
+        assert_eq!(row.message.reactions.get("👍").copied(), Some(2));
+        assert_eq!(row.version, 25);
+        assert_eq!(
+            log.change_log()
+                .iter()
+                .map(|r| r.sequence)
+                .collect::<Vec<_>>(),
+            vec![2, 13, 14, 25]
+        );
         Ok(())
     }
 }

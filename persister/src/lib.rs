@@ -5,7 +5,8 @@
 //! ([`lanes`]), which writes it ([`batch`]) with retries ([`retry`]), moving what HarperDB
 //! refuses to the dead-letter stream ([`dead_letter`]); [`lag`] reports how far behind it is.
 //! The stream holds messages and changes to them ([`event`]); changes are applied in the
-//! stream's order, after the consumer's ack floor ([`floor`]) passed everything before them.
+//! stream's order, after the consumer's ack floor ([`floor`]) passed everything before them;
+//! they wait for it beside the lanes ([`waiting`]).
 
 pub mod batch;
 pub mod consumer;
@@ -27,3 +28,4 @@ pub mod retry;
 pub mod setup;
 pub mod startup;
 pub mod unwritten;
+pub mod waiting;

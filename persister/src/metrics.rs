@@ -13,6 +13,7 @@ pub const CHANGES_APPLIED: &str = "chatify_persister_changes_applied_total";
 pub const CHANGES_SKIPPED: &str = "chatify_persister_changes_skipped_total";
 pub const CHANGE_FLOOR_WAIT: &str = "chatify_persister_change_floor_wait_seconds";
 pub const CHANGE_BATCHES_HANDED_BACK: &str = "chatify_persister_change_batches_handed_back_total";
+pub const CHANGE_RUNS_REFUSED: &str = "chatify_persister_change_runs_refused_total";
 pub const CHANGES_SCAN_CUT: &str = "chatify_persister_changes_scan_cut_total";
 pub const UNREAD_SCAN_CUT: &str = "chatify_persister_unread_scan_cut_total";
 pub const HARPERDB_RECONNECTS: &str = "chatify_persister_harperdb_reconnects_total";
@@ -66,6 +67,10 @@ pub fn describe() {
     describe_counter!(
         CHANGE_BATCHES_HANDED_BACK,
         "Batches holding changes handed back to JetStream (NAK) because the ack floor did not pass the events before them in time"
+    );
+    describe_counter!(
+        CHANGE_RUNS_REFUSED,
+        "Runs of events holding changes handed back to JetStream (NAK) at once because as many as the persister holds were already waiting for the ack floor (the one the floor would reach last is refused)"
     );
     describe_counter!(
         CHANGES_SCAN_CUT,
