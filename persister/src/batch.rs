@@ -215,8 +215,10 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
     /// Decodes a batch and cuts it into the parts that are written one by one: a batch of
     /// messages only is one part; a batch holding changes is sorted by sequence and cut into
     /// runs of consecutive sequences (a batch may skip sequences another lane or persister
-    /// holds, or hold a redelivered older one), in stream order. A run of messages only needs
-    /// no wait; a run holding changes may be written only once the ack floor reached its start
+    /// holds, or hold a redelivered older one), in stream order. Messages need no wait: those
+    /// of a run before its first change and after its last are parts of their own, written at
+    /// once. What lies between (the changes, and the messages among them, which a later change
+    /// may target) is a change run, written only once the ack floor reached its start
     /// ([`ChangeRun::needs`]). What cannot be written is settled here: an undecodable event is
     /// terminated, a change stored under another room's subject acked (it targets nothing).
     pub async fn prepare<D: Delivery>(&self, batch: Vec<D>) -> Vec<Part<D>> {
@@ -264,16 +266,7 @@ impl<P: Publisher, F: AckFloor> BatchWriter<P, F> {
             return vec![Part::Messages(decoded)];
         }
         decoded.sort_by_key(|(_, event)| event.sequence());
-        runs(decoded)
-            .into_iter()
-            .map(|run| {
-                if run.iter().any(|(_, event)| event.is_change()) {
-                    Part::Changes(ChangeRun { events: run })
-                } else {
-                    Part::Messages(run)
-                }
-            })
-            .collect()
+        runs(decoded).into_iter().flat_map(parts_of_run).collect()
     }
 
     /// Writes one part on `store` and acks it: messages at once, a change run as if the ack
@@ -482,6 +475,31 @@ fn runs<D>(sorted: Vec<Decoded<D>>) -> Vec<Vec<Decoded<D>>> {
         }
     }
     runs
+}
+
+/// The parts of one run of consecutive sequences, in order: the messages before its first
+/// change and after its last are written at once; the change run is what lies between (the
+/// messages among its changes stay in it: a change after them may target them).
+fn parts_of_run<D>(mut run: Vec<Decoded<D>>) -> Vec<Part<D>> {
+    let Some(first) = run.iter().position(|(_, event)| event.is_change()) else {
+        return vec![Part::Messages(run)];
+    };
+    let last = run
+        .iter()
+        .rposition(|(_, event)| event.is_change())
+        .unwrap_or(first);
+    let after = run.split_off(last + 1);
+    let changes = run.split_off(first);
+    let before = run;
+    let mut parts = Vec::with_capacity(3);
+    if !before.is_empty() {
+        parts.push(Part::Messages(before));
+    }
+    parts.push(Part::Changes(ChangeRun { events: changes }));
+    if !after.is_empty() {
+        parts.push(Part::Messages(after));
+    }
+    parts
 }
 
 /// The key of the message a change stored at `sequence` targets, if it can be one: a message
@@ -744,6 +762,20 @@ mod tests {
         events.iter().position(what).unwrap_or(usize::MAX)
     }
 
+    /// Where the first ack of any of `sequences` is; every one of them must be acked.
+    fn first_ack_of(events: &[Event], sequences: &[u64]) -> usize {
+        for s in sequences {
+            assert!(
+                events.contains(&Event::Acked(*s)),
+                "{s} not acked: {events:?}"
+            );
+        }
+        position(
+            events,
+            |e| matches!(e, Event::Acked(s) if sequences.contains(s)),
+        )
+    }
+
     fn reactions(log: &Log, sequence: u64) -> Option<u32> {
         log.row(sequence)
             .and_then(|s| s.message.reactions.get("👍").copied())
@@ -809,12 +841,23 @@ mod tests {
         writer.write(&store, batch, &CancellationToken::new()).await;
         writer.acks_sent().await;
         let events = log.events();
-        assert_eq!(log.acked(), (1..=8).collect::<Vec<_>>());
+        let mut acked = log.acked();
+        acked.sort_unstable();
+        assert_eq!(acked, (1..=8).collect::<Vec<_>>());
         let updated = position(&events, |e| matches!(e, Event::Updated(_)));
         let logged = position(&events, |e| matches!(e, Event::Logged(_)));
         assert!(logged < updated, "the log first: {events:?}");
+        // Messages 1 and 2, before the first change, are written (and acked) at once; message
+        // 5, among the changes, with them; every change is acked after the rows are written.
         assert!(
-            updated < position(&events, |e| matches!(e, Event::Acked(_))),
+            updated < first_ack_of(&events, &[3, 4, 5, 6, 7, 8]),
+            "{events:?}"
+        );
+        assert!(
+            position(
+                &events,
+                |e| matches!(e, Event::Inserted(s) if s.as_slice() == [1, 2])
+            ) < first_ack_of(&events, &[1, 2]),
             "{events:?}"
         );
         let deleted = log.row(1).map(|s| s.message);
@@ -895,6 +938,7 @@ mod tests {
         writer
             .write(&store, batch(&log), &CancellationToken::new())
             .await;
+        writer.acks_sent().await;
         assert_eq!(log.row(1), once, "a's reaction stays taken back");
         assert_eq!(log.change_log(), logged);
         let events = log.events();
@@ -906,7 +950,9 @@ mod tests {
             1,
             "nothing to write the second time: {events:?}"
         );
-        assert_eq!(log.acked(), vec![1, 2, 3, 4, 1, 2, 3, 4]);
+        let mut acked = log.acked();
+        acked.sort_unstable();
+        assert_eq!(acked, vec![1, 1, 2, 2, 3, 3, 4, 4], "each acked both times");
     }
 
     #[tokio::test(start_paused = true)]
@@ -933,8 +979,8 @@ mod tests {
         let events = log.events();
         let updated = position(&events, |e| matches!(e, Event::Updated(_)));
         assert!(
-            updated < position(&events, |e| matches!(e, Event::Acked(_))),
-            "acked after the rows were written: {events:?}"
+            updated < first_ack_of(&events, &[2, 3]),
+            "the changes acked after the rows were written: {events:?}"
         );
     }
 
