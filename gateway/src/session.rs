@@ -211,6 +211,9 @@ impl Drop for WaitingAnswer {
 /// The last argument of every event handler: the payload (or why it could not be decoded),
 /// how to answer it, and the socket's ticket for this event.
 pub struct Ordered {
+    /// Which client event this is ([`crate::handlers::EVENTS`]); `None` for any other name,
+    /// which is neither decoded nor queued.
+    pub name: Option<&'static str>,
     pub payload: Result<Value, String>,
     pub answer: Answer,
     pub session: Option<Arc<Session>>,
@@ -229,11 +232,30 @@ impl FromMessageParts<LocalAdapter> for Ordered {
         ack_id: &Option<i64>,
     ) -> Result<Self, Infallible> {
         let session = s.extensions.get::<Arc<Session>>();
+        let name = socketioxide::extract::Event::from_message_parts(s, v, ack_id)
+            .ok()
+            .and_then(|event| {
+                crate::handlers::EVENTS
+                    .iter()
+                    .copied()
+                    .find(|known| *known == event.0)
+            });
+        if name.is_none() {
+            return Ok(Self {
+                name,
+                payload: Err("not decoded".into()),
+                answer: Answer::new(s.clone(), *ack_id),
+                session,
+                ticket: None,
+                overflow: false,
+            });
+        }
         let overflow = session
             .as_ref()
             .is_some_and(|s| s.sequencer.queued() >= s.queued_max as u64);
         if overflow {
             return Ok(Self {
+                name,
                 payload: Err("not decoded".into()),
                 answer: Answer::new(s.clone(), *ack_id),
                 session,
@@ -244,6 +266,7 @@ impl FromMessageParts<LocalAdapter> for Ordered {
         let TryData(payload) = TryData::<Value>::from_message_parts(s, v, ack_id)?;
         let ticket = session.as_ref().map(|s| s.sequencer.ticket());
         Ok(Self {
+            name,
             overflow,
             payload: payload.map_err(|e| e.to_string()),
             answer: Answer::new(s.clone(), *ack_id),
