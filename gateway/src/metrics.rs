@@ -27,6 +27,8 @@ pub const SLOW_CLIENT_DISCONNECTS: &str = "chatify_gateway_slow_client_disconnec
 pub const HTTP_TIMEOUTS: &str = "chatify_gateway_http_timeouts_total";
 pub const FORWARDED: &str = "chatify_gateway_forwarded_requests_total";
 pub const HANDED_OVER: &str = "chatify_gateway_handed_over_upgrades_total";
+pub const MESSAGE_STATES_BYTES: &str = "chatify_gateway_message_states_bytes";
+pub const MESSAGE_STATES_DROPPED: &str = "chatify_gateway_message_states_dropped_total";
 pub const ACCESS_REFUSALS: &str = "chatify_gateway_access_refusals_total";
 pub const ACCESS_WEBHOOK_CALLS: &str = "chatify_gateway_access_webhook_total";
 pub const CHANGES_APPLIED: &str = "chatify_gateway_changes_applied_total";
@@ -122,6 +124,14 @@ pub fn describe() {
     describe_counter!(
         FORWARDED,
         "Long-polling requests for sessions another gateway holds, by side: sent (forwarded there), failed (no answer: the client starts over), served (forwarded here)"
+    );
+    describe_gauge!(
+        MESSAGE_STATES_BYTES,
+        "Bytes of message states the rooms' listeners keep to apply changes in order (at most gateway.message_states_bytes_per_room per room)"
+    );
+    describe_counter!(
+        MESSAGE_STATES_DROPPED,
+        "Message states dropped from a room's cache past gateway.message_states_bytes_per_room (read from the persisters again when changed)"
     );
     describe_counter!(
         HANDED_OVER,

@@ -16,6 +16,8 @@ use chatify_shared::wire::ChatMessage;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
+use crate::metrics as m;
+
 /// What a change did, as its listener saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -36,6 +38,8 @@ pub struct RoomStates {
     /// Bytes the cached states take ([`weight`]), and the most they may.
     bytes: usize,
     max_bytes: usize,
+    /// What `bytes` was when last added to the gateway's gauge of all rooms' states.
+    reported: usize,
     /// Changes (sequence, change) to messages whose state is being fetched, in order.
     pending: HashMap<u64, Vec<(u64, StoredChange)>>,
     /// Outcomes of the latest changes, by sequence, for a handler that asks after the fact.
@@ -65,6 +69,7 @@ impl RoomStates {
             cache: LruCache::unbounded(),
             bytes: 0,
             max_bytes,
+            reported: 0,
             pending: HashMap::new(),
             outcomes: VecDeque::new(),
             waiters: HashMap::new(),
@@ -158,6 +163,7 @@ impl RoomStates {
     pub fn forget_states(&mut self) {
         self.cache.clear();
         self.bytes = 0;
+        self.report();
     }
 
     /// What the change at `sequence` did, now or once it is applied.
@@ -186,21 +192,39 @@ impl RoomStates {
         self.outcomes.push_back((sequence, applied));
     }
 
+    /// Drops the least recently used states until the cache fits `max_bytes`.
     fn shrink(&mut self) {
         while self.bytes > self.max_bytes {
             match self.cache.pop_lru() {
-                Some((_, old)) => self.bytes = self.bytes.saturating_sub(weight(&old)),
+                Some((_, old)) => {
+                    self.bytes = self.bytes.saturating_sub(weight(&old));
+                    metrics::counter!(m::MESSAGE_STATES_DROPPED).increment(1);
+                }
                 None => {
                     self.bytes = 0;
                     break;
                 }
             }
         }
+        self.report();
+    }
+
+    /// Brings the gateway's gauge of all rooms' states up to date with this room's.
+    fn report(&mut self) {
+        let (now, before) = (self.bytes as f64, self.reported as f64);
+        metrics::gauge!(m::MESSAGE_STATES_BYTES).increment(now - before);
+        self.reported = self.bytes;
     }
 
     /// Bytes the cached states take (a gauge).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+impl Drop for RoomStates {
+    fn drop(&mut self) {
+        metrics::gauge!(m::MESSAGE_STATES_BYTES).decrement(self.reported as f64);
     }
 }
 

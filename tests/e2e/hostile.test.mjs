@@ -210,6 +210,26 @@ describe("cheap inputs, bounded costs", () => {
     attacker.terminate();
   });
 
+  test("600 messages of 4,000 bytes into one room: its listener keeps 64 KiB of their states, not 2.4 MB", { timeout: 60_000 }, async (t) => {
+    const room = roomName("states");
+    const senders = await Promise.all(Array.from({ length: 20 }, () => connect(gw.url, { transports: ["websocket"] }, t)));
+    for (const s of senders) await join(s, room, userName("sender"));
+    const bytes0 = await metric(gw.url, "chatify_gateway_message_states_bytes");
+    const dropped0 = await metric(gw.url, "chatify_gateway_message_states_dropped_total");
+    const text = "x".repeat(4000);
+    await measured(t, gw, "600 messages of 4,000 bytes from 20 members", async () => {
+      await Promise.all(senders.map(async (s, i) => {
+        for (let k = 0; k < 30; k++) await send(s, room, `${i}-${k} ${text}`);
+      }));
+      await sleep(500);
+    });
+    const kept = (await metric(gw.url, "chatify_gateway_message_states_bytes")) - bytes0;
+    const dropped = (await metric(gw.url, "chatify_gateway_message_states_dropped_total")) - dropped0;
+    t.diagnostic(`the room's listener keeps ${kept} bytes of states; ${dropped} states dropped past the bound`);
+    assert.ok(kept > 0 && kept <= 64 * 1024, `kept ${kept} bytes (gateway.message_states_bytes_per_room: 65,536)`);
+    assert.ok(dropped >= 500, `${dropped} states dropped`);
+  });
+
   test("history of 10,000 rooms nobody has: the persister keeps at most its rooms bound, memory bounded", { timeout: 120_000 }, async (t) => {
     const s = await connect(gw.url, { transports: ["websocket"] }, t);
     const prefix = `unknown-${uid()}-`;
