@@ -12,7 +12,7 @@
 # Only complete runs (no --smoke, no --only) replace bench/RESULTS.md; the others write their
 # table next to their raw summaries.
 #
-# Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,bigroom,storm,persister,history),
+# Options: --repeats N, --only LIST (comma separated: idle,room,rooms2,interest,bigroom,storm,persister,history,scaleout),
 #          --out DIR (instead of target/bench/<time>), --idle-conns N (section 1 with N connections in
 #          N/10 rooms: how many one gateway holds; up to its open-file limit less 256, the connection
 #          cap; the load generator's own limit is the same, so N up to about 19,700 here).
@@ -36,7 +36,7 @@ cd "$root"
 
 mode=full
 repeats=3
-all_sections=idle,room,rooms2,interest,bigroom,storm,persister,history
+all_sections=idle,room,rooms2,interest,bigroom,storm,persister,history,scaleout
 only=$all_sections
 out=
 idle_conns=
@@ -77,6 +77,7 @@ case $mode in
     HIST_SEED=500 HIST_REF_SEED=100 HIST=(--rate 20 --duration 2)
     BIG_SMALL=50 BIG_LARGE=600 BIG=(--rate 2 --duration 2 --warmup 0.5)
     STORM=(--members 40 --history-timeout 10)
+    SCALE=(--rooms 3 --members 3 --rate 5 --duration 1 --warmup 0.5)
     ;;
   quick)
     IDLE=(--conns 10000 --rooms 1000 --hold 5)
@@ -88,6 +89,7 @@ case $mode in
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 15 --conns 50)
     BIG_SMALL=1000 BIG_LARGE=10000 BIG=(--rate 5 --duration 10 --warmup 2)
     STORM=(--members 1000 --history-timeout 30)
+    SCALE=(--rooms 100 --members 10 --rate 400 --duration 10 --warmup 2)
     ;;
   full)
     IDLE=(--conns 10000 --rooms 1000 --hold 10)
@@ -99,6 +101,7 @@ case $mode in
     HIST_SEED=1000000 HIST_REF_SEED=10000 HIST=(--rate 100 --duration 20 --conns 50)
     BIG_SMALL=1000 BIG_LARGE=10000 BIG=(--rate 5 --duration 15 --warmup 3)
     STORM=(--members 1000 --history-timeout 30)
+    SCALE=(--rooms 100 --members 10 --rate 400 --duration 10 --warmup 2)
     ;;
 esac
 if [[ -n $idle_conns ]]; then
@@ -124,6 +127,7 @@ lg_free() { "$LG" "$@"; }
 # --- systems ----------------------------------------------------------------------------------
 chatify_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-bench.XXXXXX")
 ref1_dir='' ref2_dir=''
+cluster_dir= gateway3_pid=
 cleanup() {
   local status=$?
   set +e
@@ -131,6 +135,13 @@ cleanup() {
   [[ -n $ref2_dir ]] && bench/reference/stop.sh "$ref2_dir" >/dev/null 2>&1
   CHATIFY_RUN_DIR=$chatify_dir deploy/local/down.sh >/dev/null 2>&1 ||
     CHATIFY_RUN_DIR=$chatify_dir deploy/local/down.sh
+  if [[ -n $cluster_dir ]]; then
+    [[ -n $gateway3_pid ]] && kill "$gateway3_pid" 2>/dev/null
+    CHATIFY_RUN_DIR=$cluster_dir deploy/local/down.sh >/dev/null 2>&1
+    mkdir -p "$out/logs/cluster"
+    cp -r "$cluster_dir/logs/." "$out/logs/cluster/" 2>/dev/null
+    rm -rf "$cluster_dir"
+  fi
   mkdir -p "$out/logs"
   cp -r "$chatify_dir/logs/." "$out/logs/" 2>/dev/null
   for d in "$ref1_dir" "$ref2_dir"; do [[ -n $d ]] && cp "$d"/*.log "$out/logs/" 2>/dev/null; done
@@ -467,6 +478,50 @@ if wants history; then
       --room "$room" --seed "$seed" --seed-via sends --room-holds "$HIST_REF_SEED" "${HIST[@]}" || true
   done
   server_pids_pinned
+fi
+
+# --- 9. one gateway and three, on a NATS cluster ------------------------------------------------
+# A second private system: three NATS nodes (streams replicated three ways), HarperDB, a
+# persister, gateway1 and gateway2 (deploy/local/up.sh with CHATIFY_NATS_NODES=3), and a third
+# gateway started with gateway2's environment on a port of its own. The same load runs with every
+# member on gateway1, then with each room's members spread over the three; the summaries give
+# the CPU per delivery of the gateways and of the NATS nodes apart (--pid-names). Unpinned: six
+# server processes share the two cores.
+if wants scaleout; then
+  say "9. one gateway and three on a 3-node NATS cluster: rooms ${SCALE[*]}"
+  cluster_dir=$(mktemp -d "${TMPDIR:-/tmp}/chatify-bench-cluster.XXXXXX")
+  if (
+    export CHATIFY_RUN_DIR=$cluster_dir CHATIFY_NATS_NODES=3
+    # shellcheck source=scripts/free-ports.sh disable=SC1091
+    . scripts/free-ports.sh
+    CHATIFY_SKIP_BUILD=1 CHATIFY_LIMITS__CONNECTIONS_PER_ADDRESS=0 \
+      deploy/local/up.sh nats nats2 nats3 harperdb persister gateway1 gateway2
+  ) >>"$out/cluster-up.log" 2>&1; then
+    # shellcheck disable=SC1091
+    cluster() { (set +u; . "$cluster_dir/env"; printf '%s' "${!1}"); }
+    kpid() { head -n1 "$cluster_dir/pids/$1.pid" | tr -dc '0-9'; }
+    port3=$(node scripts/free-ports.mjs 1)
+    mapfile -d '' -t env3 < <(tr '\0' '\n' <"/proc/$(kpid gateway2)/environ" |
+      grep -v '^CHATIFY_GATEWAY__\(PORT\|NAME\|ADVERTISE_ADDRESS\)=' | tr '\n' '\0')
+    env -i "${env3[@]}" CHATIFY_GATEWAY__PORT="$port3" CHATIFY_GATEWAY__NAME=gateway3 \
+      CHATIFY_GATEWAY__ADVERTISE_ADDRESS="127.0.0.1:$port3" target/release/chatify-gateway \
+      >"$cluster_dir/logs/gateway3.log" 2>&1 &
+    gateway3_pid=$!
+    C3=http://127.0.0.1:$port3
+    for _ in $(seq 100); do curl -fs "$C3/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+    C1=$(cluster CHATIFY_GATEWAY1_URL) C2=$(cluster CHATIFY_GATEWAY2_URL)
+    nats_pids=(--pid "$(kpid nats)" --pid "$(kpid nats2)" --pid "$(kpid nats3)")
+    for ((rep = 1; rep <= repeats; rep++)); do
+      run_one chatify scaleout-one "$rep" lg_free rooms --url "$C1" --pid "$(kpid gateway1)" "${nats_pids[@]}" \
+        --pid-names gateway1,nats1,nats2,nats3 "${SCALE[@]}" || true
+      run_one chatify scaleout-three "$rep" lg_free rooms --url "$C1" --url "$C2" --url "$C3" \
+        --pid "$(kpid gateway1)" --pid "$(kpid gateway2)" --pid "$gateway3_pid" "${nats_pids[@]}" \
+        --pid-names gateway1,gateway2,gateway3,nats1,nats2,nats3 "${SCALE[@]}" || true
+    done
+  else
+    tail -20 "$out/cluster-up.log" >&2
+    failures+=("chatify scaleout (the cluster did not start)")
+  fi
 fi
 
 # --- report -----------------------------------------------------------------------------------------

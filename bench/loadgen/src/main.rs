@@ -50,6 +50,10 @@ pub struct Common {
     /// Runtime threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Names of the `--pid` processes, comma separated, in the same order (e.g.
+    /// `gateway1,gateway2,nats,persister`); trailing digits group them (`gateway`).
+    #[arg(long, default_value = "")]
+    pub pid_names: String,
     /// Free text copied into the summary (for example `chatify` or `reference`).
     #[arg(long, default_value = "")]
     pub label: String,
@@ -62,6 +66,13 @@ pub struct Common {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl Common {
+    /// The `--pid-names`, one per `--pid` (empty when not given).
+    pub fn pid_names(&self) -> Vec<&str> {
+        self.pid_names.split(',').map(str::trim).collect()
+    }
 }
 
 #[derive(Subcommand)]

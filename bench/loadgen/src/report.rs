@@ -339,6 +339,46 @@ const ROWS: &[Row] = &[
         checks: &[Check::Info],
         against: None,
     },
+    Row {
+        target: "9. One gateway and three on a 3-node NATS cluster: 100 rooms of 10, 400 messages/s; three gateways, each room spread over them (Chatify column) against one gateway (reference column)",
+        what: "gateways' CPU per delivery (µs, all of them)",
+        key: "scaleout-three",
+        path: &["server", "cpu_us_per_delivery_by_component", "gateway"],
+        checks: &[Check::Info],
+        against: Some((
+            "scaleout-one",
+            &["server", "cpu_us_per_delivery_by_component", "gateway"],
+            "chatify",
+        )),
+    },
+    Row {
+        target: "9. One gateway and three on a 3-node NATS cluster: 100 rooms of 10, 400 messages/s; three gateways, each room spread over them (Chatify column) against one gateway (reference column)",
+        what: "NATS nodes' CPU per delivery (µs, all three)",
+        key: "scaleout-three",
+        path: &["server", "cpu_us_per_delivery_by_component", "nats"],
+        checks: &[Check::Info],
+        against: Some((
+            "scaleout-one",
+            &["server", "cpu_us_per_delivery_by_component", "nats"],
+            "chatify",
+        )),
+    },
+    Row {
+        target: "9. One gateway and three on a 3-node NATS cluster: 100 rooms of 10, 400 messages/s; three gateways, each room spread over them (Chatify column) against one gateway (reference column)",
+        what: "deliveries lost",
+        key: "scaleout-three",
+        path: &["lost_deliveries"],
+        checks: &[Check::AtMost(0.0)],
+        against: Some(("scaleout-one", &["lost_deliveries"], "chatify")),
+    },
+    Row {
+        target: "9. One gateway and three on a 3-node NATS cluster: 100 rooms of 10, 400 messages/s; three gateways, each room spread over them (Chatify column) against one gateway (reference column)",
+        what: "delivery p99 (ms)",
+        key: "scaleout-three",
+        path: &["delivery_latency", "p99_ms"],
+        checks: &[Check::Info],
+        against: Some(("scaleout-one", &["delivery_latency", "p99_ms"], "chatify")),
+    },
 ];
 
 fn lookup(v: &Value, path: &[&str]) -> Option<f64> {

@@ -473,6 +473,8 @@ fn summary(
             "cpu_percent": cpu as f64 / 1e4 / elapsed.max(1e-9),
             "cpu_us_per_delivery": if counts.delivered > 0 { cpu as f64 / counts.delivered as f64 } else { f64::NAN },
             "rss_kib": rss,
+            // With --pid-names: the same per component (`gateway`, `nats`...).
+            "cpu_us_per_delivery_by_component": per_delivery_by_component(common, &procs, counts.delivered),
         },
         "loadgen": {
             "cpu_percent": me.cpu_us.saturating_sub(window.me.cpu_us) as f64 / 1e4 / elapsed.max(1e-9),
@@ -1328,10 +1330,6 @@ pub struct StormArgs {
     /// Leave out the comparison with as many plain messages.
     #[arg(long)]
     pub no_messages: bool,
-    /// Names of the `--pid` processes, comma separated, in the same order (e.g.
-    /// `gateway1,gateway2,nats,persister`); trailing digits group them (`gateway`).
-    #[arg(long, default_value = "")]
-    pub pid_names: String,
     /// NATS's monitoring URL (http://HOST:PORT): the bytes and messages NATS received and sent
     /// in each phase, from /varz.
     #[arg(long)]
@@ -1384,6 +1382,23 @@ impl PhaseCounts {
 fn component(name: &str) -> &str {
     let c = name.trim_end_matches(|c: char| c.is_ascii_digit());
     if c.is_empty() { name } else { c }
+}
+
+/// CPU µs per delivery of each component (`--pid-names`), or null without names.
+fn per_delivery_by_component(common: &Common, procs: &[ProcDelta], delivered: u64) -> Value {
+    if common.pid_names.is_empty() || delivered == 0 {
+        return Value::Null;
+    }
+    let mut by_component: std::collections::BTreeMap<String, f64> = Default::default();
+    for (k, p) in procs.iter().enumerate() {
+        let name = common
+            .pid_names()
+            .get(k)
+            .map_or("", |n| component(n))
+            .to_owned();
+        *by_component.entry(name).or_default() += p.cpu_us as f64 / delivered as f64;
+    }
+    json!(by_component)
 }
 
 /// CPU seconds per process and per component, over one phase.
@@ -1632,7 +1647,7 @@ pub async fn storm(common: Common, a: StormArgs) -> anyhow::Result<Value> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let names: Vec<&str> = a.pid_names.split(',').map(str::trim).collect();
+    let names = common.pid_names();
     let ctx = PhaseCtx {
         common: &common,
         a: &a,
