@@ -71,28 +71,25 @@ pub struct Forwarding {
 
 /// The session id of an Engine.IO polling request, if it has one.
 fn polling_sid(uri: &Uri) -> Option<&str> {
-    if !uri.path().starts_with("/socket.io") {
-        return None;
-    }
-    let query = uri.query()?;
-    if !query.split('&').any(|p| p == "transport=polling") {
-        return None;
-    }
-    query.split('&').find_map(|p| p.strip_prefix("sid="))
+    session_sid(uri, "transport=polling")
 }
 
 /// The session id of an Engine.IO WebSocket upgrade of an existing session, if it is one.
 fn upgrade_sid(request: &Request) -> Option<&str> {
-    let uri = request.uri();
+    let upgrade = request.headers().get(axum::http::header::UPGRADE)?;
+    if !upgrade.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        return None;
+    }
+    session_sid(request.uri(), "transport=websocket")
+}
+
+/// The `sid` of an Engine.IO request on `transport` (its `transport=` query pair).
+fn session_sid<'a>(uri: &'a Uri, transport: &str) -> Option<&'a str> {
     if !uri.path().starts_with("/socket.io") {
         return None;
     }
     let query = uri.query()?;
-    if !query.split('&').any(|p| p == "transport=websocket") {
-        return None;
-    }
-    let upgrade = request.headers().get(axum::http::header::UPGRADE)?;
-    if !upgrade.as_bytes().eq_ignore_ascii_case(b"websocket") {
+    if !query.split('&').any(|p| p == transport) {
         return None;
     }
     query.split('&').find_map(|p| p.strip_prefix("sid="))

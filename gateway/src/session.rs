@@ -240,20 +240,11 @@ impl FromMessageParts<LocalAdapter> for Ordered {
                     .copied()
                     .find(|known| *known == event.0)
             });
-        if name.is_none() {
-            return Ok(Self {
-                name,
-                payload: Err("not decoded".into()),
-                answer: Answer::new(s.clone(), *ack_id),
-                session,
-                ticket: None,
-                overflow: false,
-            });
-        }
-        let overflow = session
-            .as_ref()
-            .is_some_and(|s| s.sequencer.queued() >= s.queued_max as u64);
-        if overflow {
+        let overflow = name.is_some()
+            && session
+                .as_ref()
+                .is_some_and(|s| s.sequencer.queued() >= s.queued_max as u64);
+        if name.is_none() || overflow {
             return Ok(Self {
                 name,
                 payload: Err("not decoded".into()),
