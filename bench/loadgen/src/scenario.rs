@@ -1389,16 +1389,16 @@ fn per_delivery_by_component(common: &Common, procs: &[ProcDelta], delivered: u6
     if common.pid_names.is_empty() || delivered == 0 {
         return Value::Null;
     }
-    let mut by_component: std::collections::BTreeMap<String, f64> = Default::default();
-    for (k, p) in procs.iter().enumerate() {
-        let name = common
-            .pid_names()
-            .get(k)
-            .map_or("", |n| component(n))
-            .to_owned();
-        *by_component.entry(name).or_default() += p.cpu_us as f64 / delivered as f64;
-    }
-    json!(by_component)
+    // CPU seconds per component, as the storm reports them, turned into µs per delivery.
+    let seconds = cpu_by_name(&common.pids, &common.pid_names(), procs);
+    let per_delivery: serde_json::Map<String, Value> = seconds
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| name.as_str() != "total")
+        .filter_map(|(name, s)| Some((name.clone(), json!(s.as_f64()? * 1e6 / delivered as f64))))
+        .collect();
+    Value::Object(per_delivery)
 }
 
 /// CPU seconds per process and per component, over one phase.
