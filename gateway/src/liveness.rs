@@ -27,10 +27,17 @@ use crate::registry::Rooms;
 pub struct Liveness {
     /// This gateway, never listed.
     me: GatewayId,
-    /// The others, by when they were last heard of (a heartbeat, or a presence announcement).
-    last_seen: Mutex<HashMap<GatewayId, Instant>>,
-    /// Where each of the others takes connections, as its last heartbeat said.
-    addresses: Mutex<HashMap<GatewayId, String>>,
+    /// The others: when they were last heard of (a heartbeat, or a presence announcement), and
+    /// where they take connections, as their last heartbeat said.
+    last_seen: Mutex<HashMap<GatewayId, Seen>>,
+}
+
+/// What is known of another live gateway.
+struct Seen {
+    /// When it was last heard of.
+    at: Instant,
+    /// Where it takes connections (`None` until a heartbeat said).
+    address: Option<String>,
 }
 
 impl Liveness {
@@ -38,17 +45,10 @@ impl Liveness {
         Self {
             me,
             last_seen: Mutex::new(HashMap::new()),
-            addresses: Mutex::new(HashMap::new()),
         }
     }
 
-    fn addresses(&self) -> MutexGuard<'_, HashMap<GatewayId, String>> {
-        self.addresses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn last_seen(&self) -> MutexGuard<'_, HashMap<GatewayId, Instant>> {
+    fn last_seen(&self) -> MutexGuard<'_, HashMap<GatewayId, Seen>> {
         self.last_seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -56,27 +56,28 @@ impl Liveness {
 
     /// Records that `gateway` is alive now.
     pub fn saw(&self, gateway: &GatewayId) {
-        if *gateway != self.me {
-            self.last_seen().insert(gateway.clone(), Instant::now());
-        }
+        self.heard(gateway, None);
     }
 
-    /// Records a heartbeat of `gateway`, which takes connections at `address`.
+    /// Records a heartbeat of `gateway`, which takes connections at `address` (when it says).
     pub fn heard(&self, gateway: &GatewayId, address: Option<&str>) {
-        self.saw(gateway);
-        if let Some(address) = address
-            && *gateway != self.me
-        {
-            self.addresses().insert(gateway.clone(), address.to_owned());
+        if *gateway == self.me {
+            return;
+        }
+        let mut last_seen = self.last_seen();
+        let seen = last_seen.entry(gateway.clone()).or_insert(Seen {
+            at: Instant::now(),
+            address: None,
+        });
+        seen.at = Instant::now();
+        if let Some(address) = address {
+            seen.address = Some(address.to_owned());
         }
     }
 
     /// Where a live `gateway` takes connections, if its heartbeats said.
     pub fn address_of(&self, gateway: &GatewayId) -> Option<String> {
-        if !self.last_seen().contains_key(gateway) {
-            return None;
-        }
-        self.addresses().get(gateway).cloned()
+        self.last_seen().get(gateway)?.address.clone()
     }
 
     /// Gateways not heard of for longer than `timeout`; they are forgotten here.
@@ -84,16 +85,11 @@ impl Liveness {
         let mut last_seen = self.last_seen();
         let expired: Vec<GatewayId> = last_seen
             .iter()
-            .filter(|(_, seen)| seen.elapsed() > timeout)
+            .filter(|(_, seen)| seen.at.elapsed() > timeout)
             .map(|(g, _)| g.clone())
             .collect();
         for g in &expired {
             last_seen.remove(g);
-        }
-        drop(last_seen);
-        let mut addresses = self.addresses();
-        for g in &expired {
-            addresses.remove(g);
         }
         expired
     }
@@ -112,7 +108,7 @@ impl Liveness {
     pub fn reset(&self) {
         let now = Instant::now();
         for seen in self.last_seen().values_mut() {
-            *seen = now;
+            seen.at = now;
         }
     }
 }
